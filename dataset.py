@@ -80,3 +80,149 @@ def icl_answer_text(tools: Sequence[str], function_calls: Sequence[str]) -> str:
     for tool, call in zip(tools, function_calls, strict=True):
         lines.append(json.dumps({"name": tool, "arguments": json.loads(call)}, ensure_ascii=False))
     return "\n".join(lines)
+
+
+def load_samples(path: str | Path, allowed_tools: Iterable[str] | None = None) -> list[dict]:
+    """Read and validate a per-round data file; any bad row is a UserError naming the file, row and field."""
+    data = read_json(path, "data file")
+    if not isinstance(data, list):
+        raise UserError(f"data file {path}: expected a JSON list of samples, got {type(data).__name__}")
+    if not data:
+        raise UserError(f"data file {path} holds no samples")
+    allowed = set(allowed_tools) if allowed_tools is not None else None
+    for index, row in enumerate(data):
+        validate_sample(row, f"data file {path}, row {index}", allowed)
+    return data
+
+
+def validate_sample(row: object, where: str, allowed_tools: set[str] | None = None) -> None:
+    """Check one sample's fields, types, lengths, argument JSON and (optionally) that its tools are allowed."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected an object with {', '.join(SAMPLE_FIELDS)}")
+    for name in SAMPLE_FIELDS:
+        if name not in row:
+            raise UserError(f"{where}: missing field {name!r}")
+    if not isinstance(row["user_input"], str) or not row["user_input"].strip():
+        raise UserError(f"{where}: 'user_input' must be a non-empty string")
+    tools, calls = row["tools"], row["function_calls"]
+    if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools) or not tools:
+        raise UserError(f"{where}: 'tools' must be a non-empty list of tool names")
+    if not isinstance(calls, list) or not all(isinstance(c, str) for c in calls):
+        raise UserError(f"{where}: 'function_calls' must be a list of JSON strings")
+    if len(tools) != len(calls):
+        raise UserError(f"{where}: {len(tools)} tools but {len(calls)} function_calls (they must pair up)")
+    for call in calls:
+        try:
+            parsed = json.loads(call)
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise UserError(f"{where}: function call {call[:60]!r} is not a JSON object of arguments")
+    if allowed_tools is not None:
+        unknown = [t for t in tools if t not in allowed_tools]
+        if unknown:
+            raise UserError(f"{where}: tool {unknown[0]!r} is not one of this round's tools")
+
+
+def discover_available_tools(sample_lists: Iterable[Sequence[dict]]) -> list[str]:
+    """All tool names in order: round by round, sorted within a round, each name once."""
+    names: list[str] = []
+    seen: set[str] = set()
+    for samples in sample_lists:
+        for name in sorted({t for s in samples for t in s["tools"]}):
+            if name not in seen:
+                seen.add(name)
+                names.append(name)
+    return names
+
+
+class NativeFunctionCallingDataset(Dataset):
+    """Tokenized samples. Train mode: prompt + answer, labels on the answer only. Eval mode: the prompt alone."""
+
+    def __init__(
+        self,
+        samples: Sequence[dict],
+        tokenizer,
+        encode_tool: ToolEncoder,
+        max_length: int = 512,
+        mode: str = "train",
+        system_prompt: str | None = None,
+    ):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        self.samples = list(samples)
+        self.mode = mode
+        self.items = [self._encode(s, tokenizer, encode_tool, max_length, system_prompt) for s in self.samples]
+        truncated = sum(item["truncated"] for item in self.items)
+        if truncated:
+            logger.warning("%d of %d samples exceed --max_length %d and were truncated", truncated, len(self), max_length)
+
+    def _encode(self, sample: dict, tokenizer, encode_tool: ToolEncoder, max_length: int, system_prompt: str | None):
+        prompt = build_prompt_ids(tokenizer, sample["user_input"], system_prompt)
+        item = {"gold_tools": list(sample["tools"]), "gold_calls": list(sample["function_calls"]),
+                "user_input": sample["user_input"]}
+        if self.mode == "eval":
+            item.update(input_ids=prompt[-max_length:], labels=None, truncated=len(prompt) > max_length)
+            return item
+        answer = build_answer_ids(tokenizer, sample["tools"], sample["function_calls"], encode_tool)
+        input_ids = (prompt + answer)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
+        item.update(input_ids=input_ids, labels=labels, truncated=len(prompt) + len(answer) > max_length)
+        return item
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def left_pad_collate(batch: Sequence[dict], pad_token_id: int) -> dict:
+    """Left-pad a batch to its longest row: input_ids, attention_mask, labels (when present) and the raw fields."""
+    width = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    has_labels = batch[0]["labels"] is not None
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+    for row, item in enumerate(batch):
+        n = len(item["input_ids"])
+        input_ids[row, width - n:] = torch.tensor(item["input_ids"], dtype=torch.long)
+        attention_mask[row, width - n:] = 1
+        if has_labels:
+            labels[row, width - n:] = torch.tensor(item["labels"], dtype=torch.long)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    for key in ("gold_tools", "gold_calls", "user_input"):
+        out[key] = [item[key] for item in batch]
+    return out
+
+
+def split_validation(samples: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out a seeded random `fraction` of samples for validation; returns (train, validation)."""
+    if not 0.0 <= fraction < 1.0:
+        raise UserError(f"validation fraction must be in [0, 1), got {fraction}")
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    cut = int(round(len(samples) * fraction))
+    held = set(order[:cut])
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+def curriculum_order(samples: Sequence[dict], seed: int) -> list[dict]:
+    """Fewest calls first; seeded shuffle within each call count."""
+    shuffled = list(samples)
+    random.Random(seed).shuffle(shuffled)
+    return sorted(shuffled, key=lambda s: len(s["tools"]))
+
+
+def make_dataloader(
+    dataset: NativeFunctionCallingDataset, batch_size: int, pad_token_id: int, shuffle: bool, seed: int = 0
+) -> DataLoader:
+    """A DataLoader with left-padding collate; shuffling is seeded so runs repeat exactly."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator if shuffle else None,
+        collate_fn=lambda batch: left_pad_collate(batch, pad_token_id),
+    )

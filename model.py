@@ -1,0 +1,514 @@
+"""FunctionCallingModel: a frozen causal LM plus a tool memory bank (one trainable row per tool) and optional LoRA.
+
+Every tool is one special token of the tokenizer (Llama-3's reserved special tokens, in id order; new special tokens
+when the tokenizer has none). The bank replaces that token's embedding on the input side and its logit on the output
+side (`logit = hidden . row`), both vectorized over all tools. The bank and the LoRA adapter are the whole trainable
+state, and a checkpoint holds exactly that (safetensors + JSON), never backbone weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
+
+from common import UserError, atomic_write_json, atomic_write_with
+from dataset import end_of_turn_id
+
+logger = logging.getLogger(__name__)
+
+RESERVED_TOKEN_PATTERN = re.compile(r"^<\|reserved_special_token_(\d+)\|>$")
+ADDED_TOOL_TOKEN = "<|tool_memory_{}|>"
+MEMORY_FILE = "tool_memory.safetensors"
+MEMORY_META_FILE = "tool_memory.json"
+LORA_DIR = "lora"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters; `layer_indices` restricts LoRA to some decoder layers (negative = from the end)."""
+
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    layer_indices: Sequence[int] | None = None
+
+
+@dataclass
+class CallingOutput:
+    """Forward result: full-vocabulary logits (tool columns from the bank) and the losses when labels are given."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    tool_loss: torch.Tensor | None = None
+    past_key_values: object | None = None
+
+
+@dataclass
+class GeneratedCalls:
+    """One generated answer, parsed."""
+
+    predicted_tools: list[str]
+    function_calls: list[str]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`auto` (or None) picks CUDA when present, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The compute dtype: bfloat16 on CUDA, float32 on CPU, unless given (`auto` means the same)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: expected one of auto, {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(model_name: str):
+    """Load a tokenizer; a missing or unreadable model directory is a one-line error."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+    except Exception as err:  # noqa: BLE001 - any loader failure is reported as one line naming the model
+        raise UserError(f"cannot load the tokenizer of --model_name {model_name!r}: {_first_line(err)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def reserved_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokenizer's `<|reserved_special_token_N|>` tokens, ordered by N."""
+    found = []
+    for token, token_id in tokenizer.get_vocab().items():
+        match = RESERVED_TOKEN_PATTERN.match(token)
+        if match:
+            found.append((int(match.group(1)), token_id))
+    return [token_id for _, token_id in sorted(found)]
+
+
+def assign_tool_tokens(tokenizer, num_tools: int) -> tuple[list[int], bool]:
+    """Token ids for `num_tools` tools and whether tokens were added.
+
+    A Llama-3 style tokenizer offers its reserved special tokens as the tool slots, and a tool count above them is an
+    error. A tokenizer without reserved tokens (GPT-2, Qwen) gets one new special token per tool.
+    """
+    reserved = reserved_token_ids(tokenizer)
+    if reserved:
+        if num_tools > len(reserved):
+            raise UserError(
+                f"{num_tools} tools but the tokenizer has only {len(reserved)} reserved special tokens (tool slots); "
+                "train fewer tools in one run"
+            )
+        return reserved[:num_tools], False
+    new_tokens = [ADDED_TOOL_TOKEN.format(i) for i in range(num_tools)]
+    tokenizer.add_tokens(new_tokens, special_tokens=True)
+    return [tokenizer.convert_tokens_to_ids(t) for t in new_tokens], True
+
+
+def load_base_model(model_name: str, device: torch.device, dtype: torch.dtype):
+    """Load the causal LM, frozen; a missing or unreadable model directory is a one-line error."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - any loader failure is reported as one line naming the model
+        raise UserError(f"cannot load --model_name {model_name!r}: {_first_line(err)}") from None
+    model.to(device)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+class ToolForcingProcessor(LogitsProcessor):
+    """Ground-truth-tool decoding: at every tool position the next gold tool is forced, batched.
+
+    A tool position is the first answer step and any step where the model would emit a tool token or end the turn.
+    While gold tools remain the next one is forced there; once all are used the turn is ended.
+    """
+
+    def __init__(self, gold_token_ids: list[list[int]], tool_token_ids: torch.Tensor, end_id: int):
+        device = tool_token_ids.device
+        max_gold = max(1, max(len(g) for g in gold_token_ids))
+        self.gold = torch.full((len(gold_token_ids), max_gold), end_id, dtype=torch.long, device=device)
+        for i, gold in enumerate(gold_token_ids):
+            self.gold[i, : len(gold)] = torch.tensor(gold, dtype=torch.long, device=device)
+        self.num_gold = torch.tensor([len(g) for g in gold_token_ids], device=device)
+        self.used = torch.zeros_like(self.num_gold)
+        self.tool_token_ids = tool_token_ids
+        self.end_id = end_id
+        self.first_step = True
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        choice = scores.argmax(dim=-1)
+        at_tool = torch.isin(choice, self.tool_token_ids) | (choice == self.end_id)
+        if self.first_step:
+            at_tool = torch.ones_like(at_tool)
+            self.first_step = False
+        remaining = self.used < self.num_gold
+        next_gold = self.gold.gather(1, self.used.clamp(max=self.gold.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        forced = torch.where(remaining, next_gold, torch.full_like(next_gold, self.end_id))
+        forced_scores = torch.full_like(scores, float("-inf"))
+        forced_scores.scatter_(1, forced.unsqueeze(1), 0.0)
+        self.used = self.used + (at_tool & remaining).long()
+        return torch.where(at_tool.unsqueeze(1), forced_scores, scores)
+
+
+class FunctionCallingModel(nn.Module):
+    """A frozen causal LM whose tool tokens are a trainable memory bank, with optional LoRA."""
+
+    def __init__(
+        self,
+        model_name: str,
+        num_tools: int,
+        tool_names: Sequence[str],
+        tokenizer=None,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = None,
+        decouple_embeddings: bool = False,
+        lora_config: LoraSettings | None = None,
+    ):
+        super().__init__()
+        if num_tools != len(tool_names) or num_tools <= 0:
+            raise UserError(f"num_tools ({num_tools}) must equal the number of tool names ({len(tool_names)}) and be > 0")
+        if len(set(tool_names)) != len(tool_names):
+            raise UserError("tool names must be unique")
+        self.model_name = str(model_name)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_name)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tool_names = list(tool_names)
+        self.decouple_embeddings = decouple_embeddings
+        self.lora_settings = lora_config
+
+        token_ids, added = assign_tool_tokens(self.tokenizer, num_tools)
+        base = load_base_model(self.model_name, self.device, self.dtype)
+        if added:
+            base.resize_token_embeddings(len(self.tokenizer))
+            for param in base.parameters():
+                param.requires_grad_(False)
+        self.base_model = self._attach_lora(base, lora_config) if lora_config else base
+        self.end_id = end_of_turn_id(self.tokenizer)
+
+        vocab_size = self.causal_lm.get_input_embeddings().weight.shape[0]
+        self.register_buffer("tool_token_ids", torch.tensor(token_ids, dtype=torch.long, device=self.device))
+        slot = torch.full((vocab_size,), -1, dtype=torch.long, device=self.device)
+        slot[self.tool_token_ids] = torch.arange(num_tools, device=self.device)
+        self.register_buffer("token_to_slot", slot)
+        self._name_to_index = {name: i for i, name in enumerate(self.tool_names)}
+
+        hidden = self.causal_lm.get_input_embeddings().weight.shape[1]
+        # The bank is kept in float32 (the optimizer's precision) and cast to the backbone's dtype where used.
+        self.tool_embeddings = nn.Parameter(torch.zeros(num_tools, hidden, device=self.device))
+        self.output_tool_embeddings = (
+            nn.Parameter(torch.zeros(num_tools, hidden, device=self.device)) if decouple_embeddings else None
+        )
+        self.initialize_tool_embeddings(seed=0)
+
+    # --- structure -------------------------------------------------------------------------------------------------
+
+    @property
+    def causal_lm(self):
+        """The underlying transformers causal LM (inside the peft wrapper when LoRA is on)."""
+        base = self.base_model
+        return base.get_base_model() if hasattr(base, "get_base_model") else base
+
+    @property
+    def num_tools(self) -> int:
+        return len(self.tool_names)
+
+    @property
+    def output_rows(self) -> torch.Tensor:
+        return self.output_tool_embeddings if self.decouple_embeddings else self.tool_embeddings
+
+    def _attach_lora(self, base, settings: LoraSettings):
+        from peft import LoraConfig, get_peft_model
+
+        layers = None
+        if settings.layer_indices:
+            num_layers = base.config.num_hidden_layers
+            layers = []
+            for index in settings.layer_indices:
+                resolved = index + num_layers if index < 0 else index
+                if not 0 <= resolved < num_layers:
+                    raise UserError(f"--lora_layer_indices: {index} is outside the model's {num_layers} layers")
+                layers.append(resolved)
+            layers = sorted(set(layers))
+        config = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=list(settings.target_modules),
+            layers_to_transform=layers,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            peft_model = get_peft_model(base, config)
+        except ValueError as err:
+            raise UserError(f"--lora_target_modules: {_first_line(err)}") from None
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
+        return peft_model
+
+    def get_tool_token_id(self, tool_name: str) -> int:
+        """The token id that stands for a tool."""
+        if tool_name not in self._name_to_index:
+            raise KeyError(f"unknown tool {tool_name!r}")
+        return int(self.tool_token_ids[self._name_to_index[tool_name]])
+
+    def get_tool_name_from_token_id(self, token_id: int) -> str | None:
+        """The tool a token id stands for, or None when it is no tool token."""
+        if not 0 <= token_id < self.token_to_slot.shape[0]:
+            return None
+        slot = int(self.token_to_slot[token_id])
+        return self.tool_names[slot] if slot >= 0 else None
+
+    def encode_tool(self, tool_name: str) -> list[int]:
+        """The answer ids for a tool: its one token (the `encode_tool` of dataset.build_answer_ids)."""
+        return [self.get_tool_token_id(tool_name)]
+
+    def bank_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.tool_embeddings, self.output_tool_embeddings) if p is not None]
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.base_model.named_parameters() if "lora_" in n and p.requires_grad]
+
+    def set_lora_trainable(self, trainable: bool) -> None:
+        for name, param in self.base_model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(trainable)
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameter counts: backbone (frozen), tool memory, LoRA, and the trainable total."""
+        lora = sum(p.numel() for n, p in self.base_model.named_parameters() if "lora_" in n)
+        backbone = sum(p.numel() for n, p in self.base_model.named_parameters() if "lora_" not in n)
+        bank = sum(p.numel() for p in self.bank_parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"backbone": backbone, "tool_memory": bank, "lora": lora, "trainable": trainable}
+
+    @torch.no_grad()
+    def initialize_tool_embeddings(self, seed: int = 0) -> None:
+        """Orthogonal rows scaled to the backbone's mean embedding norm (input side) and lm-head norm (output side)."""
+        generator = torch.Generator().manual_seed(seed)
+        targets = [(self.tool_embeddings, self.causal_lm.get_input_embeddings().weight)]
+        if self.decouple_embeddings:
+            targets.append((self.output_tool_embeddings, self.causal_lm.get_output_embeddings().weight))
+        for bank, reference in targets:
+            rows = torch.empty(bank.shape, dtype=torch.float32)
+            nn.init.orthogonal_(rows, generator=generator)
+            rows = F.normalize(rows, dim=-1) * reference.float().norm(dim=-1).mean().item()
+            bank.copy_(rows.to(bank.device))
+
+    # --- forward ---------------------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings where every tool token's vector is its bank row (one lookup, no loop over tools)."""
+        embeddings = self.causal_lm.get_input_embeddings()(input_ids)
+        slot = self.token_to_slot[input_ids]
+        bank_rows = self.tool_embeddings[slot.clamp(min=0)].to(embeddings.dtype)
+        return torch.where((slot >= 0).unsqueeze(-1), bank_rows, embeddings)
+
+    def tool_logits_into(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Overwrite the tool columns of `logits` with `hidden . row` (one matmul over all tools)."""
+        tool_logits = hidden.float() @ self.output_rows.t()
+        return logits.float().index_copy(-1, self.tool_token_ids, tool_logits)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values=None,
+        position_ids: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> CallingOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        decoder_out = self.causal_lm.get_decoder()(
+            inputs_embeds=self.embed(input_ids),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        hidden = decoder_out.last_hidden_state
+        logits = self.tool_logits_into(hidden, self.causal_lm.get_output_embeddings()(hidden))
+        loss = tool_loss = None
+        if labels is not None:
+            loss, tool_loss = self.answer_losses(logits, labels)
+        return CallingOutput(logits=logits, loss=loss, tool_loss=tool_loss, past_key_values=decoder_out.past_key_values)
+
+    def answer_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token cross-entropy on labelled positions, and the same restricted to tool-token targets."""
+        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+        shift_labels = labels[:, 1:].reshape(-1)
+        per_token = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="none")
+        valid = shift_labels != -100
+        loss = per_token[valid].mean() if valid.any() else per_token.sum() * 0.0
+        is_tool = valid & (self.token_to_slot[shift_labels.clamp(min=0)] >= 0)
+        tool_loss = per_token[is_tool].mean() if is_tool.any() else per_token.sum() * 0.0
+        return loss, tool_loss
+
+    # --- generation ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int = 256,
+        logits_processor: LogitsProcessor | None = None,
+    ) -> list[list[int]]:
+        """Greedy, batched, left-padded decoding with the KV cache; returns each row's new ids up to end-of-turn."""
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        batch = input_ids.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        generated = []
+        out = self.forward(input_ids, attention_mask, use_cache=True)
+        position = (attention_mask.long().sum(-1) - 1).unsqueeze(1)
+        for _ in range(max_new_tokens):
+            scores = out.logits[:, -1, :]
+            if logits_processor is not None:
+                scores = logits_processor(input_ids, scores)
+            next_ids = scores.argmax(dim=-1)
+            next_ids = torch.where(finished, torch.full_like(next_ids, self.end_id), next_ids)
+            generated.append(next_ids)
+            finished |= next_ids == self.end_id
+            if finished.all():
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            position = position + 1
+            out = self.forward(
+                next_ids.unsqueeze(1),
+                attention_mask,
+                past_key_values=out.past_key_values,
+                position_ids=position,
+                use_cache=True,
+            )
+        if not generated:
+            return [[] for _ in range(batch)]
+        rows = torch.stack(generated, dim=1).tolist()
+        return [row[: row.index(self.end_id) + 1] if self.end_id in row else row for row in rows]
+
+    def parse_generated(self, token_ids: Sequence[int]) -> GeneratedCalls:
+        """Split generated ids at tool tokens into tools and their argument strings (text before a tool is dropped)."""
+        tools: list[str] = []
+        calls: list[list[int]] = []
+        for token_id in token_ids:
+            if token_id == self.end_id:
+                break
+            name = self.get_tool_name_from_token_id(token_id)
+            if name is not None:
+                tools.append(name)
+                calls.append([])
+            elif calls:
+                calls[-1].append(token_id)
+        function_calls = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in calls]
+        text = self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+        return GeneratedCalls(tools, function_calls, text, list(token_ids))
+
+    def generate_with_tool_prediction(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 256
+    ) -> list[GeneratedCalls]:
+        """The model picks its own tools: batched greedy decoding, parsed into tools and calls."""
+        return [self.parse_generated(ids) for ids in self.generate_ids(input_ids, attention_mask, max_new_tokens)]
+
+    def generate_with_ground_truth_tools(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        gold_tools: Sequence[Sequence[str]],
+        max_new_tokens: int = 256,
+    ) -> list[GeneratedCalls]:
+        """The gold tool sequence is forced at each tool position; the model writes the arguments."""
+        gold_ids = [[self.get_tool_token_id(t) for t in tools] for tools in gold_tools]
+        processor = ToolForcingProcessor(gold_ids, self.tool_token_ids, self.end_id)
+        ids = self.generate_ids(input_ids, attention_mask, max_new_tokens, logits_processor=processor)
+        return [self.parse_generated(row) for row in ids]
+
+    # --- checkpoints -----------------------------------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {"input_rows": self.tool_embeddings.detach().float().cpu().contiguous()}
+        if self.decouple_embeddings:
+            state["output_rows"] = self.output_tool_embeddings.detach().float().cpu().contiguous()
+        return state
+
+    def save(self, directory: str | Path) -> None:
+        """Write the bank (safetensors + JSON of names and token ids) and the LoRA adapter (peft); nothing else."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_with(directory / MEMORY_FILE, lambda tmp: save_file(self.trainable_state(), tmp))
+        meta = {
+            "model_name": self.model_name,
+            "tool_names": self.tool_names,
+            "tool_token_ids": self.tool_token_ids.tolist(),
+            "decouple_embeddings": self.decouple_embeddings,
+            "lora": asdict(self.lora_settings) if self.lora_settings else None,
+        }
+        if self.lora_settings:
+            from peft import get_peft_model_state_dict
+
+            lora_state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.base_model).items()}
+            lora_dir = directory / LORA_DIR
+            lora_dir.mkdir(exist_ok=True)
+            atomic_write_with(lora_dir / "adapter_model.safetensors", lambda tmp: save_file(lora_state, tmp))
+            self.base_model.peft_config["default"].save_pretrained(str(lora_dir))
+        atomic_write_json(directory / MEMORY_META_FILE, meta)
+
+    def load(self, directory: str | Path) -> None:
+        """Load a checkpoint written by `save` into this model (same tools, same shapes)."""
+        directory = Path(directory)
+        meta_path, memory_path = directory / MEMORY_META_FILE, directory / MEMORY_FILE
+        if not meta_path.is_file() or not memory_path.is_file():
+            raise UserError(f"checkpoint {directory} is incomplete: expected {MEMORY_FILE} and {MEMORY_META_FILE}")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta["tool_names"] != self.tool_names:
+            raise UserError(f"checkpoint {directory} holds different tools than this model")
+        if bool(meta["decouple_embeddings"]) != self.decouple_embeddings:
+            raise UserError(f"checkpoint {directory} differs in --decouple_embeddings")
+        state = load_file(str(memory_path))
+        with torch.no_grad():
+            self.tool_embeddings.copy_(state["input_rows"].to(self.device))
+            if self.decouple_embeddings:
+                self.output_tool_embeddings.copy_(state["output_rows"].to(self.device))
+        if self.lora_settings:
+            from peft import set_peft_model_state_dict
+
+            adapter = directory / LORA_DIR / "adapter_model.safetensors"
+            if not adapter.is_file():
+                raise UserError(f"checkpoint {directory} has no LoRA adapter but this model uses LoRA")
+            set_peft_model_state_dict(self.base_model, load_file(str(adapter), device=str(self.device)))
