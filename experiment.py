@@ -1,0 +1,324 @@
+"""What the sequential CLIs share: round specs, per-round data files, and the run directory (config, metrics,
+forgetting matrix, summary, plot, resume state)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import platform
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+from common import UserError, atomic_write_json, atomic_write_text, read_json
+from dataset import load_samples
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_METRICS = ("avg_tool_f1_score", "avg_f1_score", "exact_accuracy", "tool_accuracy", "parse_error_rate")
+ROUND_PATTERN = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*:\s*(\d+)\s*$")
+# Flags that may differ between a run and its --resume without changing its numbers.
+RESUME_FREE_FLAGS = {"resume", "output_dir", "log_file", "demo", "checkpoint_dir", "eval_batch_size"}
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """One training round: tools start..end (1-based, inclusive ranks) for `epochs` epochs."""
+
+    start: int
+    end: int
+    epochs: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.start}-{self.end}"
+
+
+def parse_training_rounds(text: str) -> list[RoundSpec]:
+    """Parse `1-50:1,51-100:3`; malformed, reversed, empty or overlapping ranges are one-line errors."""
+    if not text or not text.strip():
+        raise UserError("--training_rounds is empty; expected e.g. 1-50:1,51-100:3")
+    rounds = []
+    for part in text.split(","):
+        match = ROUND_PATTERN.match(part)
+        if not match:
+            raise UserError(f"--training_rounds: {part.strip()!r} is not START-END:EPOCHS (e.g. 1-50:3)")
+        start, end, epochs = (int(g) for g in match.groups())
+        if start < 1 or end < start:
+            raise UserError(f"--training_rounds: range {start}-{end} must satisfy 1 <= start <= end")
+        if epochs < 1:
+            raise UserError(f"--training_rounds: round {start}-{end} needs at least 1 epoch, got {epochs}")
+        rounds.append(RoundSpec(start, end, epochs))
+    ordered = sorted(rounds, key=lambda r: r.start)
+    for before, after in zip(ordered, ordered[1:]):
+        if after.start <= before.end:
+            raise UserError(f"--training_rounds: ranges {before.name} and {after.name} overlap")
+    return rounds
+
+
+def per_round_values(flag: str, text: str | None, default: int, num_rounds: int) -> list[int]:
+    """A per-round list of positive ints (`4,4,3`), or the single default for every round."""
+    if text is None or text == "":
+        return [default] * num_rounds
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if len(values) != num_rounds:
+        raise UserError(f"{flag}: {len(values)} values for {num_rounds} rounds")
+    if any(v < 1 for v in values):
+        raise UserError(f"{flag}: every value must be >= 1, got {text!r}")
+    return values
+
+
+def train_file(data_dir: str | Path, spec: RoundSpec, max_calls: int) -> Path:
+    return Path(data_dir) / "training" / f"function_calling_train_tools{spec.name}_{max_calls}calls.json"
+
+
+def test_file(data_dir: str | Path, spec: RoundSpec, max_calls: int) -> Path:
+    return Path(data_dir) / "test" / f"function_calling_test_tools{spec.name}_{max_calls}calls.json"
+
+
+def descriptions_file(data_dir: str | Path, spec: RoundSpec) -> Path:
+    return Path(data_dir) / f"tool_descriptions_tools{spec.name}.json"
+
+
+def make_data_command(data_dir: str | Path, spec: RoundSpec, train_calls: int, test_calls: int) -> str:
+    return (
+        f"python xlam_datasets.py --top_k {spec.name} --train_max_function_calls {train_calls} "
+        f"--test_max_function_calls {test_calls} --output_dir {data_dir}"
+    )
+
+
+@dataclass
+class RoundData:
+    """One round's samples and its tool names."""
+
+    spec: RoundSpec
+    train: list[dict]
+    test: list[dict]
+    tools: list[str]
+
+
+def load_round_data(data_dir: str | Path, spec: RoundSpec, train_calls: int, test_calls: int) -> RoundData:
+    """Read and validate a round's train and test files; the test set may only name the round's training tools."""
+    paths = (train_file(data_dir, spec, train_calls), test_file(data_dir, spec, test_calls))
+    for path in paths:
+        if not path.is_file():
+            raise UserError(
+                f"round {spec.name}: data file {path} is missing; make it with: "
+                f"{make_data_command(data_dir, spec, train_calls, test_calls)}"
+            )
+    described = descriptions_file(data_dir, spec)
+    allowed = None
+    if described.is_file():
+        descriptions = read_json(described, "tool descriptions file")
+        if not isinstance(descriptions, dict):
+            raise UserError(f"tool descriptions file {described}: expected an object keyed by tool name")
+        allowed = set(descriptions)
+    train = load_samples(paths[0], allowed)
+    tools = sorted({t for s in train for t in s["tools"]})
+    test = load_samples(paths[1], allowed if allowed is not None else set(tools))
+    return RoundData(spec, train, test, tools)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "tokenizers", "safetensors", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def default_output_dir(method: str) -> Path:
+    return Path("runs") / f"{method}_{datetime.now().strftime('%Y%m%d_%H%M%S')}"
+
+
+class RunDirectory:
+    """config.json, metrics.jsonl, state.json (resume point), summary.json and forgetting.png of one run."""
+
+    def __init__(self, path: str | Path, method: str, args: argparse.Namespace, rounds: Sequence[RoundSpec],
+                 resume: bool):
+        self.path = Path(path)
+        self.method = method
+        self.rounds = list(rounds)
+        self.config = {"method": method, "args": _jsonable(vars(args)), "versions": library_versions()}
+        self.records: list[dict] = []
+        self.completed_rounds = 0
+        self.elapsed_before = 0.0
+        self.started = time.time()
+        self.round_stats: list[dict] = []
+        if resume:
+            self._load_for_resume()
+        else:
+            if (self.path / "state.json").exists():
+                raise UserError(f"--output_dir {self.path} already holds a run; pass --resume or another --output_dir")
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path / "config.json", self.config)
+
+    def _load_for_resume(self) -> None:
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise UserError(f"--resume: {self.path} holds no run (no config.json)")
+        stored = read_json(config_path, "run config")
+        mine, theirs = self.config["args"], stored.get("args", {})
+        differing = sorted(
+            k for k in set(mine) | set(theirs) if k not in RESUME_FREE_FLAGS and mine.get(k) != theirs.get(k)
+        )
+        if stored.get("method") != self.method or differing:
+            what = ", ".join(f"--{k}" for k in differing) or "the method"
+            raise UserError(f"--resume: {self.path} was run with a different configuration ({what})")
+        state_path = self.path / "state.json"
+        if state_path.is_file():
+            state = read_json(state_path, "run state")
+            self.completed_rounds = int(state["completed_rounds"])
+            self.elapsed_before = float(state.get("wall_seconds", 0.0))
+            self.round_stats = list(state.get("round_stats", []))
+        metrics_path = self.path / "metrics.jsonl"
+        if metrics_path.is_file():
+            lines = metrics_path.read_text(encoding="utf-8").splitlines()
+            self.records = [json.loads(line) for line in lines if line.strip()]
+            self.records = [r for r in self.records if r["round"] < self.completed_rounds]
+        logger.info("resuming %s after %d finished round(s)", self.path, self.completed_rounds)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        custom = self.config["args"].get("checkpoint_dir")
+        return Path(custom) if custom else self.path / "checkpoints"
+
+    def checkpoint_path(self, round_index: int) -> Path:
+        return self.checkpoint_root / f"round_{round_index + 1}"
+
+    def wall_seconds(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+    def add_metrics(self, round_index: int, test_round: int, metrics: dict, mode: str) -> None:
+        self.records.append({
+            "round": round_index,
+            "round_name": self.rounds[round_index].name,
+            "test_round": test_round,
+            "test_name": self.rounds[test_round].name,
+            "mode": mode,
+            "metrics": metrics,
+        })
+
+    def finish_round(self, round_index: int, stats: dict) -> None:
+        """Write metrics and the resume point: the round counts as done only once this returns."""
+        self.round_stats = [s for s in self.round_stats if s["round"] < round_index] + [{"round": round_index, **stats}]
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+        self.completed_rounds = round_index + 1
+        atomic_write_json(self.path / "state.json", {
+            "completed_rounds": self.completed_rounds,
+            "wall_seconds": self.wall_seconds(),
+            "round_stats": self.round_stats,
+        })
+
+    def matrix(self, metric: str, mode: str = "predicted") -> list[list[float | None]]:
+        n = len(self.rounds)
+        grid: list[list[float | None]] = [[None] * n for _ in range(n)]
+        for record in self.records:
+            if record["mode"] == mode:
+                grid[record["round"]][record["test_round"]] = record["metrics"].get(metric)
+        return grid
+
+    def summary(self, extra: dict | None = None) -> dict:
+        matrices = {m: self.matrix(m) for m in SUMMARY_METRICS}
+        summary = {
+            "method": self.method,
+            "rounds": [r.name for r in self.rounds],
+            "matrix": matrices,
+            "average_after_last": {m: average_after_last(g) for m, g in matrices.items()},
+            "backward_transfer": {m: backward_transfer(g) for m, g in matrices.items()},
+            "wall_seconds": round(self.wall_seconds(), 1),
+            "round_stats": self.round_stats,
+        }
+        gt = [r for r in self.records if r["mode"] == "ground_truth_tools"]
+        if gt:
+            summary["ground_truth_tools_matrix"] = {m: self.matrix(m, "ground_truth_tools") for m in SUMMARY_METRICS}
+        summary.update(extra or {})
+        return summary
+
+    def write_summary(self, extra: dict | None = None) -> dict:
+        summary = self.summary(extra)
+        atomic_write_json(self.path / "summary.json", summary)
+        plot_matrix(summary, self.path / "forgetting.png")
+        return summary
+
+
+def average_after_last(grid: list[list[float | None]]) -> float | None:
+    """Mean of the last row over the evaluated test sets."""
+    values = [v for v in grid[-1] if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def backward_transfer(grid: list[list[float | None]]) -> float | None:
+    """Mean over c < last of A[last][c] - A[c][c]; None when a needed cell was not evaluated."""
+    last = len(grid) - 1
+    deltas = [grid[last][c] - grid[c][c] for c in range(last) if grid[last][c] is not None and grid[c][c] is not None]
+    return sum(deltas) / len(deltas) if deltas else None
+
+
+def plot_matrix(summary: dict, path: Path) -> None:
+    """Heat maps of tool F1 and call F1: row = after training round r, column = test set of round c."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = summary["rounds"]
+    metrics = [("avg_tool_f1_score", "tool F1"), ("avg_f1_score", "call F1"), ("exact_accuracy", "exact match")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
+    for ax, (metric, title) in zip(axes, metrics):
+        grid = [[float("nan") if v is None else v for v in row] for row in summary["matrix"][metric]]
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
+        for r, row in enumerate(grid):
+            for c, value in enumerate(row):
+                if value == value:
+                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=45)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("test set of round")
+        ax.set_ylabel("after training round")
+        ax.set_title(f"{summary['method']}: {title}")
+    fig.colorbar(image, ax=axes, shrink=0.8)
+
+    def save(tmp: str) -> None:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+
+    from common import atomic_write_with
+
+    atomic_write_with(path, save)
+    plt.close(fig)
+
+
+def format_summary_table(summary: dict) -> str:
+    """The forgetting matrix of tool F1 / call F1 / exact match, with average and backward transfer."""
+    names = summary["rounds"]
+    lines = []
+    for metric in ("avg_tool_f1_score", "avg_f1_score", "exact_accuracy"):
+        lines.append(f"{metric}  (row: after round, column: test set)")
+        lines.append("after \\ test " + "".join(f"{n:>10}" for n in names))
+        for name, row in zip(names, summary["matrix"][metric]):
+            cells = "".join(f"{'-':>10}" if v is None else f"{v:>10.3f}" for v in row)
+            lines.append(f"{name:>12} {cells}")
+        avg, bwt = summary["average_after_last"][metric], summary["backward_transfer"][metric]
+        lines.append(f"  average after last round: {_fmt(avg)}   backward transfer: {_fmt(bwt)}")
+        lines.append("")
+    lines.append(f"wall time: {summary['wall_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _jsonable(values: dict) -> dict:
+    return {k: (v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)) for k, v in values.items()}

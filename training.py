@@ -1,0 +1,214 @@
+"""One round of training and one evaluation pass, shared by TokMem and the LoRA baseline.
+
+A model here is anything with `forward(input_ids, attention_mask, labels) -> output with .loss and .tool_loss`,
+`bank_parameters()`, `lora_parameters()`, `generate_with_tool_prediction(...)` and, for ground-truth-tool mode,
+`generate_with_ground_truth_tools(...)`: FunctionCallingModel and the LoRA baseline's marker model both are.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from common import UserError
+from eval import score_predictions
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: the round stops and nothing of it is saved."""
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings of one round."""
+
+    epochs: int = 1
+    lr: float = 5e-3
+    lora_lr: float = 5e-4
+    lora_weight_decay: float = 0.01
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    renorm_active_tools: bool = False
+
+
+@dataclass
+class RoundStats:
+    """What a round of training did."""
+
+    steps: int
+    mean_loss: float
+    mean_tool_loss: float
+    final_loss: float
+
+
+def build_optimizer(model, settings: TrainSettings, train_lora: bool) -> torch.optim.AdamW:
+    """AdamW with the bank rows (no weight decay) and, when trained, LoRA (own lr and weight decay)."""
+    groups = []
+    bank = [p for p in model.bank_parameters() if p.requires_grad]
+    if bank:
+        groups.append({"params": bank, "lr": settings.lr, "weight_decay": 0.0})
+    lora = model.lora_parameters() if train_lora else []
+    if lora:
+        groups.append({"params": lora, "lr": settings.lora_lr, "weight_decay": settings.lora_weight_decay})
+    if not groups:
+        raise UserError("nothing to train: the model has no trainable tool rows or LoRA parameters")
+    return torch.optim.AdamW(groups)
+
+
+def _restore_inactive_rows(model, active: torch.Tensor, snapshots: Sequence[torch.Tensor]) -> None:
+    """Put back the rows of tools outside the round, bit for bit."""
+    with torch.no_grad():
+        for bank, snapshot in zip(model.bank_parameters(), snapshots):
+            bank[~active] = snapshot
+
+
+def _renormalize_active_rows(model, active: torch.Tensor) -> None:
+    """Scale the active rows to the mean norm of the inactive ones (nothing to match when every row is active)."""
+    if active.all():
+        return
+    with torch.no_grad():
+        for bank in model.bank_parameters():
+            target = bank[~active].norm(dim=-1).mean()
+            rows = bank[active]
+            bank[active] = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12) * target
+
+
+def train_round(
+    model,
+    loader: DataLoader,
+    settings: TrainSettings,
+    active_tools: torch.Tensor | None = None,
+    train_lora: bool = False,
+    description: str = "train",
+) -> RoundStats:
+    """Train one round: only the `active_tools` rows of the bank (a bool mask over tools) change.
+
+    A NaN or infinite loss raises TrainingDiverged before the optimizer applies it.
+    """
+    optimizer = build_optimizer(model, settings, train_lora)
+    accumulation = settings.gradient_accumulation_steps
+    total_steps = max(1, math.ceil(len(loader) * settings.epochs / accumulation))
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    banks = model.bank_parameters()
+    if active_tools is not None:
+        active_tools = active_tools.to(banks[0].device)
+        snapshots = [bank.detach()[~active_tools].clone() for bank in banks]
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+
+    model.train()
+    losses: list[float] = []
+    tool_losses: list[float] = []
+    step = 0
+    progress = tqdm(total=total_steps, desc=description, leave=False, dynamic_ncols=True)
+    for epoch in range(settings.epochs):
+        for batch_index, batch in enumerate(loader):
+            out = model(
+                batch["input_ids"].to(model.device),
+                batch["attention_mask"].to(model.device),
+                labels=batch["labels"].to(model.device),
+            )
+            loss = out.loss
+            if not torch.isfinite(loss):
+                progress.close()
+                raise TrainingDiverged(
+                    f"{description}: the loss became {loss.item()} at epoch {epoch + 1}, batch {batch_index + 1}; "
+                    "this round is not saved (try a lower --lr / --lora_lr)"
+                )
+            (loss / accumulation).backward()
+            losses.append(loss.item())
+            tool_losses.append(out.tool_loss.item() if out.tool_loss is not None else float("nan"))
+            last_of_epoch = batch_index + 1 == len(loader)
+            if (batch_index + 1) % accumulation and not last_of_epoch:
+                continue
+            if active_tools is not None:
+                for bank in banks:
+                    if bank.grad is not None:
+                        bank.grad[~active_tools] = 0
+            if settings.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if active_tools is not None:
+                _restore_inactive_rows(model, active_tools, snapshots)
+                if settings.renorm_active_tools:
+                    _renormalize_active_rows(model, active_tools)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    progress.close()
+    model.eval()
+    if not losses:
+        raise UserError(f"{description}: the training set is empty")
+    return RoundStats(
+        steps=step,
+        mean_loss=sum(losses) / len(losses),
+        mean_tool_loss=_nanmean(tool_losses),
+        final_loss=sum(losses[-10:]) / len(losses[-10:]),
+    )
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+@torch.no_grad()
+def predict(
+    model, loader: DataLoader, use_ground_truth_tools: bool = False, max_new_tokens: int = 256, description: str = "eval"
+) -> list[dict]:
+    """Generate for every sample of an eval loader; returns the prediction dicts that eval.score_predictions takes."""
+    model.eval()
+    predictions: list[dict] = []
+    for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
+        if use_ground_truth_tools:
+            outputs = model.generate_with_ground_truth_tools(
+                batch["input_ids"], batch["attention_mask"], batch["gold_tools"], max_new_tokens=max_new_tokens
+            )
+        else:
+            outputs = model.generate_with_tool_prediction(
+                batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens
+            )
+        for out, query, tools, calls in zip(outputs, batch["user_input"], batch["gold_tools"], batch["gold_calls"]):
+            predictions.append(
+                {
+                    "user_input": query,
+                    "predicted_tools": out.predicted_tools,
+                    "function_calls": out.function_calls,
+                    "gold_tools": tools,
+                    "gold_calls": calls,
+                    "generated_text": out.text,
+                }
+            )
+    return predictions
+
+
+def evaluate(
+    model, loader: DataLoader, use_ground_truth_tools: bool = False, max_new_tokens: int = 256, description: str = "eval"
+) -> tuple[dict, list[dict]]:
+    """Generate and score a test loader: (metric dict of eval.score_predictions, predictions)."""
+    predictions = predict(model, loader, use_ground_truth_tools, max_new_tokens, description)
+    return score_predictions(predictions), predictions
+
+
+def format_demo(predictions: Sequence[dict], count: int = 3) -> str:
+    """A few examples: query, gold calls and predicted calls."""
+    lines = []
+    for prediction in list(predictions)[:count]:
+        lines.append(f"query:     {prediction['user_input']}")
+        gold = ", ".join(f"{t} {c}" for t, c in zip(prediction["gold_tools"], prediction["gold_calls"]))
+        pred = ", ".join(f"{t} {c}" for t, c in zip(prediction["predicted_tools"], prediction["function_calls"]))
+        lines.append(f"gold:      {gold}")
+        lines.append(f"predicted: {pred or '(none)'}")
+        lines.append("")
+    return "\n".join(lines)
