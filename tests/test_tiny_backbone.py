@@ -1,0 +1,239 @@
+"""The embedded tiny backbone: tokenizer specials and chat template, random model, caching, and a micro build."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_backbone as tb
+from common import UserError
+from dataset import IGNORE_INDEX, build_prompt_ids, end_of_turn_id
+
+REPO = Path(__file__).resolve().parents[1]
+
+NAMED_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|finetune_right_pad_id|>",
+]
+
+
+def test_tokenizer_has_llama3_special_tokens_as_single_ids(tiny_tokenizer):
+    vocab = tiny_tokenizer.get_vocab()
+    reserved = [f"<|reserved_special_token_{i}|>" for i in range(248)]
+    assert all(token in vocab for token in NAMED_SPECIALS + reserved)
+    assert "<|reserved_special_token_248|>" not in vocab
+    special_ids = set(tiny_tokenizer.all_special_ids) | set(tiny_tokenizer.added_tokens_decoder)
+    for token in NAMED_SPECIALS + reserved:
+        ids = tiny_tokenizer(f"x{token}y", add_special_tokens=False)["input_ids"]
+        assert vocab[token] in ids and vocab[token] in special_ids
+        assert tiny_tokenizer.convert_ids_to_tokens(vocab[token]) == token
+    reserved_ids = [vocab[t] for t in reserved]
+    assert reserved_ids == sorted(reserved_ids), "reserved tokens are in id order"
+    assert tiny_tokenizer.bos_token == "<|begin_of_text|>"
+    assert tiny_tokenizer.eos_token == "<|eot_id|>"
+    assert tiny_tokenizer.pad_token == "<|finetune_right_pad_id|>"
+    assert end_of_turn_id(tiny_tokenizer) == vocab["<|eot_id|>"]
+
+
+def test_tokenizer_round_trips_text_and_json(tiny_tokenizer):
+    text = 'Find flights from Berlin to Rome on 2024-06-10, "quoted" and ünïcode {"a": [1, 2.5]}'
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer.decode(ids) == text
+    assert tiny_tokenizer("hi")["input_ids"][0] == tiny_tokenizer.bos_token_id
+
+
+def test_chat_template_format(tiny_tokenizer):
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi there"}]
+    text = tiny_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nhi there<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    bare = tiny_tokenizer.apply_chat_template(messages[1:], tokenize=False, add_generation_prompt=False)
+    assert bare.endswith("hi there<|eot_id|>")
+    ids = build_prompt_ids(tiny_tokenizer, "hi there")
+    assert ids[0] == tiny_tokenizer.bos_token_id
+    assert tiny_tokenizer.decode(ids) == text.split("<|start_header_id|>system")[0] + text.split("S<|eot_id|>")[1]
+
+
+def test_tokenizer_saves_and_loads_back(tiny_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tiny_tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "Convert 100 USD to EUR"}]
+    assert loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        tiny_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    )
+    assert loaded.get_vocab() == tiny_tokenizer.get_vocab()
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (
+        tiny_tokenizer.bos_token,
+        tiny_tokenizer.eos_token,
+        tiny_tokenizer.pad_token,
+    )
+
+
+def test_build_tokenizer_rejects_a_tiny_vocab():
+    with pytest.raises(ValueError):
+        tb.build_tokenizer(["abc"], vocab_size=300)
+
+
+def test_random_model_config_and_forward(tiny_tokenizer):
+    torch.manual_seed(0)
+    model = tb.build_random_model(tiny_tokenizer, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    config = model.config
+    assert config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    assert config.vocab_size == len(tiny_tokenizer)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
+        tiny_tokenizer.bos_token_id,
+        end_of_turn_id(tiny_tokenizer),
+        tiny_tokenizer.pad_token_id,
+    )
+    ids = torch.tensor([build_prompt_ids(tiny_tokenizer, "What is the weather in Paris?")])
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.shape == (1, ids.shape[1], len(tiny_tokenizer))
+    assert torch.isfinite(out.loss)
+    assert tb.count_parameters(model) < 1_000_000
+
+
+def test_default_backbone_names():
+    assert tb.DEFAULT_BACKBONE_DIR == REPO / "models" / "tiny-llama-fc"
+    assert tb.DEFAULT_MODEL_NAME == str(REPO / "models" / "tiny-llama-fc")
+    assert tb.is_default_backbone(tb.DEFAULT_MODEL_NAME)
+    assert tb.is_default_backbone("models/tiny-llama-fc")
+    assert tb.is_default_backbone("./models/tiny-llama-fc/")
+    assert not tb.is_default_backbone("meta-llama/Llama-3.2-1B-Instruct")
+    assert not tb.is_default_backbone(None)
+
+
+def test_length_batches_respect_the_token_budget():
+    lengths = [random.Random(i).randint(5, 60) for i in range(200)]
+    batches = tb.length_batches(lengths, 256, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert all(len(b) * max(lengths[i] for i in b) <= 256 or len(b) == 1 for b in batches)
+
+
+def test_parse_memory_answer_splits_at_tool_tokens(tiny_tokenizer):
+    slot = tiny_tokenizer.convert_tokens_to_ids("<|reserved_special_token_3|>")
+    other = tiny_tokenizer.convert_tokens_to_ids("<|reserved_special_token_4|>")
+    encode = lambda text: tiny_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = [slot] + encode('{"city": "Paris"}') + [other] + encode('{"days": 3}')
+    tools, calls = tb.parse_memory_answer(tiny_tokenizer, ids, {slot: "get_weather", other: "forecast"})
+    assert tools == ["get_weather", "forecast"]
+    assert calls == ['{"city": "Paris"}', '{"days": 3}']
+    sample = {"tools": ["get_weather", "forecast"], "function_calls": ['{"city":"Paris"}', '{"days": 3.0}']}
+    assert tb.score([sample], [(tools, calls)])["exact_accuracy"] == 1.0
+    assert tb.score([sample], [(tools[::-1], calls[::-1])])["tool_accuracy"] == 0.0
+
+
+def test_parse_icl_answer():
+    text = '{"name": "a", "arguments": {"x": 1}}\nnot json\n{"name": "b", "arguments": {}}'
+    tools, calls = tb.parse_icl_answer(text)
+    assert tools == ["a", "", "b"]
+    assert json.loads(calls[0]) == {"x": 1}
+
+
+def test_ensure_backbone_returns_a_finished_build_without_building(tmp_path, monkeypatch):
+    for name in tb.FINISHED_FILES:
+        (tmp_path / name).write_text("{}")
+    monkeypatch.setattr(tb, "build_backbone", lambda *a, **k: pytest.fail("must not build"))
+    assert tb.ensure_backbone(tmp_path) == tmp_path.resolve()
+
+
+def test_failed_build_leaves_no_directory(tmp_path, monkeypatch):
+    def broken(output_dir, settings):
+        (Path(output_dir) / "config.json").write_text("{}")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(tb, "build_backbone", broken)
+    target = tmp_path / "backbone"
+    with pytest.raises(RuntimeError):
+        tb.ensure_backbone(target)
+    assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_cli_rejects_a_file_as_output(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(UserError, match="not a directory"):
+        tb.main(["--output", str(target)])
+
+
+def test_cli_rejects_a_bad_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tb.main(["--steps", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def micro_settings() -> tb.BuildSettings:
+    return tb.BuildSettings(
+        seed=3,
+        vocab_size=1024,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        steps=3,
+        batch_tokens=1024,
+        max_samples_per_tool=2,
+        train_size=40,
+        test_size=8,
+        eval_samples=4,
+        icl_eval_samples=2,
+        max_new_tokens=8,
+    )
+
+
+@pytest.mark.slow
+def test_micro_build_end_to_end_loads_back(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = tmp_path / "tiny"
+    path = tb.ensure_backbone(target, settings=micro_settings())
+    assert path == target.resolve() and tb.is_finished_build(path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiny.building-")]
+    report = tb.read_report(path)
+    assert 0.0 <= report["held_out"]["tool_accuracy"] <= 1.0
+    assert report["held_out"]["total_examples"] == 4
+    assert report["pretraining_ranks"][0] == tb.PRETRAIN_FIRST_RANK
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.tie_word_embeddings and model.config.vocab_size == len(tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<|reserved_special_token_247|>") < len(tokenizer)
+    ids = torch.tensor([build_prompt_ids(tokenizer, "hello")])
+    assert model(input_ids=ids).logits.shape[-1] == len(tokenizer)
+    stamp = os.stat(path / "model.safetensors").st_mtime_ns
+    assert tb.ensure_backbone(target, settings=micro_settings()) == path
+    assert os.stat(path / "model.safetensors").st_mtime_ns == stamp
+
+
+def test_training_examples_put_loss_on_the_answer_only(tiny_tokenizer):
+    sample = {"user_input": "weather in Paris", "tools": ["get_weather"], "function_calls": ['{"city": "Paris"}']}
+    encode_tool = tb.slot_encoder(tiny_tokenizer, {"get_weather": 0})
+    example = tb.encode_memory_example(tiny_tokenizer, sample, encode_tool)
+    prompt = build_prompt_ids(tiny_tokenizer, "weather in Paris")
+    assert example.input_ids[: len(prompt)] == prompt
+    assert example.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    answer = example.labels[len(prompt) :]
+    assert answer[0] == tiny_tokenizer.convert_tokens_to_ids("<|reserved_special_token_0|>")
+    assert answer[-1] == end_of_turn_id(tiny_tokenizer)
+    descriptions = {n: {"name": n, "description": n, "parameters": {}} for n in ["get_weather", "a", "b", "c", "d"]}
+    listing = tb.icl_listing(sample, descriptions, random.Random(0), 3, 5)
+    assert 3 <= len(listing) <= 5 and {"name": "get_weather", "description": "get_weather", "parameters": {}} in listing
+    icl = tb.encode_icl_example(tiny_tokenizer, sample, listing)
+    answer_ids = [t for t in icl.labels if t != IGNORE_INDEX]
+    assert tiny_tokenizer.decode(answer_ids[:-1]) == '{"name": "get_weather", "arguments": {"city": "Paris"}}'

@@ -1,0 +1,760 @@
+"""The embedded default backbone: a tiny Llama-3 style causal LM pretrained on CPU for function calling, no download.
+
+`python tiny_backbone.py` trains a byte-level BPE tokenizer carrying the Llama-3 special tokens and chat template on the
+synthetic xLAM corpus, pretrains a small `LlamaForCausalLM` (tied embeddings, every weight trainable) on function
+calling over synthetic tools the experiments never use (ranks 201-400; the default rounds use ranks 1-200 at most),
+scores greedy generation on held-out samples of those tools, and saves everything with `save_pretrained` to
+`models/tiny-llama-fc/`. Each pretraining tool is one reserved special token, so the frozen backbone learns the grammar
+"tool token, then a JSON object whose values come from the query" that TokMem's memory bank plugs into.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm import tqdm
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    get_cosine_schedule_with_warmup,
+)
+
+from common import CliParser, UserError, atomic_write_json, positive_int, run_cli, set_seed, setup_logging
+from dataset import IGNORE_INDEX, build_answer_ids, build_prompt_ids, end_of_turn_id, icl_answer_text, tool_system_prompt
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_BACKBONE_DIR = REPO_ROOT / "models" / "tiny-llama-fc"
+DEFAULT_MODEL_NAME = str(DEFAULT_BACKBONE_DIR)
+_DEFAULT_RELATIVE_NAME = "models/tiny-llama-fc"
+
+REPORT_FILE = "backbone_report.json"
+FINISHED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", REPORT_FILE)
+
+BOS_TOKEN = "<|begin_of_text|>"
+END_OF_TEXT_TOKEN = "<|end_of_text|>"
+PAD_TOKEN = "<|finetune_right_pad_id|>"
+EOT_TOKEN = "<|eot_id|>"
+NUM_RESERVED_TOKENS = 248
+
+
+def reserved_token(index: int) -> str:
+    """The text of Llama-3's reserved special token number `index`."""
+    return f"<|reserved_special_token_{index}|>"
+
+
+# Llama-3.1/3.2 special tokens, in their id order (they follow the BPE vocabulary, as in Llama-3).
+LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = (
+    BOS_TOKEN,
+    END_OF_TEXT_TOKEN,
+    reserved_token(0),
+    reserved_token(1),
+    PAD_TOKEN,
+    reserved_token(2),
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    EOT_TOKEN,
+    "<|python_tag|>",
+    *(reserved_token(i) for i in range(3, NUM_RESERVED_TOKENS)),
+)
+
+# Llama-3's pre-tokenizer split: contractions, words with one leading non-letter, numbers of up to 3 digits,
+# punctuation runs, newlines and spaces.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+PRETRAIN_FIRST_RANK = 201
+PRETRAIN_LAST_RANK = 400
+
+
+@dataclass
+class BuildSettings:
+    """Everything that decides a build: data, tokenizer, model size, optimisation and evaluation."""
+
+    seed: int = 0
+    vocab_size: int = 6144
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    intermediate_size: int = 704
+    max_position_embeddings: int = 1024
+    max_length: int = 384
+    steps: int = 600
+    batch_tokens: int = 4096
+    learning_rate: float = 2e-3
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.01
+    icl_fraction: float = 0.25
+    icl_min_listed: int = 3
+    icl_max_listed: int = 5
+    max_samples_per_tool: int = 40
+    train_size: int = 8000
+    test_size: int = 300
+    train_max_calls: int = 3
+    test_max_calls: int = 3
+    eval_samples: int = 300
+    icl_eval_samples: int = 100
+    eval_batch_size: int = 64
+    max_new_tokens: int = 160
+    threads: int = 0
+
+    def model_sizes(self) -> dict[str, int]:
+        """The keyword arguments of `build_config` that set the model's shape."""
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+        }
+
+
+class PretrainingData(NamedTuple):
+    """Pretraining samples of the backbone's own tools, their descriptions and each tool's reserved-token index."""
+
+    train: list[dict]
+    test: list[dict]
+    descriptions: dict[str, dict]
+    tool_slots: dict[str, int]
+
+
+class Example(NamedTuple):
+    """One tokenized training sequence; labels are IGNORE_INDEX outside the answer."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def is_default_backbone(name: str | os.PathLike | None) -> bool:
+    """Whether a --model_name means the embedded tiny backbone (its repo-relative name or its path)."""
+    if name is None:
+        return False
+    text = os.fspath(name)
+    if os.path.normpath(text) == os.path.normpath(_DEFAULT_RELATIVE_NAME):
+        return True
+    return Path(text).expanduser().resolve() == DEFAULT_BACKBONE_DIR
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, with the Llama-3 special tokens and chat template.
+
+    `vocab_size` counts everything, the 256 special tokens included; they never split and take the last ids.
+    """
+    num_special = len(LLAMA3_SPECIAL_TOKENS)
+    if vocab_size < num_special + 512:
+        raise ValueError(f"vocab_size must be at least {num_special + 512}, got {vocab_size}")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - num_special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    backend.add_special_tokens(list(LLAMA3_SPECIAL_TOKENS))
+    bos_id = backend.token_to_id(BOS_TOKEN)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+        special_tokens=[(BOS_TOKEN, bos_id)],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOT_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=131072,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def corpus_texts(rows: Sequence[dict]) -> Iterator[str]:
+    """Tokenizer training text: every query, answer and tool description of the corpus (all tools)."""
+    for row in rows:
+        yield row["query"]
+        for answer in _json_list(row.get("answers")):
+            arguments = answer.get("arguments", {}) if isinstance(answer, dict) else {}
+            yield json.dumps(arguments, ensure_ascii=False)
+            yield json.dumps({"name": answer.get("name"), "arguments": arguments}, ensure_ascii=False)
+        for tool in _json_list(row.get("tools")):
+            yield json.dumps(tool, ensure_ascii=False, separators=(",", ":"))
+    yield tool_system_prompt([])
+
+
+def _json_list(text: Any) -> list:
+    """A JSON-encoded list field of an xLAM row (an already decoded list is accepted too)."""
+    if isinstance(text, list):
+        return text
+    if not isinstance(text, str):
+        return []
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def build_config(
+    tokenizer,
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 8,
+    num_kv_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 1024,
+) -> LlamaConfig:
+    """A small Llama config for `tokenizer` (tied embeddings, pad/bos/eos ids set); intermediate defaults to ~2.75x."""
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(f"hidden_size {hidden_size}, heads {num_heads} and kv heads {num_kv_heads} do not divide")
+    if intermediate_size is None:
+        intermediate_size = int(math.ceil(hidden_size * 2.75 / 32) * 32)
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=end_of_turn_id(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_random_model(tokenizer, **sizes: int) -> LlamaForCausalLM:
+    """A randomly initialised tiny Llama for `tokenizer` (sizes as in `build_config`), float32, in eval mode."""
+    config = build_config(tokenizer, **sizes)
+    model = LlamaForCausalLM(config)
+    eot = end_of_turn_id(tokenizer)
+    eos = [eot] + [i for i in (tokenizer.convert_tokens_to_ids(END_OF_TEXT_TOKEN),) if isinstance(i, int) and i != eot]
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False
+    )
+    model.eval()
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretraining data
+
+
+def load_corpus(seed: int) -> list[dict]:
+    """The synthetic xLAM rows (every tool)."""
+    import xlam_datasets
+
+    return xlam_datasets.load_xlam_rows("synthetic", None, seed)
+
+
+def pretraining_samples(seed: int, rows: Sequence[dict] | None = None, settings: BuildSettings | None = None) -> PretrainingData:
+    """Train/test samples of the pretraining tools (ranks 201-400 of the synthetic corpus, never used by the rounds)."""
+    import xlam_datasets
+
+    settings = settings or BuildSettings(seed=seed)
+    rows = load_corpus(seed) if rows is None else rows
+    ranked = xlam_datasets.rank_tools(rows)
+    last = min(PRETRAIN_LAST_RANK, len(ranked), PRETRAIN_FIRST_RANK - 1 + NUM_RESERVED_TOKENS)
+    if last < PRETRAIN_FIRST_RANK + 9:
+        raise UserError(f"the corpus ranks only {len(ranked)} tools; the backbone needs ranks {PRETRAIN_FIRST_RANK}+")
+    train, test, descriptions = xlam_datasets.build_round(
+        rows,
+        ranked,
+        PRETRAIN_FIRST_RANK,
+        last,
+        max_samples_per_tool=settings.max_samples_per_tool,
+        train_size=settings.train_size,
+        test_size=settings.test_size,
+        train_max_calls=settings.train_max_calls,
+        test_max_calls=settings.test_max_calls,
+        seed=seed,
+    )
+    slots = {name: rank - PRETRAIN_FIRST_RANK for rank, name in enumerate(ranked[:last], start=1) if rank >= PRETRAIN_FIRST_RANK}
+    return PretrainingData(train, test, descriptions, slots)
+
+
+def slot_encoder(tokenizer, tool_slots: dict[str, int]):
+    """The tool encoder of pretraining: a tool is its reserved special token."""
+    ids = {name: tokenizer.convert_tokens_to_ids(reserved_token(slot)) for name, slot in tool_slots.items()}
+
+    def encode_tool(name: str) -> list[int]:
+        return [ids[name]]
+
+    return encode_tool
+
+
+def encode_memory_example(tokenizer, sample: dict, encode_tool) -> Example:
+    """A TokMem-format example: chat prompt, then [tool token][arguments JSON]... [end of turn]; loss on the answer."""
+    prompt = build_prompt_ids(tokenizer, sample["user_input"])
+    answer = build_answer_ids(tokenizer, sample["tools"], sample["function_calls"], encode_tool)
+    return Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
+
+
+def icl_listing(sample: dict, descriptions: dict[str, dict], rng: random.Random, low: int, high: int) -> list[dict]:
+    """Descriptions offered in an in-context prompt: the gold tools plus distractors, shuffled."""
+    gold = list(dict.fromkeys(sample["tools"]))
+    total = max(len(gold), rng.randint(low, high))
+    others = [name for name in descriptions if name not in gold]
+    listed = gold + rng.sample(others, min(len(others), total - len(gold)))
+    rng.shuffle(listed)
+    return [descriptions[name] for name in listed]
+
+
+def encode_icl_example(tokenizer, sample: dict, listing: list[dict]) -> Example:
+    """An in-context example: tool descriptions in the system prompt, JSON lines as the answer; loss on the answer."""
+    prompt = build_prompt_ids(tokenizer, sample["user_input"], system_prompt=tool_system_prompt(listing))
+    answer = tokenizer(icl_answer_text(sample["tools"], sample["function_calls"]), add_special_tokens=False)["input_ids"]
+    answer = answer + [end_of_turn_id(tokenizer)]
+    return Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
+
+
+def encode_training_set(tokenizer, data: PretrainingData, settings: BuildSettings, rng: random.Random) -> list[Example]:
+    """Tokenize the pretraining samples, a fraction of them in the in-context format; drop those over max_length."""
+    encode_tool = slot_encoder(tokenizer, data.tool_slots)
+    examples, dropped = [], 0
+    for sample in data.train:
+        if rng.random() < settings.icl_fraction:
+            listing = icl_listing(sample, data.descriptions, rng, settings.icl_min_listed, settings.icl_max_listed)
+            example = encode_icl_example(tokenizer, sample, listing)
+        else:
+            example = encode_memory_example(tokenizer, sample, encode_tool)
+        if len(example.input_ids) > settings.max_length:
+            dropped += 1
+            continue
+        examples.append(example)
+    if dropped:
+        logger.info("dropped %d of %d training samples longer than %d tokens", dropped, len(data.train), settings.max_length)
+    if not examples:
+        raise UserError(f"no pretraining sample fits in --max_length {settings.max_length}")
+    return examples
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Indices grouped by similar length so that a padded batch holds at most `batch_tokens` tokens; shuffled."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        if current and (len(current) + 1) * lengths[index] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def batch_stream(examples: Sequence[Example], batch_tokens: int, pad_id: int, rng: random.Random) -> Iterator[dict]:
+    """Length-bucketed batches, epoch after epoch, forever."""
+    lengths = [len(e.input_ids) for e in examples]
+    while True:
+        for batch in length_batches(lengths, batch_tokens, rng):
+            yield collate([examples[i] for i in batch], pad_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run torch with `threads` intra-op threads (0: all cores), restoring the previous setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def pretrain(model: LlamaForCausalLM, examples: Sequence[Example], settings: BuildSettings, pad_id: int) -> list[float]:
+    """Train every weight on the answer tokens for `settings.steps` steps (AdamW, warm-up then cosine); the losses."""
+    rng = random.Random(settings.seed)
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.learning_rate,
+        betas=(0.9, 0.98),
+    )
+    warmup = max(1, int(settings.warmup_ratio * settings.steps))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.steps)
+    stream = batch_stream(examples, settings.batch_tokens, pad_id, rng)
+    losses: list[float] = []
+    model.train()
+    progress = tqdm(range(settings.steps), desc="pretraining backbone", unit="step", dynamic_ncols=True)
+    for step in progress:
+        batch = next(stream)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 10 == 0 or step == settings.steps - 1:
+            progress.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    progress.close()
+    model.eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _local_normalize_call(call: str) -> str | None:
+    """Canonical form of a call's arguments JSON (keys sorted, 3.0 == 3); None when it does not parse."""
+    try:
+        value = json.loads(call)
+    except (json.JSONDecodeError, TypeError):
+        return None
+    if not isinstance(value, dict):
+        return None
+    return json.dumps(_canonical(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
+
+
+try:
+    from eval import normalize_call as _normalize_call
+except ImportError:
+    _normalize_call = _local_normalize_call
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: Sequence[list[int]], batch_size: int, max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of token-id prompts (left-padded batches, KV cache), each cut at the end of turn."""
+    eot = end_of_turn_id(tokenizer)
+    pad = tokenizer.pad_token_id
+    stops = {eot, tokenizer.convert_tokens_to_ids(END_OF_TEXT_TOKEN)}
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, index in enumerate(chunk):
+            ids = prompts[index]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            mask[row, width - len(ids) :] = 1
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(stops),
+            pad_token_id=pad,
+        )
+        for row, index in enumerate(chunk):
+            new = generated[row, width:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+            outputs[index] = new[:cut]
+    return outputs
+
+
+def parse_memory_answer(tokenizer, ids: Sequence[int], slot_tools: dict[int, str]) -> tuple[list[str], list[str]]:
+    """Tools (by their token) and the arguments text after each, from a generated TokMem-format answer."""
+    tools: list[str] = []
+    calls: list[list[int]] = []
+    for token in ids:
+        if token in slot_tools:
+            tools.append(slot_tools[token])
+            calls.append([])
+        elif calls:
+            calls[-1].append(token)
+    return tools, [tokenizer.decode(c, skip_special_tokens=True).strip() for c in calls]
+
+
+def parse_icl_answer(text: str) -> tuple[list[str], list[str]]:
+    """Tools and arguments JSON from in-context answer lines `{"name": ..., "arguments": {...}}`."""
+    tools, calls = [], []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            tools.append("")
+            calls.append("")
+            continue
+        if not isinstance(obj, dict):
+            tools.append("")
+            calls.append("")
+            continue
+        tools.append(str(obj.get("name", "")))
+        calls.append(json.dumps(obj.get("arguments"), ensure_ascii=False))
+    return tools, calls
+
+
+def score(samples: Sequence[dict], predictions: Sequence[tuple[list[str], list[str]]]) -> dict[str, float]:
+    """Tool accuracy (the exact tool sequence) and exact match (tool sequence and every normalized call)."""
+    tool_hits = exact_hits = 0
+    for sample, (tools, calls) in zip(samples, predictions, strict=True):
+        if list(tools) != list(sample["tools"]):
+            continue
+        tool_hits += 1
+        gold = [_normalize_call(c) for c in sample["function_calls"]]
+        predicted = [_normalize_call(c) for c in calls]
+        if all(p is not None for p in predicted) and predicted == gold:
+            exact_hits += 1
+    total = max(1, len(samples))
+    return {"tool_accuracy": tool_hits / total, "exact_accuracy": exact_hits / total, "total_examples": len(samples)}
+
+
+def evaluate_memory(model, tokenizer, data: PretrainingData, samples: Sequence[dict], settings: BuildSettings) -> dict:
+    """Held-out scores in the TokMem format (a tool is its reserved token)."""
+    encode_tool = slot_encoder(tokenizer, data.tool_slots)
+    slot_tools = {encode_tool(name)[0]: name for name in data.tool_slots}
+    prompts = [build_prompt_ids(tokenizer, s["user_input"]) for s in samples]
+    outputs = greedy_generate(model, tokenizer, prompts, settings.eval_batch_size, settings.max_new_tokens)
+    return score(samples, [parse_memory_answer(tokenizer, ids, slot_tools) for ids in outputs])
+
+
+def evaluate_icl(model, tokenizer, data: PretrainingData, samples: Sequence[dict], settings: BuildSettings) -> dict:
+    """Held-out scores in the in-context format (tools described in the system prompt, named in the answer)."""
+    rng = random.Random(settings.seed + 1)
+    prompts = []
+    for sample in samples:
+        listing = icl_listing(sample, data.descriptions, rng, settings.icl_min_listed, settings.icl_max_listed)
+        prompts.append(build_prompt_ids(tokenizer, sample["user_input"], system_prompt=tool_system_prompt(listing)))
+    outputs = greedy_generate(model, tokenizer, prompts, settings.eval_batch_size, settings.max_new_tokens)
+    return score(samples, [parse_icl_answer(tokenizer.decode(ids, skip_special_tokens=True)) for ids in outputs])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Build and cache
+
+
+def build_backbone(output_dir: str | os.PathLike, settings: BuildSettings) -> dict:
+    """Train tokenizer and model and save them (plus the report) into `output_dir`, which must be empty or absent."""
+    start = time.time()
+    set_seed(settings.seed)
+    output_dir = Path(output_dir)
+    with torch_threads(settings.threads):
+        rows = load_corpus(settings.seed)
+        tokenizer = build_tokenizer(corpus_texts(rows), settings.vocab_size)
+        logger.info("tokenizer: %d tokens (%.1fs)", len(tokenizer), time.time() - start)
+        data = pretraining_samples(settings.seed, rows, settings)
+        rng = random.Random(settings.seed)
+        examples = encode_training_set(tokenizer, data, settings, rng)
+        logger.info(
+            "pretraining on %d tools: %d examples, %d tokens; %d held-out samples",
+            len(data.tool_slots),
+            len(examples),
+            sum(len(e.input_ids) for e in examples),
+            len(data.test),
+        )
+        torch.manual_seed(settings.seed)
+        model = build_random_model(tokenizer, **settings.model_sizes())
+        logger.info("model: %.2fM parameters", count_parameters(model) / 1e6)
+        train_start = time.time()
+        losses = pretrain(model, examples, settings, tokenizer.pad_token_id)
+        train_seconds = time.time() - train_start
+        eval_start = time.time()
+        memory = evaluate_memory(model, tokenizer, data, data.test[: settings.eval_samples], settings)
+        icl = evaluate_icl(model, tokenizer, data, data.test[: settings.icl_eval_samples], settings)
+        eval_seconds = time.time() - eval_start
+    report = {
+        "held_out": memory,
+        "held_out_in_context": icl,
+        "pretraining_ranks": [PRETRAIN_FIRST_RANK, PRETRAIN_FIRST_RANK + len(data.tool_slots) - 1],
+        "num_parameters": count_parameters(model),
+        "vocab_size": len(tokenizer),
+        "train_examples": len(examples),
+        "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "build_seconds": round(time.time() - start, 1),
+        "settings": dataclasses.asdict(settings),
+        "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(output_dir)
+    model.save_pretrained(output_dir)
+    atomic_write_json(output_dir / REPORT_FILE, report)
+    logger.info(
+        "held-out on its own tools: tool accuracy %.3f, exact match %.3f (%d samples); in-context tool accuracy %.3f",
+        memory["tool_accuracy"],
+        memory["exact_accuracy"],
+        memory["total_examples"],
+        icl["tool_accuracy"],
+    )
+    return report
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def is_finished_build(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a complete build (model, tokenizer and report)."""
+    path = Path(path)
+    return all((path / name).is_file() for name in FINISHED_FILES)
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path) -> Iterator[None]:
+    """An exclusive file lock next to `target`, so that two processes never build it at once."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Move the finished `source` directory into place at `target`, discarding what was there."""
+    old = None
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(source, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure_backbone(
+    path: str | os.PathLike = DEFAULT_BACKBONE_DIR, *, rebuild: bool = False, settings: BuildSettings | None = None
+) -> Path:
+    """Return `path` at once when it holds a finished build, else build it there (locked, moved into place whole)."""
+    target = Path(path).expanduser().resolve()
+    if not rebuild and is_finished_build(target):
+        return target
+    with _build_lock(target):
+        if not rebuild and is_finished_build(target):
+            return target
+        settings = settings or BuildSettings()
+        logger.info("building the tiny backbone into %s (seed %d, %d steps)", target, settings.seed, settings.steps)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+        try:
+            build_backbone(staging, settings)
+            _replace_dir(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def read_report(path: str | os.PathLike) -> dict:
+    """The build report of a finished backbone."""
+    with open(Path(path) / REPORT_FILE, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv: Sequence[str] | None) -> Any:
+    parser = CliParser(description="Build (or reuse) the embedded tiny Llama backbone pretrained for function calling.")
+    parser.add_argument("--output", default=DEFAULT_MODEL_NAME, help="where to save the backbone (default: %(default)s)")
+    parser.add_argument("--rebuild", action="store_true", help="build again even when a finished build exists")
+    parser.add_argument("--steps", type=positive_int, default=BuildSettings.steps, help="optimizer steps")
+    parser.add_argument("--seed", type=int, default=BuildSettings.seed, help="seed of the corpus, data and weights")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} exists and is not a directory")
+    settings = BuildSettings(seed=args.seed, steps=args.steps)
+    path = ensure_backbone(output, rebuild=args.rebuild, settings=settings)
+    report = read_report(path)
+    built = report.get("settings", {})
+    if not args.rebuild and (built.get("steps"), built.get("seed")) != (args.steps, args.seed):
+        logger.warning("%s was built with --steps %s --seed %s; pass --rebuild to build it again", path, built.get("steps"), built.get("seed"))
+    held_out = report["held_out"]
+    print(
+        f"{path}: held-out tool accuracy {held_out['tool_accuracy']:.3f}, exact match {held_out['exact_accuracy']:.3f} "
+        f"({held_out['total_examples']} samples of its own tools)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
