@@ -232,6 +232,7 @@ class FunctionCallingModel(nn.Module):
             nn.Parameter(torch.zeros(num_tools, hidden, device=self.device)) if decouple_embeddings else None
         )
         self.initialize_tool_embeddings(seed=0)
+        self.eval()
 
     # --- structure -------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,210 @@
+"""FunctionCallingModel on a tiny random Llama: gradients, masking, logits, checkpoints, generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common import UserError
+from conftest import TOOL_NAMES, make_sample
+from dataset import NativeFunctionCallingDataset, left_pad_collate, make_dataloader
+from model import FunctionCallingModel, LoraSettings, reserved_token_ids
+from training import TrainSettings, train_round
+
+SAMPLES = [
+    make_sample(["get_weather"], [{"city": "Paris"}]),
+    make_sample(["convert_currency", "get_weather"], [{"amount": 3}, {"city": "Rome"}]),
+    make_sample(["search_flights", "book_table", "get_weather"], [{"a": 1}, {"b": 2}, {"c": "x"}]),
+]
+
+
+def build(model_dir, **kwargs) -> FunctionCallingModel:
+    model = FunctionCallingModel(str(model_dir), len(TOOL_NAMES), TOOL_NAMES, device="cpu", **kwargs)
+    model.initialize_tool_embeddings(seed=1)
+    return model
+
+
+def train_batch(model, samples=SAMPLES):
+    data = NativeFunctionCallingDataset(samples, model.tokenizer, model.encode_tool, mode="train")
+    return left_pad_collate([data[i] for i in range(len(data))], model.tokenizer.pad_token_id)
+
+
+def eval_batch(model, samples=SAMPLES):
+    data = NativeFunctionCallingDataset(samples, model.tokenizer, model.encode_tool, mode="eval")
+    return left_pad_collate([data[i] for i in range(len(data))], model.tokenizer.pad_token_id)
+
+
+def test_tools_map_onto_reserved_tokens_in_id_order(tiny_model_dir):
+    model = build(tiny_model_dir)
+    reserved = reserved_token_ids(model.tokenizer)
+    assert [model.get_tool_token_id(t) for t in TOOL_NAMES] == reserved[: len(TOOL_NAMES)]
+    assert model.tokenizer.convert_ids_to_tokens(model.get_tool_token_id("get_weather")) == "<|reserved_special_token_0|>"
+    assert model.get_tool_name_from_token_id(reserved[2]) == "search_flights"
+    assert model.get_tool_name_from_token_id(5) is None
+
+
+def test_only_bank_and_lora_receive_gradient(tiny_model_dir):
+    model = build(tiny_model_dir, lora_config=LoraSettings(r=4, target_modules=("q_proj", "v_proj")))
+    batch = train_batch(model)
+    model(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert "tool_embeddings" in with_grad
+    assert any("lora_" in n for n in with_grad)
+    assert all(n == "tool_embeddings" or "lora_" in n for n in with_grad)
+    frozen = [p for n, p in model.named_parameters() if "lora_" not in n and n != "tool_embeddings"]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    breakdown = model.parameter_breakdown()
+    assert breakdown["trainable"] == breakdown["tool_memory"] + breakdown["lora"]
+    assert breakdown["tool_memory"] == len(TOOL_NAMES) * 64
+
+
+def test_inactive_rows_stay_bit_identical_after_training(tiny_model_dir):
+    model = build(tiny_model_dir, decouple_embeddings=True)
+    active = torch.tensor([name in ("get_weather", "convert_currency") for name in TOOL_NAMES])
+    before = [bank.detach().clone() for bank in model.bank_parameters()]
+    data = NativeFunctionCallingDataset(SAMPLES, model.tokenizer, model.encode_tool, mode="train")
+    loader = make_dataloader(data, 2, model.tokenizer.pad_token_id, shuffle=True)
+    stats = train_round(model, loader, TrainSettings(epochs=2, lr=1e-2, renorm_active_tools=True), active)
+    assert stats.steps == 4
+    for old, bank in zip(before, model.bank_parameters()):
+        assert torch.equal(old[~active], bank.detach()[~active])
+        assert not torch.equal(old[active], bank.detach()[active])
+        # Renormalization puts the active rows at the inactive rows' mean norm.
+        target = bank.detach()[~active].norm(dim=-1).mean()
+        assert torch.allclose(bank.detach()[active].norm(dim=-1), target.expand(int(active.sum())), rtol=1e-5)
+
+
+def test_tool_logit_is_hidden_dot_row_and_input_is_bank_row(tiny_model_dir):
+    model = build(tiny_model_dir)
+    batch = eval_batch(model)
+    ids = batch["input_ids"].clone()
+    ids[:, -1] = model.get_tool_token_id("book_table")
+    embedded = model.embed(ids)
+    assert torch.equal(embedded[:, -1], model.tool_embeddings[TOOL_NAMES.index("book_table")].detach().expand(len(ids), -1))
+    with torch.no_grad():
+        hidden = model.causal_lm.get_decoder()(
+            inputs_embeds=embedded, attention_mask=batch["attention_mask"],
+            position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+        ).last_hidden_state
+        logits = model(ids, batch["attention_mask"]).logits
+    for slot, name in enumerate(TOOL_NAMES):
+        expected = hidden @ model.tool_embeddings[slot]
+        assert torch.allclose(logits[..., model.get_tool_token_id(name)], expected, atol=1e-5)
+    other = 7
+    assert torch.allclose(logits[..., other], model.causal_lm.get_output_embeddings()(hidden)[..., other], atol=1e-5)
+
+
+def test_coupled_shares_one_tensor_decoupled_has_two(tiny_model_dir):
+    coupled = build(tiny_model_dir)
+    assert coupled.output_rows is coupled.tool_embeddings
+    assert len(coupled.bank_parameters()) == 1
+    decoupled = build(tiny_model_dir, decouple_embeddings=True)
+    assert decoupled.output_rows is not decoupled.tool_embeddings
+    assert len(decoupled.bank_parameters()) == 2
+    assert decoupled.parameter_breakdown()["tool_memory"] == 2 * coupled.parameter_breakdown()["tool_memory"]
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_save_then_load_reproduces_logits_and_holds_no_backbone(tiny_model_dir, tmp_path, use_lora):
+    lora = LoraSettings(r=4, layer_indices=[-1]) if use_lora else None
+    model = build(tiny_model_dir, lora_config=lora, decouple_embeddings=True)
+    batch = train_batch(model)
+    data = NativeFunctionCallingDataset(SAMPLES, model.tokenizer, model.encode_tool, mode="train")
+    train_round(model, make_dataloader(data, 3, model.tokenizer.pad_token_id, False),
+                TrainSettings(epochs=2, lr=1e-2, lora_lr=1e-2), train_lora=use_lora)
+    model.save(tmp_path / "ckpt")
+    fresh = build(tiny_model_dir, lora_config=lora, decouple_embeddings=True)
+    fresh.load(tmp_path / "ckpt")
+    with torch.no_grad():
+        expected = model(batch["input_ids"], batch["attention_mask"]).logits
+        got = fresh(batch["input_ids"], batch["attention_mask"]).logits
+    assert torch.equal(expected, got)
+    bank = load_file(str(tmp_path / "ckpt" / "tool_memory.safetensors"))
+    assert set(bank) == {"input_rows", "output_rows"}
+    meta = json.loads((tmp_path / "ckpt" / "tool_memory.json").read_text())
+    assert meta["tool_names"] == TOOL_NAMES
+    files = sorted(p.relative_to(tmp_path / "ckpt").as_posix() for p in (tmp_path / "ckpt").rglob("*") if p.is_file())
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    if use_lora:
+        adapter = load_file(str(tmp_path / "ckpt" / "lora" / "adapter_model.safetensors"))
+        assert adapter and all("lora_" in k for k in adapter)
+        assert all(".layers.1." in k for k in adapter), "layer_indices=[-1] restricts LoRA to the last layer"
+    total = sum((tmp_path / "ckpt" / f).stat().st_size for f in files)
+    backbone = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" not in n and "tool" not in n)
+    assert total < backbone / 10
+
+
+def test_ground_truth_tool_generation_emits_exactly_the_gold_tools(tiny_model_dir):
+    model = build(tiny_model_dir)
+    with torch.no_grad():
+        model.tool_embeddings.mul_(50.0)  # make the model want a tool token at nearly every step
+    batch = eval_batch(model)
+    out = model.generate_with_ground_truth_tools(batch["input_ids"], batch["attention_mask"], batch["gold_tools"], 40)
+    assert [o.predicted_tools for o in out] == [s["tools"] for s in SAMPLES]
+    with torch.no_grad():
+        model.tool_embeddings.mul_(-1.0)  # now it never wants a tool: forcing happens at end-of-turn instead
+        eot_row = model.causal_lm.get_input_embeddings().weight[model.end_id]
+        eot_row.mul_(20.0)
+    out = model.generate_with_ground_truth_tools(batch["input_ids"], batch["attention_mask"], batch["gold_tools"], 40)
+    assert [o.predicted_tools for o in out] == [s["tools"] for s in SAMPLES]
+
+
+def test_batched_generation_equals_one_by_one(tiny_model_dir):
+    model = build(tiny_model_dir)
+    batch = eval_batch(model)
+    together = model.generate_ids(batch["input_ids"], batch["attention_mask"], max_new_tokens=12)
+    for i in range(len(SAMPLES)):
+        single = eval_batch(model, [SAMPLES[i]])
+        alone = model.generate_ids(single["input_ids"], single["attention_mask"], max_new_tokens=12)
+        assert alone[0] == together[i]
+    assert len({eval_batch(model, [s])["input_ids"].shape[1] for s in SAMPLES}) > 1, "rows must differ in length"
+
+
+def test_parse_generated_splits_at_tool_tokens(tiny_model_dir):
+    model = build(tiny_model_dir)
+    tok = model.tokenizer
+    ids = ([model.get_tool_token_id("get_weather")] + tok('{"city": "Paris"}', add_special_tokens=False)["input_ids"]
+           + [model.get_tool_token_id("book_table")] + tok('{"n": 2}', add_special_tokens=False)["input_ids"]
+           + [model.end_id] + [model.get_tool_token_id("calculate_bmi")])
+    parsed = model.parse_generated(ids)
+    assert parsed.predicted_tools == ["get_weather", "book_table"]
+    assert parsed.function_calls == ['{"city": "Paris"}', '{"n": 2}']
+
+
+def test_tokenizer_without_reserved_tokens_gets_added_tokens(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["use the tool with city Paris"] * 10,
+                                trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    base_vocab = len(tokenizer)
+    config = LlamaConfig(vocab_size=base_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = FunctionCallingModel(str(tmp_path), 3, ["a", "b", "c"], device="cpu")
+    assert [model.get_tool_token_id(t) for t in "abc"] == [base_vocab, base_vocab + 1, base_vocab + 2]
+    assert model.causal_lm.get_input_embeddings().weight.shape[0] == base_vocab + 3
+    batch = train_batch(model, [make_sample(["b"], [{"city": "Paris"}])])
+    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.tool_embeddings.grad[1].abs().sum() > 0
+
+
+def test_more_tools_than_reserved_slots_is_a_user_error(tiny_model_dir):
+    names = [f"tool_{i}" for i in range(249)]
+    with pytest.raises(UserError, match="248 reserved special tokens"):
+        FunctionCallingModel(str(tiny_model_dir), len(names), names, device="cpu")
+
+
+def test_missing_model_directory_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="cannot load"):
+        FunctionCallingModel(str(tmp_path / "nope"), 1, ["a"], device="cpu")
