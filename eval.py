@@ -1,0 +1,472 @@
+"""Scoring of generated function calls: parsing, normalization and the multiset scores of DESIGN.md.
+
+A call in this toolkit is a tool name plus an arguments object. The generator emits the tool (as a tool token) and
+then the arguments as text; this module parses that text, puts it in a canonical form, and compares the multiset of
+predicted calls with the multiset of gold calls (a call made twice counts twice; `3` equals `3.0`; key order and
+whitespace do not matter).
+
+Run as a script to score a JSON list of predictions:
+
+    python eval.py --predictions preds.json [--output metrics.json]
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterable, Sequence
+
+from common import CliParser, UserError, atomic_write_json, read_json, run_cli, setup_logging
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_FIELDS = ("predicted_tools", "function_calls", "gold_tools", "gold_calls")
+
+TABLE_ROWS = (
+    "total_examples",
+    "exact_accuracy",
+    "tool_accuracy",
+    "avg_tool_f1_score",
+    "avg_tool_precision",
+    "avg_tool_recall",
+    "avg_f1_score",
+    "avg_precision",
+    "avg_recall",
+    "parse_error_rate",
+)
+
+_CODE_FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*\n?(.*?)\n?```$", re.DOTALL)
+_CALL_START = re.compile(r"(?<![\w.])([A-Za-z_][\w.]*)\s*\(")
+_JSON_LITERAL_NAMES = {"true": True, "false": False, "null": None, "none": None}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _balanced_end(text: str, start: int, open_char: str, close_char: str) -> int | None:
+    """Index one past the bracket that closes `text[start]`, skipping quoted strings; None when never closed."""
+    depth = 0
+    quote: str | None = None
+    escaped = False
+    for index in range(start, len(text)):
+        char = text[index]
+        if quote is not None:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = None
+        elif char in "\"'":
+            quote = char
+        elif char == open_char:
+            depth += 1
+        elif char == close_char:
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return None
+
+
+def _is_json_value(value: Any) -> bool:
+    """True when `value` is made only of JSON types (dicts with string keys, lists, str, numbers, bool, None)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_json_value(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _is_json_value(item) for key, item in value.items())
+    return False
+
+
+def _parse_object_at(text: str, start: int) -> tuple[dict | None, int | None]:
+    """Parse the balanced `{...}` at `text[start]` as JSON, else as a Python dict literal; also where it ends."""
+    try:
+        value, end = json.JSONDecoder().raw_decode(text, start)
+    except (json.JSONDecodeError, RecursionError):
+        value, end = None, None
+    if isinstance(value, dict):
+        return value, end
+    end = _balanced_end(text, start, "{", "}")
+    if end is None:
+        return None, None
+    try:
+        value = ast.literal_eval(text[start:end])
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None, end
+    return (value if isinstance(value, dict) and _is_json_value(value) else None), end
+
+
+def _literal_argument(node: ast.expr) -> Any:
+    """The value of one keyword argument of a call: a Python literal, or a bare true/false/null."""
+    if isinstance(node, ast.Name) and node.id.lower() in _JSON_LITERAL_NAMES:
+        return _JSON_LITERAL_NAMES[node.id.lower()]
+    return ast.literal_eval(node)
+
+
+def _parse_call_at(text: str, match: re.Match) -> tuple[dict | None, int | None]:
+    """Parse `name(k=v, ...)` whose name starts at `match` (keyword arguments only); the arguments and the end."""
+    open_paren = match.end() - 1
+    end = _balanced_end(text, open_paren, "(", ")")
+    if end is None:
+        return None, None
+    try:
+        tree = ast.parse("_call" + text[open_paren:end], mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None, end
+    call = tree.body
+    if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
+        return None, end
+    try:
+        arguments = {kw.arg: _literal_argument(kw.value) for kw in call.keywords}
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None, end
+    return (arguments if _is_json_value(arguments) else None), end
+
+
+def _first_embedded(text: str) -> dict | None:
+    """The first object or keyword call in `text` that parses, scanning by start position.
+
+    A candidate that fails hides what lies inside it: garbage around a valid inner object is not a call, and an
+    object left unclosed (a truncated generation) hides the rest of the text.
+    """
+    starts: list[tuple[int, bool, re.Match | None]] = [(i, True, None) for i, c in enumerate(text) if c == "{"]
+    starts += [(match.start(), False, match) for match in _CALL_START.finditer(text)]
+    starts.sort(key=lambda item: item[0])
+    hidden_until = 0
+    for start, is_object, match in starts:
+        if start < hidden_until:
+            continue
+        if is_object:
+            value, end = _parse_object_at(text, start)
+            fail_end = len(text) if end is None else end
+        else:
+            value, end = _parse_call_at(text, match)
+            fail_end = start if end is None else end
+        if value is not None:
+            return value
+        hidden_until = fail_end
+    return None
+
+
+def parse_function_call(text: str | dict | None) -> dict | None:
+    """Parse generated arguments text into a dict; None when nothing parseable is found.
+
+    Accepted, in this order: a whole JSON object (a surrounding Markdown code fence is removed); otherwise the first
+    balanced object found in the text (JSON, or a Python dict literal); or a call `name(k=v, k2="s")`, whichever starts
+    first. For the call form the ARGUMENTS dict `{"k": v, "k2": "s"}` is returned (the tool name is carried separately
+    in this toolkit), with bare true/false/null read as JSON literals; positional arguments make it unparseable.
+    A dict is returned unchanged; any other non-string gives None.
+    """
+    if isinstance(text, dict):
+        return text
+    if not isinstance(text, str):
+        return None
+    stripped = text.strip()
+    fenced = _CODE_FENCE.match(stripped)
+    if fenced:
+        stripped = fenced.group(1).strip()
+    if not stripped:
+        return None
+    try:
+        value = json.loads(stripped)
+    except (json.JSONDecodeError, RecursionError):
+        value = None
+    if isinstance(value, dict):
+        return value
+    return _first_embedded(stripped)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Normalization
+
+
+def _canonical_value(value: Any) -> Any:
+    """A value in canonical form: integral floats become ints, strings lose outer whitespace, recursively."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else value
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, dict):
+        return {str(key): _canonical_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical_value(item) for item in value]
+    return value
+
+
+def normalize_call(call: str | dict | None) -> str | None:
+    """Canonical string of a call's arguments (a dict, or text that `parse_function_call` reads); None if unparseable.
+
+    Keys are sorted, separators fixed, integral floats written as ints (so 3.0 == 3), string values stripped of outer
+    whitespace, nested dicts and lists normalized recursively. Strings and numbers stay distinct ("3" != 3).
+    """
+    parsed = parse_function_call(call)
+    if parsed is None:
+        return None
+    try:
+        return json.dumps(_canonical_value(parsed), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scores
+
+
+@dataclass
+class EvalResult:
+    """Comparison of one list of predicted calls with one list of gold calls."""
+
+    exact_match: bool
+    f1_score: float
+    precision: float
+    recall: float
+    details: dict = field(default_factory=dict)
+
+
+def calculate_f1_score(outputs: Iterable[Hashable], targets: Iterable[Hashable]) -> dict[str, float]:
+    """F1, precision and recall of `outputs` against `targets`, both taken as multisets.
+
+    Conventions: both empty -> 1/1/1 (nothing to find, nothing wrongly found); exactly one side empty -> 0/0/0
+    (an empty prediction for non-empty gold has precision 0, as does a non-empty prediction for empty gold).
+    """
+    output_counts = Counter(outputs)
+    target_counts = Counter(targets)
+    matched = sum((output_counts & target_counts).values())
+    return _prf(matched, sum(output_counts.values()), sum(target_counts.values()))
+
+
+def _prf(matched: int, n_output: int, n_target: int) -> dict[str, float]:
+    """Precision, recall and F1 from counts, with the empty-side conventions of `calculate_f1_score`."""
+    if n_output == 0 and n_target == 0:
+        return {"f1_score": 1.0, "precision": 1.0, "recall": 1.0}
+    if n_output == 0 or n_target == 0:
+        return {"f1_score": 0.0, "precision": 0.0, "recall": 0.0}
+    precision = matched / n_output
+    recall = matched / n_target
+    f1 = 2 * precision * recall / (precision + recall) if matched else 0.0
+    return {"f1_score": f1, "precision": precision, "recall": recall}
+
+
+class _Unparseable:
+    """Stands for one predicted call that could not be parsed: equal only to itself, so it never matches gold."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"<unparseable {self.raw!r}>"
+
+
+def _gold_key(call: Any, where: str) -> str:
+    """Normalized gold call; a gold call that does not parse is bad input."""
+    normalized = normalize_call(call)
+    if normalized is None:
+        raise UserError(f"{where}: gold call {call!r} is not a JSON object of arguments")
+    return normalized
+
+
+def _compare_keys(output_keys: Sequence[Hashable], target_keys: Sequence[Hashable], ignore_order: bool) -> EvalResult:
+    """Score predicted against gold keys, as multisets or position by position."""
+    if ignore_order:
+        output_counts, target_counts = Counter(output_keys), Counter(target_keys)
+        matched = sum((output_counts & target_counts).values())
+        exact = output_counts == target_counts
+        unmatched = list((output_counts - target_counts).elements())
+        missing = list((target_counts - output_counts).elements())
+    else:
+        n_common = min(len(output_keys), len(target_keys))
+        same = [output_keys[i] == target_keys[i] for i in range(n_common)]
+        matched = sum(same)
+        exact = len(output_keys) == len(target_keys) and all(same)
+        unmatched = [key for i, key in enumerate(output_keys) if i >= n_common or not same[i]]
+        missing = [key for i, key in enumerate(target_keys) if i >= n_common or not same[i]]
+    details = {
+        "n_output": len(output_keys),
+        "n_target": len(target_keys),
+        "n_matched": matched,
+        "n_unparseable": sum(isinstance(key, _Unparseable) for key in output_keys),
+        "unmatched_outputs": [None if isinstance(key, _Unparseable) else key for key in unmatched],
+        "missing_targets": missing,
+    }
+    return EvalResult(exact_match=exact, details=details, **_prf(matched, len(output_keys), len(target_keys)))
+
+
+def compare_function_calls_advanced(
+    output_calls: Sequence[Any], target_calls: Sequence[Any], ignore_order: bool = True
+) -> EvalResult:
+    """Compare predicted calls with gold calls after normalization.
+
+    Calls are dicts or text (see `normalize_call`); a dict such as {"name": ..., "arguments": {...}} is compared as a
+    whole, so its tool is part of its identity. With `ignore_order` the calls are multisets (a duplicate counts twice);
+    without it, call i is compared with gold call i. An unparseable prediction is a false positive (an unmatched
+    output, listed as None in details); an unparseable gold call is a UserError.
+    """
+    output_keys = [normalize_call(call) or _Unparseable(call) for call in output_calls]
+    target_keys = [_gold_key(call, f"gold call {index}") for index, call in enumerate(target_calls)]
+    return _compare_keys(output_keys, target_keys, ignore_order)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring a list of predictions
+
+
+def _require_list(prediction: dict, name: str, where: str) -> list:
+    """The field `name` of a prediction, which must be a list."""
+    if name not in prediction:
+        raise UserError(f"{where}: missing field {name!r} (expected {', '.join(PREDICTION_FIELDS)})")
+    value = prediction[name]
+    if not isinstance(value, list):
+        raise UserError(f"{where}: field {name!r} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _sample_scores(prediction: Any, index: int) -> dict[str, float | int]:
+    """Per-sample scores of one prediction (see `score_predictions`)."""
+    where = f"prediction {index}"
+    if not isinstance(prediction, dict):
+        raise UserError(f"{where}: expected an object with fields {', '.join(PREDICTION_FIELDS)}")
+    predicted_tools, function_calls, gold_tools, gold_calls = (
+        _require_list(prediction, name, where) for name in PREDICTION_FIELDS
+    )
+    if len(gold_tools) != len(gold_calls):
+        raise UserError(
+            f"{where}: 'gold_tools' has {len(gold_tools)} entries but 'gold_calls' has {len(gold_calls)}"
+        )
+    for field_name, names in (("predicted_tools", predicted_tools), ("gold_tools", gold_tools)):
+        for name in names:
+            if not isinstance(name, str):
+                raise UserError(f"{where}: {field_name!r} must hold tool names (strings), got {name!r}")
+    if len(predicted_tools) != len(function_calls):
+        logger.warning(
+            "%s: %d predicted tools but %d generated calls; a tool without a call counts as an unparseable call",
+            where, len(predicted_tools), len(function_calls),
+        )
+    predicted = list(itertools.zip_longest(predicted_tools, function_calls))
+    predicted_keys = [(tool, normalize_call(call) or _Unparseable(call)) for tool, call in predicted]
+    gold_keys = [
+        (tool, _gold_key(call, f"{where}, gold call {position}"))
+        for position, (tool, call) in enumerate(zip(gold_tools, gold_calls))
+    ]
+    calls = _compare_keys(predicted_keys, gold_keys, ignore_order=True)
+    tool_scores = calculate_f1_score(predicted_tools, gold_tools)
+    return {
+        "n_gold_calls": len(gold_calls),
+        "exact": float(calls.exact_match),
+        "tool_exact": float(Counter(predicted_tools) == Counter(gold_tools)),
+        "f1_score": calls.f1_score,
+        "precision": calls.precision,
+        "recall": calls.recall,
+        "tool_f1_score": tool_scores["f1_score"],
+        "tool_precision": tool_scores["precision"],
+        "tool_recall": tool_scores["recall"],
+        "n_predicted_calls": len(predicted_keys),
+        "n_parse_errors": sum(isinstance(key, _Unparseable) for _, key in predicted_keys),
+    }
+
+
+def _mean(values: list[float]) -> float:
+    """Arithmetic mean of a non-empty list."""
+    return sum(values) / len(values)
+
+
+def _aggregate(samples: list[dict[str, float | int]]) -> dict[str, float | int]:
+    """The metric dict of DESIGN.md (without the breakdown) over per-sample scores."""
+    n_predicted = sum(sample["n_predicted_calls"] for sample in samples)
+    n_errors = sum(sample["n_parse_errors"] for sample in samples)
+    return {
+        "exact_accuracy": _mean([s["exact"] for s in samples]),
+        "tool_accuracy": _mean([s["tool_exact"] for s in samples]),
+        "avg_f1_score": _mean([s["f1_score"] for s in samples]),
+        "avg_precision": _mean([s["precision"] for s in samples]),
+        "avg_recall": _mean([s["recall"] for s in samples]),
+        "avg_tool_f1_score": _mean([s["tool_f1_score"] for s in samples]),
+        "avg_tool_precision": _mean([s["tool_precision"] for s in samples]),
+        "avg_tool_recall": _mean([s["tool_recall"] for s in samples]),
+        "parse_error_rate": n_errors / n_predicted if n_predicted else 0.0,
+        "total_examples": len(samples),
+    }
+
+
+def score_predictions(predictions: Sequence[dict]) -> dict[str, Any]:
+    """Score a list of predictions into the metric dict of DESIGN.md, overall and per number of gold calls.
+
+    Each prediction is {"predicted_tools": [name, ...], "function_calls": [raw arguments text, ...],
+    "gold_tools": [name, ...], "gold_calls": [arguments JSON, ...]}. A call is the pair (tool, normalized arguments).
+    Every avg_* is a mean of per-sample values; parse_error_rate is unparseable predicted calls over all predicted
+    calls (0 when none were predicted). An empty list, a missing field or an unparseable gold call is a UserError.
+    """
+    if not isinstance(predictions, (list, tuple)):
+        raise UserError(f"predictions must be a list, got {type(predictions).__name__}")
+    if not predictions:
+        raise UserError("no predictions to score")
+    samples = [_sample_scores(prediction, index) for index, prediction in enumerate(predictions)]
+    metrics: dict[str, Any] = _aggregate(samples)
+    by_count: dict[int, list[dict[str, float | int]]] = {}
+    for sample in samples:
+        by_count.setdefault(int(sample["n_gold_calls"]), []).append(sample)
+    metrics["call_count_breakdown"] = {str(count): _aggregate(by_count[count]) for count in sorted(by_count)}
+    return metrics
+
+
+def format_metrics_table(metrics: dict[str, Any]) -> str:
+    """A plain-text table: one row per metric, one column overall and one per number of gold calls."""
+    breakdown = metrics.get("call_count_breakdown", {})
+    columns = [("overall", metrics)] + [(f"{count} call{'s' if count != '1' else ''}", breakdown[count])
+                                         for count in breakdown]
+    width = max(len(row) for row in TABLE_ROWS) + 2
+    header = "metric".ljust(width) + "".join(name.rjust(12) for name, _ in columns)
+    lines = [header, "-" * len(header)]
+    for row in TABLE_ROWS:
+        cells = []
+        for _, values in columns:
+            value = values.get(row)
+            if value is None:
+                cells.append("-".rjust(12))
+            elif row == "total_examples":
+                cells.append(f"{int(value)}".rjust(12))
+            else:
+                cells.append(f"{value:.4f}".rjust(12))
+        lines.append(row.ljust(width) + "".join(cells))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Score a JSON list of predictions; print the table and optionally write the metrics as JSON."""
+    parser = CliParser(description="Score generated function calls against gold calls (metrics of DESIGN.md).")
+    parser.add_argument("--predictions", required=True, help="JSON list of {predicted_tools, function_calls, "
+                        "gold_tools, gold_calls}")
+    parser.add_argument("--output", help="where to write the metrics JSON")
+    args = parser.parse_args(argv)
+    setup_logging()
+    predictions = read_json(args.predictions, what="predictions file")
+    if not isinstance(predictions, list):
+        raise UserError(f"predictions file {args.predictions} must hold a JSON list, got {type(predictions).__name__}")
+    try:
+        metrics = score_predictions(predictions)
+    except UserError as err:
+        raise UserError(f"predictions file {args.predictions}: {err}") from None
+    if args.output:
+        atomic_write_json(args.output, metrics)
+        logger.info("wrote %s", args.output)
+    print(format_metrics_table(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,298 @@
+"""Scores of eval.py on hand-made cases: parsing, normalization, multiset matching and the metric dict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import eval as scoring
+from common import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def prediction(predicted_tools, function_calls, gold_tools, gold_calls) -> dict:
+    return {
+        "predicted_tools": predicted_tools,
+        "function_calls": function_calls,
+        "gold_tools": gold_tools,
+        "gold_calls": gold_calls,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# parse_function_call
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"city": "Paris", "days": 3}', {"city": "Paris", "days": 3}),
+        ('  {"a": [1, {"b": null}]}\n', {"a": [1, {"b": None}]}),
+        ('Sure! Here it is: {"city": "Paris"} Hope that helps {"x": 1}', {"city": "Paris"}),
+        ('```json\n{"q": "it\'s {fine}"}\n```', {"q": "it's {fine}"}),
+        ('get_weather(city="Paris", days=3, metric=true)', {"city": "Paris", "days": 3, "metric": True}),
+        (
+            "Calling search(query='cats', limit=5.0, tags=['a', 'b']) now",
+            {"query": "cats", "limit": 5.0, "tags": ["a", "b"]},
+        ),
+        ("ping()", {}),
+        ("{'unit': 'kg', 'n': 2}", {"unit": "kg", "n": 2}),
+        ("Note (it's here): {\"a\": 1}", {"a": 1}),
+        ("{}", {}),
+    ],
+)
+def test_parse_function_call_accepts_json_embedded_json_and_keyword_calls(text, expected):
+    assert scoring.parse_function_call(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "no call here",
+        "[1, 2, 3]",
+        '"just a string"',
+        '{"city": "Paris", "opts": {"deep": 1}',  # truncated generation: the inner object is not the call
+        "f(1, 2)",  # positional arguments cannot be named
+        "f(x=some_variable)",
+        "{not json at all}",
+        None,
+        42,
+    ],
+)
+def test_parse_function_call_returns_none_when_unparseable(text):
+    assert scoring.parse_function_call(text) is None
+
+
+def test_parse_function_call_returns_a_dict_unchanged():
+    call = {"a": 1}
+    assert scoring.parse_function_call(call) is call
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# normalize_call
+
+
+def test_normalize_call_ignores_key_order_whitespace_and_float_form_of_integers():
+    a = scoring.normalize_call('{"b": 3.0, "a": {"y": [1.0, 2.5], "x": "  hi "}}')
+    b = scoring.normalize_call({"a": {"x": "hi", "y": [1, 2.5]}, "b": 3})
+    assert a == b == '{"a":{"x":"hi","y":[1,2.5]},"b":3}'
+
+
+def test_normalize_call_keeps_types_apart():
+    assert scoring.normalize_call('{"n": "3"}') != scoring.normalize_call('{"n": 3}')
+    assert scoring.normalize_call('{"n": true}') != scoring.normalize_call('{"n": 1}')
+    assert scoring.normalize_call('{"n": 2.5}') != scoring.normalize_call('{"n": 2}')
+
+
+def test_normalize_call_is_none_for_unparseable_input():
+    assert scoring.normalize_call("the model rambled") is None
+    assert scoring.normalize_call(["not", "a", "call"]) is None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# calculate_f1_score and compare_function_calls_advanced
+
+
+def test_calculate_f1_score_counts_duplicates():
+    scores = scoring.calculate_f1_score(["a", "a", "b"], ["a", "b", "b"])
+    assert scores["precision"] == pytest.approx(2 / 3)
+    assert scores["recall"] == pytest.approx(2 / 3)
+    assert scores["f1_score"] == pytest.approx(2 / 3)
+
+
+def test_calculate_f1_score_conventions_for_empty_sides():
+    assert scoring.calculate_f1_score([], []) == {"f1_score": 1.0, "precision": 1.0, "recall": 1.0}
+    assert scoring.calculate_f1_score([], ["a"]) == {"f1_score": 0.0, "precision": 0.0, "recall": 0.0}
+    assert scoring.calculate_f1_score(["a"], []) == {"f1_score": 0.0, "precision": 0.0, "recall": 0.0}
+
+
+def test_compare_duplicated_prediction_counts_twice():
+    result = scoring.compare_function_calls_advanced(['{"a": 1}', '{"a": 1.0}'], ['{"a": 1}'])
+    assert not result.exact_match
+    assert result.precision == pytest.approx(0.5)
+    assert result.recall == pytest.approx(1.0)
+    assert result.f1_score == pytest.approx(2 / 3)
+    assert result.details["unmatched_outputs"] == ['{"a":1}']
+
+
+def test_compare_ignores_order_key_order_and_numeric_form():
+    result = scoring.compare_function_calls_advanced(
+        ['{"y": 2, "x": 1.0}', '{"q": " cats "}'], ['{"q": "cats"}', '{"x": 1, "y": 2.0}']
+    )
+    assert result.exact_match
+    assert (result.f1_score, result.precision, result.recall) == (1.0, 1.0, 1.0)
+
+
+def test_compare_unparseable_prediction_is_a_false_positive():
+    result = scoring.compare_function_calls_advanced(['{"a": 1}', "garbage"], ['{"a": 1}'])
+    assert not result.exact_match
+    assert result.precision == pytest.approx(0.5)
+    assert result.recall == pytest.approx(1.0)
+    assert result.details["n_unparseable"] == 1
+    assert result.details["unmatched_outputs"] == [None]
+
+
+def test_compare_two_unparseable_predictions_never_match_each_other():
+    result = scoring.compare_function_calls_advanced(["garbage", "garbage"], ['{"a": 1}'])
+    assert result.precision == 0.0 and result.recall == 0.0 and result.f1_score == 0.0
+
+
+def test_compare_empty_prediction():
+    result = scoring.compare_function_calls_advanced([], ['{"a": 1}'])
+    assert not result.exact_match
+    assert (result.f1_score, result.precision, result.recall) == (0.0, 0.0, 0.0)
+    both_empty = scoring.compare_function_calls_advanced([], [])
+    assert both_empty.exact_match and both_empty.f1_score == 1.0
+
+
+def test_compare_with_order_matches_position_by_position():
+    calls = ['{"a": 1}', '{"b": 2}', '{"c": 3}']
+    swapped = ['{"b": 2}', '{"a": 1}', '{"c": 3}']
+    ordered = scoring.compare_function_calls_advanced(swapped, calls, ignore_order=False)
+    assert not ordered.exact_match
+    assert ordered.precision == pytest.approx(1 / 3) and ordered.recall == pytest.approx(1 / 3)
+    unordered = scoring.compare_function_calls_advanced(swapped, calls, ignore_order=True)
+    assert unordered.exact_match
+    longer = scoring.compare_function_calls_advanced(calls + ['{"d": 4}'], calls, ignore_order=False)
+    assert longer.precision == pytest.approx(3 / 4) and longer.recall == 1.0 and not longer.exact_match
+
+
+def test_compare_includes_the_tool_when_calls_name_it():
+    result = scoring.compare_function_calls_advanced(
+        [{"name": "f", "arguments": {"x": 1}}], [{"name": "g", "arguments": {"x": 1}}]
+    )
+    assert result.f1_score == 0.0
+
+
+def test_compare_rejects_unparseable_gold():
+    with pytest.raises(UserError, match="gold call 0"):
+        scoring.compare_function_calls_advanced(['{"a": 1}'], ["not json"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# score_predictions
+
+
+def test_score_predictions_overall_and_breakdown_numbers():
+    predictions = [
+        # perfect single call, written differently
+        prediction(["weather"], ['{"days": 3.0, "city": " Paris"}'], ["weather"], ['{"city": "Paris", "days": 3}']),
+        # right tool, wrong argument
+        prediction(["weather"], ['{"city": "Rome"}'], ["weather"], ['{"city": "Paris"}']),
+        # two gold calls, same arguments on different tools; one predicted call names the wrong tool
+        prediction(["a", "c"], ['{"x": 1}', '{"x": 1}'], ["a", "b"], ['{"x": 1}', '{"x": 1}']),
+        # two gold calls, the model repeated one call and one is unparseable
+        prediction(["a", "a", "b"], ['{"x": 1}', '{"x": 1}', "oops"], ["a", "b"], ['{"x": 1}', '{"y": 2}']),
+    ]
+    metrics = scoring.score_predictions(predictions)
+    assert metrics["total_examples"] == 4
+    assert metrics["exact_accuracy"] == pytest.approx(1 / 4)
+    assert metrics["tool_accuracy"] == pytest.approx(2 / 4)
+    # call precision per sample: 1, 0, 1/2, 1/3; recall: 1, 0, 1/2, 1/2
+    assert metrics["avg_precision"] == pytest.approx((1 + 0 + 1 / 2 + 1 / 3) / 4)
+    assert metrics["avg_recall"] == pytest.approx((1 + 0 + 1 / 2 + 1 / 2) / 4)
+    assert metrics["avg_f1_score"] == pytest.approx((1 + 0 + 1 / 2 + 0.4) / 4)
+    # tool precision per sample: 1, 1, 1/2, 2/3; recall: 1, 1, 1/2, 1
+    assert metrics["avg_tool_precision"] == pytest.approx((1 + 1 + 1 / 2 + 2 / 3) / 4)
+    assert metrics["avg_tool_recall"] == pytest.approx((1 + 1 + 1 / 2 + 1) / 4)
+    assert metrics["avg_tool_f1_score"] == pytest.approx((1 + 1 + 1 / 2 + 0.8) / 4)
+    assert metrics["parse_error_rate"] == pytest.approx(1 / 7)
+
+    breakdown = metrics["call_count_breakdown"]
+    assert list(breakdown) == ["1", "2"]
+    assert breakdown["1"]["total_examples"] == 2
+    assert breakdown["1"]["exact_accuracy"] == pytest.approx(0.5)
+    assert breakdown["1"]["tool_accuracy"] == pytest.approx(1.0)
+    assert breakdown["1"]["parse_error_rate"] == 0.0
+    assert breakdown["2"]["total_examples"] == 2
+    assert breakdown["2"]["exact_accuracy"] == 0.0
+    assert breakdown["2"]["avg_f1_score"] == pytest.approx((0.5 + 0.4) / 2)
+    assert breakdown["2"]["parse_error_rate"] == pytest.approx(1 / 5)
+
+
+def test_score_predictions_has_every_metric_name_of_the_design():
+    metrics = scoring.score_predictions([prediction([], [], ["t"], ['{"a": 1}'])])
+    expected = {
+        "exact_accuracy", "tool_accuracy", "avg_f1_score", "avg_precision", "avg_recall", "avg_tool_f1_score",
+        "avg_tool_precision", "avg_tool_recall", "parse_error_rate", "total_examples", "call_count_breakdown",
+    }
+    assert set(metrics) == expected
+    assert set(metrics["call_count_breakdown"]["1"]) == expected - {"call_count_breakdown"}
+    # empty prediction: every score 0, and no predicted call means no parse error
+    assert metrics["avg_f1_score"] == 0.0 and metrics["avg_tool_precision"] == 0.0
+    assert metrics["parse_error_rate"] == 0.0
+
+
+def test_score_predictions_tool_without_call_is_an_unparseable_call():
+    metrics = scoring.score_predictions([prediction(["t", "u"], ['{"a": 1}'], ["t"], ['{"a": 1}'])])
+    assert metrics["parse_error_rate"] == pytest.approx(0.5)
+    assert metrics["avg_precision"] == pytest.approx(0.5)
+    assert metrics["avg_recall"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "predictions, message",
+    [
+        ([], "no predictions"),
+        ([{"predicted_tools": [], "function_calls": [], "gold_tools": []}], "prediction 0: missing field 'gold_calls'"),
+        ([prediction([], [], ["t"], [])], "'gold_tools' has 1 entries but 'gold_calls' has 0"),
+        ([prediction("t", [], [], [])], "field 'predicted_tools' must be a list"),
+        ([prediction([], [], ["t"], ["nonsense"])], "prediction 0, gold call 0"),
+        ([prediction([1], ["{}"], [], [])], "'predicted_tools' must hold tool names"),
+        (["not an object"], "prediction 0: expected an object"),
+    ],
+)
+def test_score_predictions_rejects_bad_input_with_a_clear_message(predictions, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        scoring.score_predictions(predictions)
+
+
+def test_format_metrics_table_shows_overall_and_breakdown():
+    metrics = scoring.score_predictions(
+        [
+            prediction(["t"], ['{"a": 1}'], ["t"], ['{"a": 1}']),
+            prediction(["t"], ['{"a": 1}'], ["t", "u"], ['{"a": 1}', '{"b": 2}']),
+        ]
+    )
+    table = scoring.format_metrics_table(metrics)
+    lines = table.splitlines()
+    assert lines[0].split() == ["metric", "overall", "1", "call", "2", "calls"]
+    exact_row = next(line for line in lines if line.startswith("exact_accuracy"))
+    assert exact_row.split()[1:] == ["0.5000", "1.0000", "0.0000"]
+    total_row = next(line for line in lines if line.startswith("total_examples"))
+    assert total_row.split()[1:] == ["2", "1", "1"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.mark.slow
+def test_cli_scores_a_file_and_reports_bad_input_in_one_line(tmp_path):
+    predictions = [prediction(["t"], ['{"a": 1.0}'], ["t"], ['{"a": 1}'])]
+    preds_file = tmp_path / "preds.json"
+    preds_file.write_text(json.dumps(predictions))
+    out_file = tmp_path / "metrics.json"
+    ok = subprocess.run(
+        [sys.executable, "eval.py", "--predictions", str(preds_file), "--output", str(out_file)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "exact_accuracy" in ok.stdout
+    assert json.loads(out_file.read_text())["exact_accuracy"] == 1.0
+
+    preds_file.write_text(json.dumps([prediction(["t"], ["{}"], ["t"], [])]))
+    bad = subprocess.run(
+        [sys.executable, "eval.py", "--predictions", str(preds_file)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert "prediction 0" in bad.stderr and str(preds_file) in bad.stderr
