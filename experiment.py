@@ -322,3 +322,17 @@ def _fmt(value: float | None) -> str:
 
 def _jsonable(values: dict) -> dict:
     return {k: (v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)) for k, v in values.items()}
+
+
+def print_final_report(run: RunDirectory, summary: dict) -> None:
+    """Print the last round's metric tables and the forgetting summary (the CLI's final result)."""
+    from eval import format_metrics_table
+
+    last = len(run.rounds) - 1
+    for record in run.records:
+        if record["round"] == last and record["mode"] == "predicted":
+            print(f"\nafter the last round, test set {record['test_name']}:")
+            print(format_metrics_table(record["metrics"]))
+    print()
+    print(format_summary_table(summary))
+    print(f"run directory: {run.path}")
