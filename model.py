@@ -146,6 +146,79 @@ def load_base_model(model_name: str, device: torch.device, dtype: torch.dtype):
     return model
 
 
+def attach_lora(base, settings: LoraSettings):
+    """Wrap a frozen causal LM with a peft LoRA adapter (float32 adapter weights); bad target modules are a UserError."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = None
+    if settings.layer_indices:
+        num_layers = base.config.num_hidden_layers
+        layers = []
+        for index in settings.layer_indices:
+            resolved = index + num_layers if index < 0 else index
+            if not 0 <= resolved < num_layers:
+                raise UserError(f"--lora_layer_indices: {index} is outside the model's {num_layers} layers")
+            layers.append(resolved)
+        layers = sorted(set(layers))
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        layers_to_transform=layers,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(base, config)
+    except ValueError as err:
+        raise UserError(f"--lora_target_modules: {_first_line(err)}") from None
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    return peft_model
+
+
+def trainable_lora_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The LoRA parameters of `module` that currently require gradients."""
+    return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def set_lora_requires_grad(module: nn.Module, trainable: bool) -> None:
+    """Switch training of every LoRA parameter of `module` on or off."""
+    for name, param in module.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(trainable)
+
+
+def backbone_and_lora_counts(module: nn.Module) -> tuple[int, int]:
+    """(backbone parameters, LoRA parameters) of a possibly peft-wrapped model."""
+    lora = sum(p.numel() for n, p in module.named_parameters() if "lora_" in n)
+    backbone = sum(p.numel() for n, p in module.named_parameters() if "lora_" not in n)
+    return backbone, lora
+
+
+def save_lora_adapter(peft_model, checkpoint: Path) -> None:
+    """Write only the LoRA adapter (safetensors, atomically) and its peft config into `checkpoint/lora`."""
+    from peft import get_peft_model_state_dict
+
+    lora_dir = checkpoint / LORA_DIR
+    lora_state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(lora_dir / "adapter_model.safetensors", lambda tmp: save_file(lora_state, tmp))
+    peft_model.peft_config["default"].save_pretrained(str(lora_dir))
+
+
+def load_lora_adapter(peft_model, checkpoint: Path, device: torch.device) -> None:
+    """Load the adapter that `save_lora_adapter` wrote under `checkpoint/lora` into `peft_model`."""
+    from peft import set_peft_model_state_dict
+
+    adapter = checkpoint / LORA_DIR / "adapter_model.safetensors"
+    if not adapter.is_file():
+        raise UserError(f"checkpoint {checkpoint} has no LoRA adapter but this model uses LoRA")
+    set_peft_model_state_dict(peft_model, load_file(str(adapter), device=str(device)))
+
+
 class ToolForcingProcessor(LogitsProcessor):
     """Ground-truth-tool decoding: at every tool position the next gold tool is forced, batched.
 
@@ -215,7 +288,7 @@ class FunctionCallingModel(nn.Module):
             base.resize_token_embeddings(len(self.tokenizer))
             for param in base.parameters():
                 param.requires_grad_(False)
-        self.base_model = self._attach_lora(base, lora_config) if lora_config else base
+        self.base_model = attach_lora(base, lora_config) if lora_config else base
         self.end_id = end_of_turn_id(self.tokenizer)
 
         vocab_size = self.causal_lm.get_input_embeddings().weight.shape[0]
@@ -250,37 +323,6 @@ class FunctionCallingModel(nn.Module):
     def output_rows(self) -> torch.Tensor:
         return self.output_tool_embeddings if self.decouple_embeddings else self.tool_embeddings
 
-    def _attach_lora(self, base, settings: LoraSettings):
-        from peft import LoraConfig, get_peft_model
-
-        layers = None
-        if settings.layer_indices:
-            num_layers = base.config.num_hidden_layers
-            layers = []
-            for index in settings.layer_indices:
-                resolved = index + num_layers if index < 0 else index
-                if not 0 <= resolved < num_layers:
-                    raise UserError(f"--lora_layer_indices: {index} is outside the model's {num_layers} layers")
-                layers.append(resolved)
-            layers = sorted(set(layers))
-        config = LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=list(settings.target_modules),
-            layers_to_transform=layers,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        try:
-            peft_model = get_peft_model(base, config)
-        except ValueError as err:
-            raise UserError(f"--lora_target_modules: {_first_line(err)}") from None
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.data = param.data.float()
-        return peft_model
-
     def get_tool_token_id(self, tool_name: str) -> int:
         """The token id that stands for a tool."""
         if tool_name not in self._name_to_index:
@@ -302,17 +344,14 @@ class FunctionCallingModel(nn.Module):
         return [p for p in (self.tool_embeddings, self.output_tool_embeddings) if p is not None]
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.base_model.named_parameters() if "lora_" in n and p.requires_grad]
+        return trainable_lora_parameters(self.base_model)
 
     def set_lora_trainable(self, trainable: bool) -> None:
-        for name, param in self.base_model.named_parameters():
-            if "lora_" in name:
-                param.requires_grad_(trainable)
+        set_lora_requires_grad(self.base_model, trainable)
 
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameter counts: backbone (frozen), tool memory, LoRA, and the trainable total."""
-        lora = sum(p.numel() for n, p in self.base_model.named_parameters() if "lora_" in n)
-        backbone = sum(p.numel() for n, p in self.base_model.named_parameters() if "lora_" not in n)
+        backbone, lora = backbone_and_lora_counts(self.base_model)
         bank = sum(p.numel() for p in self.bank_parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"backbone": backbone, "tool_memory": bank, "lora": lora, "trainable": trainable}
@@ -481,13 +520,7 @@ class FunctionCallingModel(nn.Module):
             "lora": asdict(self.lora_settings) if self.lora_settings else None,
         }
         if self.lora_settings:
-            from peft import get_peft_model_state_dict
-
-            lora_state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.base_model).items()}
-            lora_dir = directory / LORA_DIR
-            lora_dir.mkdir(exist_ok=True)
-            atomic_write_with(lora_dir / "adapter_model.safetensors", lambda tmp: save_file(lora_state, tmp))
-            self.base_model.peft_config["default"].save_pretrained(str(lora_dir))
+            save_lora_adapter(self.base_model, directory)
         atomic_write_json(directory / MEMORY_META_FILE, meta)
 
     def load(self, directory: str | Path) -> None:
@@ -507,9 +540,4 @@ class FunctionCallingModel(nn.Module):
             if self.decouple_embeddings:
                 self.output_tool_embeddings.copy_(state["output_rows"].to(self.device))
         if self.lora_settings:
-            from peft import set_peft_model_state_dict
-
-            adapter = directory / LORA_DIR / "adapter_model.safetensors"
-            if not adapter.is_file():
-                raise UserError(f"checkpoint {directory} has no LoRA adapter but this model uses LoRA")
-            set_peft_model_state_dict(self.base_model, load_file(str(adapter), device=str(self.device)))
+            load_lora_adapter(self.base_model, directory, self.device)
