@@ -219,6 +219,23 @@ def load_lora_adapter(peft_model, checkpoint: Path, device: torch.device) -> Non
     set_peft_model_state_dict(peft_model, load_file(str(adapter), device=str(device)))
 
 
+def next_token_losses(
+    logits: torch.Tensor, labels: torch.Tensor, tool_targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy on labelled positions, and the same over the targets that `tool_targets` marks.
+
+    `tool_targets` is a bool mask shaped like `labels` (True where the label is part of a tool's encoding).
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    per_token = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="none")
+    valid = shift_labels != -100
+    loss = per_token[valid].mean() if valid.any() else per_token.sum() * 0.0
+    is_tool = valid & tool_targets[:, 1:].reshape(-1)
+    tool_loss = per_token[is_tool].mean() if is_tool.any() else per_token.sum() * 0.0
+    return loss, tool_loss
+
+
 class ToolForcingProcessor(LogitsProcessor):
     """Ground-truth-tool decoding: at every tool position the next gold tool is forced, batched.
 
@@ -412,14 +429,7 @@ class FunctionCallingModel(nn.Module):
 
     def answer_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token cross-entropy on labelled positions, and the same restricted to tool-token targets."""
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1)
-        per_token = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="none")
-        valid = shift_labels != -100
-        loss = per_token[valid].mean() if valid.any() else per_token.sum() * 0.0
-        is_tool = valid & (self.token_to_slot[shift_labels.clamp(min=0)] >= 0)
-        tool_loss = per_token[is_tool].mean() if is_tool.any() else per_token.sum() * 0.0
-        return loss, tool_loss
+        return next_token_losses(logits, labels, self.token_to_slot[labels.clamp(min=0)] >= 0)
 
     # --- generation ------------------------------------------------------------------------------------------------
 
