@@ -9,14 +9,12 @@ set (and every earlier one with --eval_all_previous), and records the forgetting
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Sequence
 
-from common import CliParser, UserError, positive_float, run_cli, set_seed, setup_logging
-from dataset import discover_available_tools
-from experiment import RunDirectory, default_output_dir, print_final_report
+from common import CliParser, positive_float, run_cli
+from experiment import print_final_report
 from model import FunctionCallingModel
-from sequential import add_common_flags, load_rounds, lora_settings_from, resolve_model_name, run_rounds
+from sequential import add_common_flags, lora_settings_from, open_run, resolve_model_name, run_rounds
 
 logger = logging.getLogger("main_sequential")
 
@@ -36,14 +34,7 @@ def build_parser() -> CliParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir("tokmem")
-    if args.resume and not args.output_dir:
-        raise UserError("--resume needs --output_dir (the run to continue)")
-    rounds, data = load_rounds(args)
-    run = RunDirectory(output_dir, "tokmem", args, rounds, args.resume)
-    setup_logging(args.log_file or output_dir / "train.log")
-    set_seed(args.seed)
-    tool_names = discover_available_tools([d.train for d in data])
+    run, data, tool_names = open_run(args, "tokmem")
     model = FunctionCallingModel(
         resolve_model_name(args.model_name),
         len(tool_names),
@@ -55,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     model.initialize_tool_embeddings(seed=args.seed)
     logger.info("run directory %s; %d tools over %d rounds; parameters %s",
-                output_dir, len(tool_names), len(rounds), model.parameter_breakdown())
+                run.path, len(tool_names), len(data), model.parameter_breakdown())
     summary = run_rounds(
         args, model, data, run,
         prepare_round=lambda i: data[i].train,

@@ -15,9 +15,10 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from common import CliParser, UserError, positive_float, positive_int, set_seed
-from dataset import NativeFunctionCallingDataset, curriculum_order, make_dataloader
-from experiment import RunDirectory, RoundData, load_round_data, parse_training_rounds, per_round_values
+from common import CliParser, UserError, positive_float, positive_int, set_seed, setup_logging
+from dataset import NativeFunctionCallingDataset, curriculum_order, discover_available_tools, make_dataloader
+from experiment import (RunDirectory, RoundData, default_output_dir, load_round_data, parse_training_rounds,
+                        per_round_values)
 from model import LoraSettings
 from training import TrainSettings, evaluate, format_demo, train_round
 
@@ -103,6 +104,22 @@ def load_rounds(args):
                                  args.test_max_function_calls, n)
     data = [load_round_data(args.data_dir, spec, tr, te) for spec, tr, te in zip(rounds, train_caps, test_caps)]
     return rounds, data
+
+
+def open_run(args, method: str) -> tuple[RunDirectory, list[RoundData], list[str]]:
+    """Read every round's data, open (or resume) the run directory, start logging and seed.
+
+    Also returns the run's global tool list (all rounds' training tools, round by round): a tool keeps its place in
+    it, hence its token or marker, in every round and after --resume.
+    """
+    if args.resume and not args.output_dir:
+        raise UserError("--resume needs --output_dir (the run to continue)")
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(method)
+    rounds, data = load_rounds(args)
+    run = RunDirectory(output_dir, method, args, rounds, args.resume)
+    setup_logging(args.log_file or output_dir / "train.log")
+    set_seed(args.seed)
+    return run, data, discover_available_tools([d.train for d in data])
 
 
 def evaluation_plan(round_index: int, num_rounds: int, args) -> list[int]:
