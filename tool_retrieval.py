@@ -144,6 +144,11 @@ def _parameter_entries(parameters: Any) -> list[tuple[str, str]]:
     return entries
 
 
+def parameter_names(desc: dict) -> list[str]:
+    """Names of a tool's parameters (xLAM map or JSON schema), in their listed order."""
+    return [name for name, _ in _parameter_entries(desc.get("parameters"))]
+
+
 def tool_text(desc: dict) -> str:
     """The text embedded for a tool: its name (underscores read as spaces), description and parameters."""
     name = str(desc.get("name", "")).strip()

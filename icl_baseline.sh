@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# In-context baselines on one tool range: every tool described in the prompt (ICL), then only the top RETRIEVAL_K
+# retrieved tools (RAG). Edit the variables below and run `bash icl_baseline.sh`. The defaults are the embedded default
+# (synthetic xLAM-format data, the tiny backbone built offline, CPU). Each run prints its scores and the prompt tokens
+# per query of ICL, RAG and tool memory (TokMem), and writes runs/icl_<timestamp> or runs/icl_rag_<timestamp>.
+# For the paper-scale setting: MODEL=meta-llama/Llama-3.2-3B-Instruct DATA_SOURCE=xlam XLAM_PATH=/path/to/xlam.json
+# TOOLS=1-50 SAMPLES_PER_TOOL=50 TRAIN_SIZE=5000 TEST_SIZE=500 BATCH_SIZE=4
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# ---- experiment -------------------------------------------------------------------------------------------------
+TOOLS=${TOOLS:-1-20}                               # START-END: the tool ranks offered to the model
+SAMPLES_PER_TOOL=${SAMPLES_PER_TOOL:-30}
+TRAIN_SIZE=${TRAIN_SIZE:-600}                      # the data step writes the train file too (TokMem/LoRA use it)
+TEST_SIZE=${TEST_SIZE:-60}
+TRAIN_MAX_CALLS=${TRAIN_MAX_CALLS:-3}
+TEST_MAX_CALLS=${TEST_MAX_CALLS:-3}
+# ---- generation and retrieval -----------------------------------------------------------------------------------
+BATCH_SIZE=${BATCH_SIZE:-8}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}
+MAX_SAMPLES=${MAX_SAMPLES:-}                       # empty: the whole test set
+USE_RAG=${USE_RAG:-true}                           # true: after ICL, also run RAG
+RETRIEVAL_K=${RETRIEVAL_K:-5}
+# ---- model, data, device ----------------------------------------------------------------------------------------
+MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
+DATA_SOURCE=${DATA_SOURCE:-synthetic}              # synthetic | xlam
+XLAM_PATH=${XLAM_PATH:-}                           # local copy of xlam_function_calling_60k.json
+DATA_DIR=${DATA_DIR:-data}
+DEVICE=${DEVICE:-auto}
+GPU=${GPU:-0}                                      # used only when CUDA_VISIBLE_DEVICES is not already set
+SEED=${SEED:-42}
+
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
+PYTHON=${PYTHON:-python3}
+
+if ! [[ $TOOLS =~ ^([1-9][0-9]*)-([1-9][0-9]*)$ ]] || (( BASH_REMATCH[2] < BASH_REMATCH[1] )); then
+    echo "error: TOOLS must be START-END with 1 <= START <= END, got '$TOOLS'" >&2
+    exit 2
+fi
+START_TOOL=${BASH_REMATCH[1]}
+TOOLS_PER_ROUND=$((BASH_REMATCH[2] - BASH_REMATCH[1] + 1))
+
+# Step 1: the range's test and description files, generated unless present (one round of data_rounds.sh).
+source ./data_rounds.sh
+NUM_ROUNDS=1
+EPOCHS_PER_ROUND=1
+generate_round_data
+
+# Step 2: ICL, then RAG.
+args=(--test_data "$DATA_DIR/test/function_calling_test_tools${TOOLS}_${TEST_MAX_CALLS}calls.json"
+      --tool_descriptions "$DATA_DIR/tool_descriptions_tools${TOOLS}.json"
+      --batch_size "$BATCH_SIZE" --max_new_tokens "$MAX_NEW_TOKENS" --device "$DEVICE" --seed "$SEED")
+[[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")
+[[ -n "$MAX_SAMPLES" ]] && args+=(--max_samples "$MAX_SAMPLES")
+
+echo "ICL: all tools $TOOLS in the prompt"
+"$PYTHON" icl_baseline.py "${args[@]}" "$@"
+if [[ "$USE_RAG" == true ]]; then
+    echo "RAG: the top $RETRIEVAL_K retrieved tools of $TOOLS in the prompt"
+    "$PYTHON" icl_baseline.py "${args[@]}" --use_rag --retrieval_k "$RETRIEVAL_K" "$@"
+fi
