@@ -1,0 +1,169 @@
+"""The synthetic xLAM generator: catalog, determinism, frequencies, row kinds, literal argument values, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import synthetic_xlam
+import xlam_datasets
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_TOOLS = 30
+
+
+@pytest.fixture(scope="module")
+def small_rows() -> list[dict]:
+    """Every row of a 30-tool corpus (about ten thousand rows, well under a second)."""
+    return synthetic_xlam.generate_rows(seed=3, num_tools=SMALL_TOOLS)
+
+
+def _names(row: dict) -> list[str]:
+    return [call["name"] for call in json.loads(row["answers"])]
+
+
+def test_catalog_has_enough_realistic_typed_tools():
+    catalog = synthetic_xlam.build_tool_catalog()
+    names = [tool["name"] for tool in catalog]
+    assert len(names) == 401 and len(set(names)) == 401
+    assert names[0] == "search"
+    assert synthetic_xlam.MAX_NUM_TOOLS >= 400
+    assert all(re.fullmatch(r"[a-z]+(_[a-z]+)+|search", name) for name in names)
+    seen_types = Counter()
+    for tool in catalog:
+        assert set(tool) == {"name", "description", "parameters"}
+        assert tool["description"].endswith(".") and len(tool["description"]) > 15
+        assert tool["parameters"]
+        for arg, spec in tool["parameters"].items():
+            kind, _, optional = spec["type"].partition(", ")
+            seen_types[kind] += 1
+            assert kind in {"str", "int", "float", "bool"}
+            assert optional in {"", "optional"}
+            assert ("default" in spec) == (optional == "optional")
+            if optional:
+                expected = {"str": str, "int": int, "float": float, "bool": bool}[kind]
+                assert type(spec["default"]) is expected, (tool["name"], arg)
+                choices = re.findall(r"'([^']+)'", spec["description"].partition("One of ")[2])
+                if choices:
+                    assert spec["default"] in choices, (tool["name"], arg)
+    assert all(seen_types[kind] > 20 for kind in ("str", "int", "float", "bool"))
+
+
+def test_catalog_is_deterministic_and_depends_on_its_seed():
+    assert synthetic_xlam.build_tool_catalog(seed=5) == synthetic_xlam.build_tool_catalog(seed=5)
+    assert synthetic_xlam.build_tool_catalog(seed=5) != synthetic_xlam.build_tool_catalog(seed=6)
+
+
+def test_rows_are_deterministic_from_the_seed():
+    first = synthetic_xlam.generate_rows(seed=11, num_tools=40, num_rows=500)
+    assert first == synthetic_xlam.generate_rows(seed=11, num_tools=40, num_rows=500)
+    other = synthetic_xlam.generate_rows(seed=12, num_tools=40, num_rows=500)
+    assert [row["query"] for row in other] != [row["query"] for row in first]
+
+
+def test_rank_names_the_same_tool_for_every_row_seed():
+    ranked = [xlam_datasets.rank_tools(synthetic_xlam.generate_rows(seed=seed, num_tools=SMALL_TOOLS))
+              for seed in (0, 42)]
+    assert ranked[0] == ranked[1]
+
+
+def test_rows_have_the_xlam_format(small_rows):
+    assert [row["id"] for row in small_rows] == list(range(len(small_rows)))
+    for index, row in enumerate(small_rows):
+        xlam_datasets.validate_row(row, index, "synthetic")
+        offered = {tool["name"] for tool in json.loads(row["tools"])}
+        assert set(_names(row)) <= offered
+
+
+def test_every_query_is_distinct(small_rows):
+    queries = [row["query"] for row in small_rows]
+    assert len(set(queries)) == len(queries)
+
+
+def test_argument_values_appear_verbatim_in_the_query(small_rows):
+    for row in small_rows:
+        for call in json.loads(row["answers"]):
+            for value in call["arguments"].values():
+                if not isinstance(value, bool):
+                    assert str(value) in row["query"], (value, row["query"])
+
+
+def test_frequencies_are_zipf_like_with_distinct_counts(small_rows):
+    counts = Counter()
+    for row in small_rows:
+        names = set(_names(row))
+        if len(names) == 1:
+            counts[names.pop()] += 1
+    catalog_order = [tool["name"] for tool in synthetic_xlam.build_tool_catalog(num_tools=SMALL_TOOLS)]
+    by_use = sorted(counts, key=lambda name: -counts[name])
+    assert by_use == catalog_order
+    values = [counts[name] for name in by_use]
+    assert len(set(values)) == len(values)
+    assert values[-1] >= synthetic_xlam.MIN_SINGLE_TOOL_ROWS
+    assert values[1] > 5 * values[-1]
+
+
+def test_counts_for_the_full_catalog_keep_every_tool_above_sixty():
+    counts = synthetic_xlam.single_tool_counts(400)
+    assert len(set(counts)) == 400 and counts == sorted(counts, reverse=True)
+    assert min(counts) >= 60
+
+
+def test_rows_mix_single_multi_call_and_multi_tool(small_rows):
+    kinds = Counter()
+    for row in small_rows:
+        names = _names(row)
+        kind = "single" if len(names) == 1 else "same_tool" if len(set(names)) == 1 else "multi_tool"
+        kinds[kind] += 1
+    total = sum(kinds.values())
+    assert kinds["single"] > 0.7 * total
+    assert 0.05 * total < kinds["same_tool"] < 0.2 * total
+    assert 0.02 * total < kinds["multi_tool"] < 0.1 * total
+
+
+def test_same_tool_calls_differ_only_in_one_argument(small_rows):
+    checked = 0
+    for row in small_rows:
+        calls = json.loads(row["answers"])
+        if len(calls) > 1 and len({call["name"] for call in calls}) == 1:
+            first = calls[0]["arguments"]
+            for call in calls[1:]:
+                changed = [key for key in first if first[key] != call["arguments"][key]]
+                assert len(changed) == 1 and set(call["arguments"]) == set(first)
+            checked += 1
+    assert checked > 100
+
+
+def test_num_rows_keeps_a_prefix_of_the_plan():
+    rows = synthetic_xlam.generate_rows(seed=2, num_tools=20, num_rows=300)
+    assert len(rows) == 300
+
+
+def test_num_tools_beyond_the_grammar_is_refused():
+    with pytest.raises(ValueError, match="num_tools"):
+        synthetic_xlam.generate_rows(num_tools=synthetic_xlam.MAX_NUM_TOOLS + 1)
+
+
+@pytest.mark.slow
+def test_cli_writes_the_rows(tmp_path):
+    output = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, "synthetic_xlam.py", "--output", str(output), "--num_tools", "20",
+                             "--seed", "4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(output.read_text())
+    assert rows == synthetic_xlam.generate_rows(seed=4, num_tools=20)
+
+
+@pytest.mark.slow
+def test_cli_rejects_too_many_tools(tmp_path):
+    result = subprocess.run([sys.executable, "synthetic_xlam.py", "--output", str(tmp_path / "rows.json"),
+                             "--num_tools", "100000"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "--num_tools" in result.stderr
+    assert "Traceback" not in result.stderr
