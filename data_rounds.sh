@@ -1,0 +1,73 @@
+# Shared data step of run_n_rounds_main.sh and run_n_rounds_lora.sh (sourced, not run).
+#
+# generate_round_data reads NUM_ROUNDS, TOOLS_PER_ROUND, START_TOOL, SAMPLES_PER_TOOL, TRAIN_SIZE, TEST_SIZE,
+# EPOCHS_PER_ROUND (one value or one per round), TRAIN_MAX_CALLS / TEST_MAX_CALLS and the optional per-round lists
+# TRAIN_MAX_CALLS_PER_ROUND / TEST_MAX_CALLS_PER_ROUND, DATA_SOURCE, XLAM_PATH, DATA_DIR and PYTHON. For every round
+# whose train, test or description file is missing it runs xlam_datasets.py, and it sets
+#   TRAINING_ROUNDS   e.g. "1-20:3,21-40:3,41-60:3"
+#   TRAIN_CALLS_LIST  e.g. "3,3,3"   (one call cap per round)
+#   TEST_CALLS_LIST   e.g. "3,3,3"
+
+# per_round_list NAME VALUE_OR_LIST DEFAULT: print a comma list of NUM_ROUNDS values (one value is repeated).
+per_round_list() {
+    local name=$1 text=${2:-$3}
+    local -a values
+    IFS=',' read -r -a values <<< "$text"
+    if [[ ${#values[@]} -eq 1 ]]; then
+        values=()
+        for ((i = 0; i < NUM_ROUNDS; i++)); do values+=("${text// /}"); done
+    fi
+    if [[ ${#values[@]} -ne $NUM_ROUNDS ]]; then
+        echo "error: $name has ${#values[@]} values for NUM_ROUNDS=$NUM_ROUNDS rounds: $text" >&2
+        return 2
+    fi
+    local value
+    for value in "${values[@]}"; do
+        if ! [[ ${value// /} =~ ^[1-9][0-9]*$ ]]; then
+            echo "error: $name must hold positive integers, got $text" >&2
+            return 2
+        fi
+    done
+    local IFS=','
+    echo "${values[*]// /}"
+}
+
+generate_round_data() {
+    local python=${PYTHON:-python3}
+    local epochs train_caps test_caps
+    epochs=$(per_round_list EPOCHS_PER_ROUND "$EPOCHS_PER_ROUND" 1) || return 2
+    train_caps=$(per_round_list TRAIN_MAX_CALLS_PER_ROUND "${TRAIN_MAX_CALLS_PER_ROUND:-}" "$TRAIN_MAX_CALLS") || return 2
+    test_caps=$(per_round_list TEST_MAX_CALLS_PER_ROUND "${TEST_MAX_CALLS_PER_ROUND:-}" "$TEST_MAX_CALLS") || return 2
+    local -a epoch_list train_list test_list specs=()
+    IFS=',' read -r -a epoch_list <<< "$epochs"
+    IFS=',' read -r -a train_list <<< "$train_caps"
+    IFS=',' read -r -a test_list <<< "$test_caps"
+
+    local round start end range train_k test_k
+    for ((round = 0; round < NUM_ROUNDS; round++)); do
+        start=$((START_TOOL + round * TOOLS_PER_ROUND))
+        end=$((start + TOOLS_PER_ROUND - 1))
+        range="$start-$end"
+        train_k=${train_list[$round]}
+        test_k=${test_list[$round]}
+        specs+=("$range:${epoch_list[$round]}")
+        if [[ -f "$DATA_DIR/training/function_calling_train_tools${range}_${train_k}calls.json" &&
+              -f "$DATA_DIR/test/function_calling_test_tools${range}_${test_k}calls.json" &&
+              -f "$DATA_DIR/tool_descriptions_tools${range}.json" ]]; then
+            echo "round $((round + 1)): data for tools $range present in $DATA_DIR"
+            continue
+        fi
+        echo "round $((round + 1)): generating data for tools $range ($DATA_SOURCE)"
+        local -a cmd=("$python" xlam_datasets.py --top_k "$range" --max_samples_per_tool "$SAMPLES_PER_TOOL"
+                      --train_size "$TRAIN_SIZE" --test_size "$TEST_SIZE"
+                      --train_max_function_calls "$train_k" --test_max_function_calls "$test_k"
+                      --output_dir "$DATA_DIR" --source "$DATA_SOURCE")
+        [[ -n "${XLAM_PATH:-}" ]] && cmd+=(--xlam_path "$XLAM_PATH")
+        "${cmd[@]}" || return $?
+    done
+
+    local IFS=','
+    TRAINING_ROUNDS="${specs[*]}"
+    TRAIN_CALLS_LIST="$train_caps"
+    TEST_CALLS_LIST="$test_caps"
+}

@@ -1,0 +1,309 @@
+"""The LoRA baseline, round after round: a frozen LM plus a LoRA adapter learns each round's tools as text markers.
+
+    python lora_sequential.py --training_rounds 1-20:3,21-40:3,41-60:3 --eval_all_previous [--use_replay_buffer]
+
+The answer names each tool with a plain-text marker (`[tool_7]`, or `[tool: get_weather]` with --marker_style name)
+followed by the arguments JSON. A marker stands for the same tool in every round: the numbering is the tool's place in
+the run's global tool list (all rounds' training tools), fixed before the first round. Generated text is split at the
+markers and mapped back to tool names, so the scores are TokMem's. Options: re-initialise the adapter each round, and
+replay a reservoir of earlier rounds' samples in every training batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from common import CliParser, UserError, atomic_write_json, positive_int, run_cli, unit_interval
+from dataset import NativeFunctionCallingDataset, end_of_turn_id, make_dataloader
+from experiment import RoundData, print_final_report
+from model import (CallingOutput, GeneratedCalls, LoraSettings, attach_lora, backbone_and_lora_counts,
+                   load_base_model, load_lora_adapter, load_tokenizer, next_token_losses, resolve_device,
+                   resolve_dtype, save_lora_adapter, set_lora_requires_grad, trainable_lora_parameters)
+from replay_buffer import ReservoirBuffer, check_replay_settings, mixed_dataloader
+from sequential import add_common_flags, lora_settings_from, open_run, resolve_model_name, run_rounds
+
+logger = logging.getLogger("lora_sequential")
+
+MARKERS_FILE = "markers.json"
+DEFAULT_LORA_LR = 5e-4
+
+
+class ToolMarkers:
+    """Plain-text tool markers over a fixed, global tool list; `split` maps generated text back to tools."""
+
+    STYLES = ("number", "name")
+
+    def __init__(self, tool_names: Sequence[str], style: str = "number"):
+        if style not in self.STYLES:
+            raise UserError(f"--marker_style: expected one of {', '.join(self.STYLES)}, got {style!r}")
+        if len(set(tool_names)) != len(tool_names) or not tool_names:
+            raise UserError("the marker baseline needs a non-empty list of unique tool names")
+        self.tool_names = list(tool_names)
+        self.style = style
+        self._number = {name: index + 1 for index, name in enumerate(self.tool_names)}
+        self.pattern = re.compile(r"\[tool_(\d+)\]" if style == "number" else r"\[tool: ?([^\[\]\n]+?)\]")
+
+    def marker(self, tool: str) -> str:
+        """The marker of a tool: `[tool_N]` (N = 1-based place in the global list) or `[tool: name]`."""
+        if tool not in self._number:
+            raise KeyError(f"unknown tool {tool!r}")
+        return f"[tool_{self._number[tool]}]" if self.style == "number" else f"[tool: {tool}]"
+
+    def tool_of(self, match: re.Match) -> str:
+        """The tool a marker match stands for; an unknown marker stays as its own text (it matches no gold tool)."""
+        if self.style == "name":
+            return match.group(1).strip()
+        number = int(match.group(1))
+        return self.tool_names[number - 1] if 1 <= number <= len(self.tool_names) else match.group(0)
+
+    def split(self, text: str) -> tuple[list[str], list[str]]:
+        """(tools, call strings): the text after each marker up to the next one is its call; text before is dropped."""
+        matches = list(self.pattern.finditer(text))
+        tools = [self.tool_of(match) for match in matches]
+        ends = [m.start() for m in matches[1:]] + [len(text)]
+        calls = [text[match.end():end].strip() for match, end in zip(matches, ends)]
+        return tools, calls
+
+    def as_dict(self) -> dict[str, str]:
+        return {name: self.marker(name) for name in self.tool_names}
+
+
+class MarkerLoRAModel(nn.Module):
+    """A frozen causal LM with a LoRA adapter; tools are text markers (the duck-typed model of training.py)."""
+
+    def __init__(
+        self,
+        model_name: str,
+        tool_names: Sequence[str],
+        lora_config: LoraSettings,
+        tokenizer=None,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = None,
+        marker_style: str = "number",
+    ):
+        super().__init__()
+        self.model_name = str(model_name)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_name)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.markers = ToolMarkers(tool_names, marker_style)
+        self.lora_settings = lora_config
+        self.base_model = attach_lora(load_base_model(self.model_name, self.device, self.dtype), lora_config)
+        self.end_id = end_of_turn_id(self.tokenizer)
+        self._marker_ids = {
+            name: self.tokenizer(marker, add_special_tokens=False)["input_ids"]
+            for name, marker in self.markers.as_dict().items()
+        }
+        self._marker_spans = {tuple(ids) for ids in self._marker_ids.values()}
+        self._marker_lengths = sorted({len(ids) for ids in self._marker_ids.values()})
+        self._marker_starts = {ids[0] for ids in self._marker_ids.values()}
+        self.eval()
+
+    @property
+    def tool_names(self) -> list[str]:
+        return self.markers.tool_names
+
+    @property
+    def num_tools(self) -> int:
+        return len(self.markers.tool_names)
+
+    def encode_tool(self, tool_name: str) -> list[int]:
+        """The answer ids for a tool: its marker's tokens (the `encode_tool` of dataset.build_answer_ids)."""
+        if tool_name not in self._marker_ids:
+            raise KeyError(f"unknown tool {tool_name!r}")
+        return list(self._marker_ids[tool_name])
+
+    def bank_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return trainable_lora_parameters(self.base_model)
+
+    def set_lora_trainable(self, trainable: bool) -> None:
+        set_lora_requires_grad(self.base_model, trainable)
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameter counts: backbone (frozen), tool memory (none), LoRA, and the trainable total."""
+        backbone, lora = backbone_and_lora_counts(self.base_model)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"backbone": backbone, "tool_memory": 0, "lora": lora, "trainable": trainable}
+
+    @torch.no_grad()
+    def reinit_lora(self, seed: int) -> None:
+        """Re-initialise the adapter as peft does (A random, B zero), seeded, without touching the global RNG."""
+        from peft.tuners.lora import LoraLayer
+
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for module in self.base_model.modules():
+                if isinstance(module, LoraLayer):
+                    module.reset_lora_parameters("default", True)
+
+    # --- forward ---------------------------------------------------------------------------------------------------
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> CallingOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False)
+        loss = tool_loss = None
+        if labels is not None:
+            loss, tool_loss = next_token_losses(out.logits, labels, self.marker_positions(labels))
+        return CallingOutput(logits=out.logits, loss=loss, tool_loss=tool_loss)
+
+    def marker_positions(self, labels: torch.Tensor) -> torch.Tensor:
+        """Bool mask shaped like `labels`: True on the tokens of every marker in the labelled answer."""
+        mask = torch.zeros(labels.shape, dtype=torch.bool)
+        for row, ids in enumerate(labels.tolist()):
+            for start, token in enumerate(ids):
+                if token not in self._marker_starts:
+                    continue
+                for length in self._marker_lengths:
+                    if tuple(ids[start:start + length]) in self._marker_spans:
+                        mask[row, start:start + length] = True
+        return mask.to(labels.device)
+
+    # --- generation ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     max_new_tokens: int = 256) -> list[list[int]]:
+        """Greedy, batched, left-padded decoding with the KV cache (transformers' generate), cut at end-of-turn."""
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                                  eos_token_id=self.end_id, pad_token_id=self.tokenizer.pad_token_id)
+        out = self.base_model.generate(input_ids=input_ids.to(self.device),
+                                       attention_mask=attention_mask.to(self.device), generation_config=config)
+        rows = out[:, input_ids.shape[1]:].tolist()
+        return [row[: row.index(self.end_id) + 1] if self.end_id in row else row for row in rows]
+
+    def parse_generated(self, token_ids: Sequence[int]) -> GeneratedCalls:
+        """Split the decoded answer at its markers into tools and their call strings."""
+        text = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        tools, calls = self.markers.split(text)
+        return GeneratedCalls(tools, calls, text, list(token_ids))
+
+    def generate_with_tool_prediction(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 256
+    ) -> list[GeneratedCalls]:
+        """The model writes markers and arguments itself; each answer parsed into tools and calls."""
+        return [self.parse_generated(ids) for ids in self.generate_ids(input_ids, attention_mask, max_new_tokens)]
+
+    # --- checkpoints -----------------------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> None:
+        """Write the LoRA adapter (safetensors via peft) and the marker table; never backbone weights."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_lora_adapter(self.base_model, directory)
+        atomic_write_json(directory / MARKERS_FILE, {
+            "model_name": self.model_name,
+            "marker_style": self.markers.style,
+            "tool_names": self.tool_names,
+            "markers": self.markers.as_dict(),
+            "lora": asdict(self.lora_settings),
+        })
+
+    def load(self, directory: str | Path) -> None:
+        """Load a checkpoint written by `save` (same tools, same marker style)."""
+        directory = Path(directory)
+        meta_path = directory / MARKERS_FILE
+        if not meta_path.is_file():
+            raise UserError(f"checkpoint {directory} is incomplete: expected {MARKERS_FILE}")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta["tool_names"] != self.tool_names or meta["marker_style"] != self.markers.style:
+            raise UserError(f"checkpoint {directory} holds different tools or markers than this model")
+        load_lora_adapter(self.base_model, directory, self.device)
+
+
+class BaselineRounds:
+    """The hooks run_rounds calls: adapter re-initialisation per round and the replay-mixed training loader.
+
+    The buffer is refilled from the finished rounds' training files before each round, in round order, so it is a
+    deterministic function of the data and the seed: a resumed run rebuilds exactly the buffer it had.
+    """
+
+    def __init__(self, args, model: MarkerLoRAModel, data: Sequence[RoundData]):
+        self.args = args
+        self.model = model
+        self.data = data
+        self.buffer = ReservoirBuffer(args.replay_buffer_size, args.seed) if args.use_replay_buffer else None
+        self.replay_per_batch = 0
+        if args.use_replay_buffer:
+            self.replay_per_batch = check_replay_settings(args.batch_size, args.replay_ratio)
+        self._rounds_in_buffer = 0
+
+    def prepare_round(self, index: int) -> list[dict]:
+        if self.args.reinit_lora_after_each_round and index > 0:
+            self.model.reinit_lora(self.args.seed + index)
+            logger.info("round %d: LoRA adapter re-initialised", index + 1)
+        return self.data[index].train
+
+    def fill_buffer(self, index: int) -> None:
+        """Offer the buffer every earlier round's training samples it has not seen yet."""
+        for earlier in range(self._rounds_in_buffer, index):
+            self.buffer.add_many(self.data[earlier].train)
+        self._rounds_in_buffer = max(self._rounds_in_buffer, index)
+
+    def make_loader(self, index: int, train_set: NativeFunctionCallingDataset, shuffle: bool, seed: int):
+        pad_id = self.model.tokenizer.pad_token_id
+        if self.buffer is None or index == 0 or self.replay_per_batch == 0:
+            return make_dataloader(train_set, self.args.batch_size, pad_id, shuffle, seed)
+        self.fill_buffer(index)
+        replay_set = NativeFunctionCallingDataset(self.buffer.items, self.model.tokenizer, self.model.encode_tool,
+                                                  self.args.max_length, "train")
+        logger.info("round %d: %d replay samples per batch of %d, from a buffer of %d (of %d seen)",
+                    index + 1, self.replay_per_batch, self.args.batch_size, len(self.buffer), self.buffer.seen)
+        return mixed_dataloader(train_set, replay_set, self.args.batch_size, self.replay_per_batch, pad_id, shuffle,
+                                seed)
+
+
+def build_parser() -> CliParser:
+    parser = CliParser(description=__doc__.splitlines()[0])
+    add_common_flags(parser)
+    parser.set_defaults(lr=DEFAULT_LORA_LR)
+    parser.add_argument("--marker_style", choices=ToolMarkers.STYLES, default="number",
+                        help="number: [tool_7] (global numbering); name: [tool: get_weather]")
+    parser.add_argument("--reinit_lora_after_each_round", action="store_true",
+                        help="start every round after the first from a fresh (seeded) adapter")
+    parser.add_argument("--use_replay_buffer", action="store_true", help="replay earlier rounds' samples")
+    parser.add_argument("--replay_buffer_size", type=positive_int, default=1000, help="reservoir capacity")
+    parser.add_argument("--replay_ratio", type=unit_interval, default=0.2,
+                        help="share of every training batch drawn from the buffer (rounds after the first)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.use_replay_buffer:
+        check_replay_settings(args.batch_size, args.replay_ratio)
+    method = "lora_replay" if args.use_replay_buffer else "lora"
+    run, data, tool_names = open_run(args, method)
+    model = MarkerLoRAModel(resolve_model_name(args.model_name), tool_names, lora_settings_from(args),
+                            device=args.device, dtype=args.dtype, marker_style=args.marker_style)
+    hooks = BaselineRounds(args, model, data)
+    logger.info("run directory %s; %d tools over %d rounds, markers %s ... %s; parameters %s", run.path,
+                len(tool_names), len(data), model.markers.marker(tool_names[0]), model.markers.marker(tool_names[-1]),
+                model.parameter_breakdown())
+    summary = run_rounds(args, model, data, run, prepare_round=hooks.prepare_round,
+                         train_lora_for=lambda index: True, make_loader=hooks.make_loader)
+    print_final_report(run, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,110 @@
+"""Experience replay for the LoRA baseline: a reservoir of earlier rounds' samples, mixed into every training batch.
+
+`ReservoirBuffer` keeps a fixed-size uniform sample of everything it was offered (Vitter's algorithm R), so after any
+number of rounds each sample seen so far is held with the same probability `capacity / seen`. `mixed_dataloader`
+builds a round's training loader whose every batch holds `replay_count(batch_size, ratio)` samples drawn from the
+buffer and the rest from the round itself.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from functools import partial
+from typing import Iterable, Iterator
+
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+
+from common import UserError
+from dataset import left_pad_collate
+
+
+class ReservoirBuffer:
+    """A fixed-capacity, uniform sample of every item offered to `add` (reservoir sampling, seeded)."""
+
+    def __init__(self, capacity: int, seed: int = 0):
+        if capacity <= 0:
+            raise UserError(f"--replay_buffer_size must be > 0, got {capacity}")
+        self.capacity = capacity
+        self.seen = 0
+        self._items: list = []
+        self._rng = random.Random(seed)
+
+    def add(self, item) -> None:
+        """Offer one item: kept with probability capacity / seen, replacing a uniformly chosen resident."""
+        self.seen += 1
+        if len(self._items) < self.capacity:
+            self._items.append(item)
+            return
+        slot = self._rng.randrange(self.seen)
+        if slot < self.capacity:
+            self._items[slot] = item
+
+    def add_many(self, items: Iterable) -> None:
+        for item in items:
+            self.add(item)
+
+    def sample(self, n: int, rng: random.Random) -> list:
+        """Up to `n` distinct residents, drawn uniformly with the caller's generator."""
+        return rng.sample(self._items, min(n, len(self._items)))
+
+    @property
+    def items(self) -> list:
+        """The residents, in slot order."""
+        return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def replay_count(batch_size: int, ratio: float) -> int:
+    """Replay samples per batch: batch_size * ratio rounded half up."""
+    return int(math.floor(batch_size * ratio + 0.5))
+
+
+def check_replay_settings(batch_size: int, ratio: float) -> int:
+    """The replay count per batch; a ratio that leaves no room for the round's own samples is a UserError."""
+    count = replay_count(batch_size, ratio)
+    if count >= batch_size:
+        raise UserError(
+            f"--replay_ratio {ratio} with --batch_size {batch_size} gives {count} replay samples per batch and leaves "
+            "none for the round's own samples; lower --replay_ratio or raise --batch_size"
+        )
+    return count
+
+
+class MixedBatchSampler(Sampler[list[int]]):
+    """Index batches over `ConcatDataset([new, replay])`: each batch is up to batch_size - k new samples (every new
+    sample once per epoch, shuffled when asked) plus k distinct replay samples drawn uniformly; seeded, so the same
+    seed gives the same batches."""
+
+    def __init__(self, num_new: int, num_replay: int, batch_size: int, replay_per_batch: int, shuffle: bool,
+                 seed: int):
+        if not 0 <= replay_per_batch < batch_size:
+            raise ValueError(f"replay_per_batch must be in [0, {batch_size}), got {replay_per_batch}")
+        self.num_new = num_new
+        self.num_replay = num_replay
+        self.new_per_batch = batch_size - replay_per_batch
+        self.replay_per_batch = min(replay_per_batch, num_replay)
+        self.shuffle = shuffle
+        self._rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_new / self.new_per_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(range(self.num_new))
+        if self.shuffle:
+            self._rng.shuffle(order)
+        for start in range(0, self.num_new, self.new_per_batch):
+            replay = self._rng.sample(range(self.num_replay), self.replay_per_batch)
+            yield order[start:start + self.new_per_batch] + [self.num_new + index for index in replay]
+
+
+def mixed_dataloader(new: Dataset, replay: Dataset, batch_size: int, replay_per_batch: int, pad_token_id: int,
+                     shuffle: bool, seed: int) -> DataLoader:
+    """A left-padding loader whose every batch mixes `replay_per_batch` replay samples into the new ones."""
+    sampler = MixedBatchSampler(len(new), len(replay), batch_size, replay_per_batch, shuffle, seed)
+    return DataLoader(ConcatDataset([new, replay]), batch_sampler=sampler,
+                      collate_fn=partial(left_pad_collate, pad_token_id=pad_token_id))
+

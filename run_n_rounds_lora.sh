@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The LoRA baseline over sequential rounds: a LoRA adapter learns each round's tools as text markers ([tool_N]),
+# optionally re-initialised each round and optionally with replay of earlier rounds' samples.
+# Edit the variables below and run `bash run_n_rounds_lora.sh`. The defaults are the embedded default (synthetic
+# xLAM-format data, the tiny backbone built offline, CPU), the same rounds and data as run_n_rounds_main.sh, and
+# finish in minutes on 2 cores. Compare with TokMem afterwards: python compare_runs.py runs/tokmem_* runs/lora_*
+# For the paper-scale setting: MODEL=meta-llama/Llama-3.2-3B-Instruct DATA_SOURCE=xlam XLAM_PATH=/path/to/xlam.json
+# NUM_ROUNDS=4 TOOLS_PER_ROUND=50 SAMPLES_PER_TOOL=50 TRAIN_SIZE=5000 TEST_SIZE=500 BATCH_SIZE=4 EPOCHS_PER_ROUND=1,3,3,3
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# ---- experiment (keep equal to run_n_rounds_main.sh to compare) -------------------------------------------------
+NUM_ROUNDS=${NUM_ROUNDS:-3}
+TOOLS_PER_ROUND=${TOOLS_PER_ROUND:-10}
+START_TOOL=${START_TOOL:-1}
+SAMPLES_PER_TOOL=${SAMPLES_PER_TOOL:-30}
+EPOCHS_PER_ROUND=${EPOCHS_PER_ROUND:-3}          # one value, or one per round: 1,3,3
+TRAIN_SIZE=${TRAIN_SIZE:-600}
+TEST_SIZE=${TEST_SIZE:-60}
+TRAIN_MAX_CALLS=${TRAIN_MAX_CALLS:-3}
+TEST_MAX_CALLS=${TEST_MAX_CALLS:-3}
+TRAIN_MAX_CALLS_PER_ROUND=${TRAIN_MAX_CALLS_PER_ROUND:-}   # e.g. 4,4,2 (overrides TRAIN_MAX_CALLS)
+TEST_MAX_CALLS_PER_ROUND=${TEST_MAX_CALLS_PER_ROUND:-}
+# ---- optimisation -----------------------------------------------------------------------------------------------
+BATCH_SIZE=${BATCH_SIZE:-8}
+LR=${LR:-5e-4}                                     # the LoRA learning rate
+LORA_R=${LORA_R:-8}
+LORA_ALPHA=${LORA_ALPHA:-32}
+MARKER_STYLE=${MARKER_STYLE:-number}               # number: [tool_7] | name: [tool: get_weather]
+REINIT_LORA=${REINIT_LORA:-false}                  # true: a fresh adapter at the start of every round after the first
+USE_REPLAY_BUFFER=${USE_REPLAY_BUFFER:-false}
+REPLAY_BUFFER_SIZE=${REPLAY_BUFFER_SIZE:-1000}     # reservoir capacity (samples)
+REPLAY_RATIO=${REPLAY_RATIO:-0.2}                  # share of every training batch replayed (rounds after the first)
+# ---- evaluation and output --------------------------------------------------------------------------------------
+EVAL_ALL_PREVIOUS=${EVAL_ALL_PREVIOUS:-true}
+SAVE_CHECKPOINTS=${SAVE_CHECKPOINTS:-false}
+OUTPUT_DIR=${OUTPUT_DIR:-}                         # empty: runs/lora_<timestamp> or runs/lora_replay_<timestamp>
+# ---- model, data, device ----------------------------------------------------------------------------------------
+MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
+DATA_SOURCE=${DATA_SOURCE:-synthetic}              # synthetic | xlam
+XLAM_PATH=${XLAM_PATH:-}                           # local copy of xlam_function_calling_60k.json
+DATA_DIR=${DATA_DIR:-data}
+DEVICE=${DEVICE:-auto}
+GPU=${GPU:-0}                                      # used only when CUDA_VISIBLE_DEVICES is not already set
+SEED=${SEED:-42}
+
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
+PYTHON=${PYTHON:-python3}
+
+source ./data_rounds.sh
+
+# Step 1: each round's train/test/description files, generated unless present (the same files TokMem uses).
+generate_round_data
+
+# Step 2: the rounds.
+args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "$BATCH_SIZE" --lr "$LR"
+      --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --marker_style "$MARKER_STYLE" --device "$DEVICE"
+      --seed "$SEED" --eval_after_each_round --demo 2
+      --train_max_function_calls "$TRAIN_MAX_CALLS" --test_max_function_calls "$TEST_MAX_CALLS")
+[[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")
+[[ -n "$TRAIN_MAX_CALLS_PER_ROUND" ]] && args+=(--train_max_function_calls_per_round "$TRAIN_CALLS_LIST")
+[[ -n "$TEST_MAX_CALLS_PER_ROUND" ]] && args+=(--test_max_function_calls_per_round "$TEST_CALLS_LIST")
+[[ -n "$OUTPUT_DIR" ]] && args+=(--output_dir "$OUTPUT_DIR")
+[[ "$EVAL_ALL_PREVIOUS" == true ]] && args+=(--eval_all_previous)
+[[ "$REINIT_LORA" == true ]] && args+=(--reinit_lora_after_each_round)
+[[ "$USE_REPLAY_BUFFER" == true ]] && args+=(--use_replay_buffer --replay_buffer_size "$REPLAY_BUFFER_SIZE"
+                                             --replay_ratio "$REPLAY_RATIO")
+[[ "$SAVE_CHECKPOINTS" == true ]] && args+=(--save_checkpoints)
+
+echo "Running the LoRA baseline, rounds $TRAINING_ROUNDS (replay: $USE_REPLAY_BUFFER, reinit: $REINIT_LORA)"
+"$PYTHON" lora_sequential.py "${args[@]}" "$@"
