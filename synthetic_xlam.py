@@ -22,6 +22,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from tqdm import tqdm
+
 from common import CliParser, UserError, atomic_write_json, positive_int, run_cli, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -123,7 +125,9 @@ COMPANY_PREFIXES = (
     "Clearwater", "Highland", "Stonebridge", "Lumen", "Copperleaf", "Nimbus", "Vertex", "Oakridge", "Seabreeze",
     "Pinecone", "Quantix", "Aurora",
 )
-COMPANY_SUFFIXES = ("Labs", "Systems", "Group", "Analytics", "Foods", "Energy", "Logistics", "Media", "Health", "Motors")
+COMPANY_SUFFIXES = (
+    "Labs", "Systems", "Group", "Analytics", "Foods", "Energy", "Logistics", "Media", "Health", "Motors",
+)
 TEAM_MASCOTS = (
     "Falcons", "Tigers", "Wolves", "Sharks", "Comets", "Rangers", "Titans", "Hawks", "Bears", "Dragons", "Pirates",
     "Lions", "Storm", "Knights", "Raptors", "Giants", "Rockets", "Eagles", "Vikings", "Panthers",
@@ -224,7 +228,9 @@ STREETS = (
     "Station", "Harbor", "Sunset", "Meadow", "Forest", "Spring", "Garden",
 )
 STREET_SUFFIXES = ("Street", "Avenue", "Road", "Lane", "Boulevard", "Drive")
-PLAYLIST_MOODS = ("Chill", "Workout", "Focus", "Road Trip", "Rainy Day", "Party", "Morning", "Late Night", "Study", "Summer")
+PLAYLIST_MOODS = (
+    "Chill", "Workout", "Focus", "Road Trip", "Rainy Day", "Party", "Morning", "Late Night", "Study", "Summer",
+)
 PLACE_WORDS = ("Kitchen", "Bistro", "Grill", "Trattoria", "Diner", "Table", "Brasserie", "Cantina", "Tavern", "Eatery")
 TIMEZONES = (
     "America/New_York", "America/Chicago", "America/Denver", "America/Los_Angeles", "America/Toronto",
@@ -243,7 +249,9 @@ DISHES = (
     "margherita pizza", "duck confit", "pork ribs", "lobster bisque", "vegetable lasagna", "steak frites",
     "sushi platter", "goat cheese salad", "chocolate cake", "apple pie", "fish tacos", "pad thai", "beef burger",
 )
-LOTTERIES = ("Powerball", "Mega Millions", "EuroMillions", "UK Lotto", "Lotto 6/49", "SuperEnalotto", "El Gordo", "Oz Lotto")
+LOTTERIES = (
+    "Powerball", "Mega Millions", "EuroMillions", "UK Lotto", "Lotto 6/49", "SuperEnalotto", "El Gordo", "Oz Lotto",
+)
 VIN_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
 UPPER = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 FIRST_DAY = dt.date(2023, 1, 1).toordinal()
@@ -304,31 +312,43 @@ def _pick(values: Sequence[Any]) -> Sampler:
 
 
 def _vocab(name: str, description: str, values: Sequence[str], *clauses: str) -> ParamSpec:
+    """A string parameter drawn from a fixed vocabulary."""
     return ParamSpec(name, "str", description, _pick(values), len(values), clauses)
 
 
 def _enum(name: str, description: str, choices: Sequence[str], *clauses: str) -> ParamSpec:
+    """A string parameter with a few allowed values, stated in its description."""
     options = ", ".join(f"'{choice}'" for choice in choices)
     return ParamSpec(name, "str", f"{description} One of {options}.", _pick(choices), len(choices), clauses,
                      choices=tuple(choices))
 
 
 def _int(name: str, description: str, low: int, high: int, *clauses: str, step: int = 1) -> ParamSpec:
+    """An integer parameter in [low, high] on a grid of `step`."""
     size = (high - low) // step + 1
-    sample = lambda rng: low + step * _below(rng, size)  # noqa: E731
+
+    def sample(rng: random.Random) -> int:
+        return low + step * _below(rng, size)
+
     return ParamSpec(name, "int", description, sample, size, clauses)
 
 
 def _float(name: str, description: str, low: float, high: float, decimals: int, *clauses: str) -> ParamSpec:
-    sample = lambda rng: round(low + (high - low) * rng.random(), decimals)  # noqa: E731
+    """A float parameter in [low, high] rounded to `decimals` (so the query states it exactly as JSON does)."""
+
+    def sample(rng: random.Random) -> float:
+        return round(low + (high - low) * rng.random(), decimals)
+
     return ParamSpec(name, "float", description, sample, int((high - low) * 10**decimals), clauses)
 
 
 def _made(name: str, description: str, sample: Sampler, space: int, *clauses: str) -> ParamSpec:
+    """A string parameter built by `sample` (identifiers, dates, names, ...) with about `space` distinct values."""
     return ParamSpec(name, "str", description, sample, space, clauses)
 
 
 def _bool(name: str, description: str, true_clauses: Sequence[str], false_clauses: Sequence[str]) -> ParamSpec:
+    """A boolean parameter; the query states its value with a true or a false phrasing."""
     return ParamSpec(name, "bool", description, lambda rng: rng.random() < 0.5, 2, tuple(true_clauses),
                      tuple(false_clauses))
 
@@ -1277,6 +1297,7 @@ def build_tool_catalog(seed: int = 0, num_tools: int = 400) -> list[dict]:
     """xLAM tool dicts: `search` first, then `num_tools` tools in the order of intended use (most used first)."""
     return [tool.to_xlam() for tool in _select_tools(seed, num_tools)]
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # Rows
 # ---------------------------------------------------------------------------------------------------------------
@@ -1430,7 +1451,8 @@ def generate_rows(
     if num_rows is not None:
         plan = plan[:num_rows]
     writer = RowWriter(tools, rng)
-    return [writer.row(row_id, planned) for row_id, planned in enumerate(plan)]
+    progress = tqdm(plan, desc="generating rows", unit="row", disable=None, leave=False)
+    return [writer.row(row_id, planned) for row_id, planned in enumerate(progress)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
