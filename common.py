@@ -12,10 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-import torch
-
 logger = logging.getLogger("tokmem")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class UserError(Exception):
@@ -52,6 +51,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -117,6 +117,9 @@ def setup_logging(log_file: str | os.PathLike | None = None, level: int = loggin
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

@@ -62,7 +62,7 @@ generate_round_data() {
                       --train_size "$TRAIN_SIZE" --test_size "$TEST_SIZE"
                       --train_max_function_calls "$train_k" --test_max_function_calls "$test_k"
                       --output_dir "$DATA_DIR" --source "$DATA_SOURCE")
-        [[ -n "${XLAM_PATH:-}" ]] && cmd+=(--xlam_path "$XLAM_PATH")
+        [[ "$DATA_SOURCE" == xlam && -n "${XLAM_PATH:-}" ]] && cmd+=(--xlam_path "$XLAM_PATH")
         "${cmd[@]}" || return $?
     done
 
