@@ -1,0 +1,777 @@
+"""What the tool memory bank costs: training steps and ground-truth-tool decoding, on random-weight Llama backbones.
+
+Training step (forward + backward + AdamW step, median over repeats after warm-up), three ways on one backbone:
+the plain causal LM, FunctionCallingModel (vectorized bank: one lookup, one matmul) and a naive override that loops
+over the tools on both sides. Evaluation: ground-truth-tool decoding of a batch of prompts, batched with the KV cache
+(`generate_with_ground_truth_tools`) against one example at a time re-running the whole sequence at every step.
+Two shapes: the tiny backbone's, and Llama-3.2-1B's widths with few layers. Weights are random: the figures are
+about cost, never quality.
+
+    python bench/bench_tool_memory.py            # both shapes, a few minutes on 2 CPU cores
+    python bench/bench_tool_memory.py --quick    # about 30 s
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import os
+import platform
+import random
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from common import (  # noqa: E402
+    CliParser,
+    UserError,
+    atomic_write_json,
+    positive_int,
+    run_cli,
+    set_seed,
+    setup_logging,
+)
+from dataset import IGNORE_INDEX, left_pad_collate  # noqa: E402
+from model import FunctionCallingModel, ToolForcingProcessor, resolve_device, resolve_dtype  # noqa: E402
+from tiny_backbone import (  # noqa: E402
+    BOS_TOKEN,
+    EOT_TOKEN,
+    LLAMA3_SPECIAL_TOKENS,
+    PAD_TOKEN,
+    BuildSettings,
+    build_random_model,
+    build_tokenizer,
+)
+from training import TrainSettings, build_optimizer  # noqa: E402
+
+logger = logging.getLogger("bench_tool_memory")
+
+LLAMA3_VOCAB_SIZE = 128256
+TOOL_EVERY = 16
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """A backbone shape and the workload sizes measured on it.
+
+    `tokenizer` is "bpe" (a tiny byte-level BPE trained on synthetic text, built with `tiny_backbone.build_tokenizer`)
+    or "ids" (a placeholder word-level vocabulary whose last 256 ids are the Llama-3 special tokens, as in Llama-3).
+    """
+
+    name: str
+    tokenizer: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    num_tools: int
+    batch_size: int
+    seq_len: int
+    eval_examples: int
+    prompt_len: int
+    new_tokens: int
+    warmup: int = 1
+    repeats: int = 3
+    eval_repeats: int = 1
+
+    def describe(self) -> str:
+        return (
+            f"{self.num_layers}L h{self.hidden_size} i{self.intermediate_size} "
+            f"heads {self.num_heads}/{self.num_kv_heads} vocab {self.vocab_size}"
+        )
+
+
+_TINY = BuildSettings()
+SHAPES: dict[str, ShapeSpec] = {
+    "tiny": ShapeSpec(
+        name="tiny",
+        tokenizer="bpe",
+        vocab_size=_TINY.vocab_size,
+        hidden_size=_TINY.hidden_size,
+        intermediate_size=_TINY.intermediate_size,
+        num_layers=_TINY.num_layers,
+        num_heads=_TINY.num_heads,
+        num_kv_heads=_TINY.num_kv_heads,
+        num_tools=200,
+        batch_size=8,
+        seq_len=128,
+        eval_examples=16,
+        prompt_len=64,
+        new_tokens=48,
+        warmup=2,
+        repeats=5,
+        eval_repeats=3,
+    ),
+    "1b-like": ShapeSpec(
+        name="1b-like",
+        tokenizer="ids",
+        vocab_size=LLAMA3_VOCAB_SIZE,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=2,
+        num_heads=32,
+        num_kv_heads=8,
+        num_tools=200,
+        batch_size=1,
+        seq_len=128,
+        eval_examples=4,
+        prompt_len=32,
+        new_tokens=16,
+        warmup=1,
+        repeats=3,
+    ),
+}
+
+# Sizes on a CUDA device (the defaults above are sized for 2 CPU cores).
+CUDA_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"eval_examples": 32, "new_tokens": 64, "warmup": 3, "repeats": 10},
+    "1b-like": {
+        "batch_size": 8, "eval_examples": 16, "prompt_len": 64, "new_tokens": 48, "warmup": 3, "repeats": 10,
+        "eval_repeats": 3,
+    },
+}
+
+# Sizes of `--quick` (about 30 s on 2 CPU cores, both shapes).
+QUICK_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {
+        "batch_size": 4, "seq_len": 64, "eval_examples": 8, "prompt_len": 32, "new_tokens": 24, "repeats": 3,
+        "eval_repeats": 1,
+    },
+    "1b-like": {
+        "num_layers": 1, "batch_size": 1, "seq_len": 64, "eval_examples": 2, "prompt_len": 16, "new_tokens": 8,
+        "warmup": 1, "repeats": 1,
+    },
+}
+
+
+@dataclass
+class Timing:
+    """Seconds of each timed repeat and the peak memory over them."""
+
+    seconds: list[float]
+    peak_mb: float | None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backbones
+
+
+def synthetic_texts(count: int, seed: int) -> list[str]:
+    """Pseudo-words and small JSON objects, enough for a BPE vocabulary of a few thousand tokens."""
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(4000)]
+    texts = []
+    for _ in range(count):
+        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(6, 20)))
+        texts.append(f'{sentence} {{"{rng.choice(words)}": {rng.randint(0, 9999)}}}')
+    return texts
+
+
+def llama3_id_tokenizer(vocab_size: int = LLAMA3_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """A text-free tokenizer with Llama-3's id layout: placeholder tokens, then the 256 special tokens on top.
+
+    The benchmark feeds random ids, so only the layout matters: the reserved special tokens (the tool slots) and
+    <|eot_id|> sit at Llama-3's ids (128002..., 128009 for a vocabulary of 128256).
+    """
+    ordinary = vocab_size - len(LLAMA3_SPECIAL_TOKENS)
+    if ordinary < 16:
+        raise UserError(f"vocab_size {vocab_size} leaves no room below the {len(LLAMA3_SPECIAL_TOKENS)} special tokens")
+    vocab = {f"<id{i}>": i for i in range(ordinary)}
+    vocab.update({token: ordinary + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<id0>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(list(LLAMA3_SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS_TOKEN, eos_token=EOT_TOKEN, pad_token=PAD_TOKEN
+    )
+
+
+def llama_config(shape: ShapeSpec, tokenizer) -> LlamaConfig:
+    """A Llama-3.2 style config (tied embeddings, head_dim = hidden / heads) of `shape`'s widths."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.hidden_size // shape.num_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOT_TOKEN),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def random_llama(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    """A Llama with uniform random weights of std 0.02 (norms at 1), built on the meta device then filled.
+
+    Filling once is several times faster than the library's initialisation, which matters at a 128k vocabulary.
+    """
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    generator = torch.Generator().manual_seed(seed)
+    bound = 0.02 * 3**0.5
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.fill_(1.0)
+            else:
+                param.uniform_(-bound, bound, generator=generator)
+    return model.eval()
+
+
+def build_backbone(shape: ShapeSpec, directory: Path, dtype: torch.dtype, seed: int):
+    """Save a random backbone of `shape` into `directory` (save_pretrained); returns its tokenizer."""
+    if shape.tokenizer == "bpe":
+        tokenizer = build_tokenizer(synthetic_texts(5000, seed), shape.vocab_size)
+        torch.manual_seed(seed)
+        backbone = build_random_model(
+            tokenizer,
+            hidden_size=shape.hidden_size,
+            num_layers=shape.num_layers,
+            num_heads=shape.num_heads,
+            num_kv_heads=shape.num_kv_heads,
+            intermediate_size=shape.intermediate_size,
+        )
+    elif shape.tokenizer == "ids":
+        tokenizer = llama3_id_tokenizer(shape.vocab_size)
+        backbone = random_llama(llama_config(shape, tokenizer), seed)
+    else:
+        raise ValueError(f"unknown tokenizer kind {shape.tokenizer!r}")
+    backbone.to(dtype).save_pretrained(directory)
+    del backbone
+    gc.collect()
+    return tokenizer
+
+
+def load_shape_model(
+    shape: ShapeSpec, device: torch.device, dtype: torch.dtype, seed: int, decouple_embeddings: bool = False
+) -> FunctionCallingModel:
+    """FunctionCallingModel over a freshly saved random backbone of `shape` (the temporary directory is removed)."""
+    names = [f"tool_{i:03d}" for i in range(shape.num_tools)]
+    with tempfile.TemporaryDirectory(prefix=f"bench_{shape.name}_") as tmp:
+        tokenizer = build_backbone(shape, Path(tmp), dtype, seed)
+        model = FunctionCallingModel(
+            tmp, len(names), names, tokenizer=tokenizer, device=device, dtype=dtype,
+            decouple_embeddings=decouple_embeddings,
+        )
+    model.initialize_tool_embeddings(seed=seed)
+    return model
+
+
+def ordinary_id_limit(tokenizer) -> int:
+    """Ids below this are ordinary (non-special) tokens: the Llama-3 special tokens take the top of the vocabulary."""
+    return min(tokenizer.convert_tokens_to_ids(token) for token in LLAMA3_SPECIAL_TOKENS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The naive override
+
+
+class LoopedToolModel(FunctionCallingModel):
+    """The naive override: a Python loop over the tools builds the input embeddings and the tool logits."""
+
+    @classmethod
+    def sharing(cls, model: FunctionCallingModel) -> LoopedToolModel:
+        """A view of `model` with the looped methods: same backbone, bank and buffers (nothing is copied)."""
+        looped = cls.__new__(cls)
+        looped.__dict__.update(model.__dict__)
+        return looped
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """For each tool: mask its token and write its bank row there."""
+        embeddings = self.causal_lm.get_input_embeddings()(input_ids)
+        for index, token_id in enumerate(self.tool_token_ids.tolist()):
+            mask = input_ids == token_id
+            embeddings[mask] = self.tool_embeddings[index].to(embeddings.dtype)
+        return embeddings
+
+    def tool_logits_into(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """For each tool: write `hidden . row` into its logit column."""
+        logits = logits.float()
+        hidden = hidden.float()
+        rows = self.output_rows
+        for index, token_id in enumerate(self.tool_token_ids.tolist()):
+            logits[..., token_id] = hidden @ rows[index]
+        return logits
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Workloads
+
+
+def make_train_batch(model: FunctionCallingModel, batch_size: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random ordinary ids; the second half is the answer (labelled): a tool every 16 positions, end-of-turn last."""
+    if seq_len < 8:
+        raise UserError(f"--seq_len must be at least 8, got {seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, ordinary_id_limit(model.tokenizer), (batch_size, seq_len), generator=generator)
+    prompt = seq_len // 2
+    positions = torch.arange(prompt, seq_len - 1, TOOL_EVERY)
+    slots = torch.randint(0, model.num_tools, (batch_size, len(positions)), generator=generator)
+    input_ids[:, positions] = model.tool_token_ids.cpu()[slots]
+    input_ids[:, -1] = model.end_id
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, prompt:] = input_ids[:, prompt:]
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    return {key: value.to(model.device) for key, value in batch.items()}
+
+
+def make_eval_prompts(
+    model: FunctionCallingModel, count: int, prompt_len: int, seed: int
+) -> tuple[list[list[int]], list[list[str]]]:
+    """`count` prompts of random ordinary ids (lengths between half and all of `prompt_len`) and 1-3 gold tools each."""
+    rng = random.Random(seed)
+    limit = ordinary_id_limit(model.tokenizer)
+    bos = model.tokenizer.bos_token_id
+    prompts, gold = [], []
+    for _ in range(count):
+        length = rng.randint(max(1, prompt_len // 2), prompt_len)
+        prompts.append([bos] + [rng.randrange(limit) for _ in range(length - 1)])
+        gold.append(rng.sample(model.tool_names, rng.randint(1, min(3, model.num_tools))))
+    return prompts, gold
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training steps
+
+
+def plain_loss(model: FunctionCallingModel, stand_in: nn.Parameter) -> Callable[[dict], torch.Tensor]:
+    """The backbone's own causal-LM loss, its input embeddings requiring grad so backward runs through every layer.
+
+    `stand_in` (as many values as the bank) enters the loss with weight zero, so the plain step's AdamW updates as
+    many parameters as the bank's.
+    """
+    lm = model.causal_lm
+
+    def loss(batch: dict) -> torch.Tensor:
+        embeddings = lm.get_input_embeddings()(batch["input_ids"]).requires_grad_()
+        position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        out = lm(
+            inputs_embeds=embeddings,
+            attention_mask=batch["attention_mask"],
+            position_ids=position_ids,
+            labels=batch["labels"],
+        )
+        return out.loss + stand_in.sum() * 0.0
+
+    return loss
+
+
+def bank_loss(model: FunctionCallingModel) -> Callable[[dict], torch.Tensor]:
+    """FunctionCallingModel's answer loss (the bank on both sides)."""
+
+    def loss(batch: dict) -> torch.Tensor:
+        return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+
+    return loss
+
+
+@dataclass
+class TrainVariant:
+    """One way of taking a training step."""
+
+    label: str
+    loss: Callable[[dict], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+
+
+def train_variants(model: FunctionCallingModel, lr: float = 5e-3) -> list[TrainVariant]:
+    """Plain backbone, vectorized bank, looped bank; each with its own AdamW (the bank's from build_optimizer)."""
+    stand_in = nn.Parameter(torch.zeros(sum(p.numel() for p in model.bank_parameters()), device=model.device))
+    looped = LoopedToolModel.sharing(model)
+    settings = TrainSettings(lr=lr)
+    return [
+        TrainVariant("train: plain backbone", plain_loss(model, stand_in), torch.optim.AdamW([stand_in], lr=lr)),
+        TrainVariant("train: bank, vectorized", bank_loss(model), build_optimizer(model, settings, train_lora=False)),
+        TrainVariant("train: bank, loop over tools", bank_loss(looped), build_optimizer(looped, settings, False)),
+    ]
+
+
+def train_step(variant: TrainVariant, batch: dict) -> torch.Tensor:
+    """Forward, backward, AdamW step, gradients cleared; returns the detached loss."""
+    loss = variant.loss(batch)
+    loss.backward()
+    variant.optimizer.step()
+    variant.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_batched(
+    model: FunctionCallingModel, prompts: Sequence[list[int]], gold_tools: Sequence[list[str]], max_new_tokens: int
+) -> list[list[int]]:
+    """Ground-truth-tool decoding of all prompts at once, left-padded and KV-cached (the toolkit's own path)."""
+    items = [
+        {"input_ids": p, "labels": None, "gold_tools": g, "gold_calls": ["{}"] * len(g), "user_input": ""}
+        for p, g in zip(prompts, gold_tools)
+    ]
+    batch = left_pad_collate(items, model.tokenizer.pad_token_id)
+    outputs = model.generate_with_ground_truth_tools(
+        batch["input_ids"], batch["attention_mask"], batch["gold_tools"], max_new_tokens=max_new_tokens
+    )
+    return [out.token_ids for out in outputs]
+
+
+@torch.no_grad()
+def decode_one_by_one(
+    model: FunctionCallingModel, prompts: Sequence[list[int]], gold_tools: Sequence[list[str]], max_new_tokens: int
+) -> list[list[int]]:
+    """The naive way: one example at a time, the whole sequence re-run through the model at every step, no cache."""
+    results = []
+    for prompt, tools in zip(prompts, gold_tools):
+        processor = ToolForcingProcessor(
+            [[model.get_tool_token_id(t) for t in tools]], model.tool_token_ids, model.end_id
+        )
+        ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            scores = processor(ids, model(ids).logits[:, -1, :])
+            next_id = int(scores.argmax(dim=-1))
+            new.append(next_id)
+            if next_id == model.end_id:
+                break
+            ids = torch.cat([ids, ids.new_tensor([[next_id]])], dim=1)
+        results.append(new)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or the process's peak RSS on Linux (/proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak since the last reset: torch.cuda.max_memory_allocated, or the process's peak RSS (VmHWM, else getrusage)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        match = re.search(r"VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+        if match:
+            return int(match.group(1)) / 1024
+    except OSError:
+        pass
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage / 2**20 if platform.system() == "Darwin" else usage / 1024
+
+
+def memory_kind(device: torch.device) -> str:
+    return "CUDA max allocated" if device.type == "cuda" else "process peak RSS"
+
+
+def time_interleaved(
+    fns: Sequence[Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> list[Timing]:
+    """Time several callables round-robin (each round runs each once), so machine noise falls on all of them alike.
+
+    `warmup` untimed rounds first; each callable's peak memory is the largest over its timed calls.
+    """
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    seconds: list[list[float]] = [[] for _ in fns]
+    peaks: list[float | None] = [None for _ in fns]
+    for _ in range(repeats):
+        for index, fn in enumerate(fns):
+            synchronize(device)
+            reset_peak_memory(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            seconds[index].append(time.perf_counter() - start)
+            peak = peak_memory_mb(device)
+            if peak is not None:
+                peaks[index] = max(peak, peaks[index] or 0.0)
+    return [Timing(s, p) for s, p in zip(seconds, peaks)]
+
+
+def timing_rows(labels: Sequence[str], timings: Sequence[Timing]) -> list[dict]:
+    """One figure row per measurement; `ratio` is its median over the first row's."""
+    rows = [
+        {"label": label, "seconds": t.seconds, "median_s": t.median, "min_s": min(t.seconds), "peak_mb": t.peak_mb}
+        for label, t in zip(labels, timings)
+    ]
+    for row in rows:
+        row["ratio"] = row["median_s"] / rows[0]["median_s"]
+    return rows
+
+
+def bench_shape(
+    shape: ShapeSpec, device: torch.device, dtype: torch.dtype, seed: int, decouple_embeddings: bool = False
+) -> dict:
+    """Every measurement on one shape; returns its figures.
+
+    The bank rows are re-initialised after the training steps: rows trained on random data make a random model pick
+    tools everywhere, which would end ground-truth decoding after a few tokens instead of a realistic answer length.
+    """
+    start = time.perf_counter()
+    model = load_shape_model(shape, device, dtype, seed, decouple_embeddings)
+    params = model.parameter_breakdown()
+    model_vocab = model.causal_lm.config.vocab_size
+    logger.info("%s: %s, %.1fM backbone parameters, %d tools, built in %.1f s", shape.name, shape.describe(),
+                params["backbone"] / 1e6, shape.num_tools, time.perf_counter() - start)
+
+    batch = make_train_batch(model, shape.batch_size, shape.seq_len, seed)
+    variants = train_variants(model)
+    model.train()
+    timings = time_interleaved(
+        [lambda v=v: train_step(v, batch) for v in variants], device, shape.warmup, shape.repeats
+    )
+    model.eval()
+    model.initialize_tool_embeddings(seed=seed)
+    train_rows = timing_rows([v.label for v in variants], timings)
+    for row in train_rows:
+        logger.info("%s  %s: median %s", shape.name, row["label"], format_seconds(row["median_s"]))
+
+    prompts, gold = make_eval_prompts(model, shape.eval_examples, shape.prompt_len, seed)
+    decoders = {
+        "eval: GT tools, batched + KV cache": decode_batched,
+        "eval: one at a time, no cache": decode_one_by_one,
+    }
+    decoded: dict[str, list[list[int]]] = {}
+
+    def runner(label: str) -> Callable[[], None]:
+        def run() -> None:
+            decoded[label] = decoders[label](model, prompts, gold, shape.new_tokens)
+
+        return run
+
+    decode_batched(model, prompts[:2], gold[:2], 2)
+    decode_one_by_one(model, prompts[:1], gold[:1], 2)
+    timings = time_interleaved([runner(label) for label in decoders], device, 0, shape.eval_repeats)
+    eval_rows = timing_rows(list(decoders), timings)
+    for row in eval_rows:
+        logger.info("%s  %s: median %s", shape.name, row["label"], format_seconds(row["median_s"]))
+    batched_ids, naive_ids = (decoded[label] for label in decoders)
+    same_ids = batched_ids == naive_ids
+    if not same_ids:
+        logger.warning("%s: batched and one-by-one decoding differ (numerics of %s on %s)", shape.name, dtype, device)
+
+    del model, batch, variants
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "shape": dataclasses.asdict(shape),
+        "vocab_size": model_vocab,
+        "parameters": params,
+        "train": train_rows,
+        "eval": eval_rows,
+        "eval_generated_tokens": sum(len(ids) for ids in batched_ids),
+        "eval_same_ids": same_ids,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1.0 else f"{seconds:.2f} s"
+
+
+def format_table(figures: dict) -> str:
+    """The final table: one line per measurement, the ratio to the first line of its group."""
+    settings = figures["settings"]
+    lines = [
+        f"device {settings['device']} ({settings['device_name']}), {settings['dtype']}, torch {settings['torch']}, "
+        f"{settings['threads']} threads, {'decoupled' if settings['decouple_embeddings'] else 'coupled'} bank; "
+        f"peak MB: {settings['memory']}",
+    ]
+    header = f"{'shape':<8} {'measurement':<36} {'workload':<26} {'time':>10} {'x ref':>8} {'peak MB':>9}"
+    lines += [header, "-" * len(header)]
+    for result in figures["results"]:
+        shape = result["shape"]
+        train_size = f"{shape['batch_size']}x{shape['seq_len']} tok, {shape['num_tools']} tools"
+        eval_size = f"{shape['eval_examples']} prompts, <={shape['new_tokens']} new"
+        for group, size in (("train", train_size), ("eval", eval_size)):
+            for row in result[group]:
+                peak = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
+                lines.append(
+                    f"{shape['name']:<8} {row['label']:<36} {size:<26} {format_seconds(row['median_s']):>10} "
+                    f"{row['ratio']:>7.2f}x {peak:>9}"
+                )
+    lines.append("x ref: time over the first line of its group (plain backbone; batched decoding), so the loop's "
+                 "overhead and the batched decoder's speed-up.")
+    for result in figures["results"]:
+        shape = result["shape"]
+        lines.append(
+            f"{shape['name']}: {shape['num_layers']}L h{shape['hidden_size']} vocab {result['vocab_size']}, "
+            f"{result['parameters']['backbone'] / 1e6:.1f}M backbone parameters; training: median of "
+            f"{shape['repeats']} after {shape['warmup']} warm-up, rounds interleaved; decoding: median of "
+            f"{shape['eval_repeats']}, {result['eval_generated_tokens']} tokens, batched and one-by-one ids "
+            f"identical: {result['eval_same_ids']}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = CliParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="shapes to measure")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (about 30 s on CPU)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    parser.add_argument("--num_tools", type=positive_int, help="tools in the bank (default 200, at most 248)")
+    parser.add_argument("--batch_size", type=positive_int, help="training batch (default: tiny 8, 1b-like 1)")
+    parser.add_argument("--seq_len", type=positive_int, help="training sequence length (default 128)")
+    parser.add_argument("--eval_examples", type=positive_int, help="prompts decoded (default: tiny 16, 1b-like 4)")
+    parser.add_argument("--prompt_len", type=positive_int, help="longest prompt (default: tiny 64, 1b-like 32)")
+    parser.add_argument("--new_tokens", type=positive_int,
+                        help="most new tokens per prompt (default: tiny 48, 1b-like 16)")
+    parser.add_argument("--layers_1b", type=positive_int, help="decoder layers of the 1b-like shape (default 2)")
+    parser.add_argument("--repeats", type=positive_int,
+                        help="timed training steps per variant (default: tiny 5, 1b-like 3; quick 3 and 1)")
+    parser.add_argument("--warmup", type=int, help="untimed training steps per variant (default: tiny 2, else 1)")
+    parser.add_argument("--eval_repeats", type=positive_int,
+                        help="timed decoding runs per way (default: tiny 3, 1b-like 1; quick 1)")
+    parser.add_argument("--decouple_embeddings", action="store_true", help="separate input and output tool rows")
+    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", dest="json_path", help="write the figures to this JSON file (atomically)")
+    args = parser.parse_args(argv)
+    if args.warmup is not None and args.warmup < 0:
+        parser.error("--warmup: expected an integer >= 0")
+    return args
+
+
+def selected_shapes(args, device: torch.device) -> list[ShapeSpec]:
+    """The shapes to run: the defaults, CUDA or --quick sizes over them, then the explicit size flags."""
+    overrides = {
+        key: getattr(args, key)
+        for key in ("num_tools", "batch_size", "seq_len", "eval_examples", "prompt_len", "new_tokens", "warmup",
+                    "repeats", "eval_repeats")
+        if getattr(args, key) is not None
+    }
+    shapes = []
+    for name in args.shapes:
+        shape = SHAPES[name]
+        if args.quick:
+            shape = dataclasses.replace(shape, **QUICK_SIZES[name])
+        elif device.type == "cuda":
+            shape = dataclasses.replace(shape, **CUDA_SIZES[name])
+        if name == "1b-like" and args.layers_1b is not None:
+            shape = dataclasses.replace(shape, num_layers=args.layers_1b)
+        shapes.append(dataclasses.replace(shape, **overrides))
+    return shapes
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, where the platform has one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def warn_if_busy(device: torch.device) -> None:
+    """CPU timings with several threads degrade sharply when other processes hold cores: say so up front."""
+    load = load_average()
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and load is not None and threads > 1 and load >= 0.5:
+        logger.warning(
+            "load average %.2f before starting: other processes are using the CPU, and %d torch threads then wait on "
+            "each other at every op (small shapes suffer most); for steadier figures use --threads 1 or a quiet "
+            "machine", load, threads,
+        )
+
+
+def run_benchmark(args) -> dict:
+    """Measure every selected shape; returns the figures (settings + one result per shape)."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warn_if_busy(device)
+    settings = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine() or "cpu",
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "quick": bool(args.quick),
+        "seed": args.seed,
+        "memory": memory_kind(device),
+        "decouple_embeddings": args.decouple_embeddings,
+        "load_average_start": load_average(),
+    }
+    results = []
+    for shape in selected_shapes(args, device):
+        set_seed(args.seed)
+        results.append(
+            bench_shape(shape, device, dtype, args.seed, args.decouple_embeddings)
+        )
+    settings["load_average_end"] = load_average()
+    return {"settings": settings, "results": results}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    transformers.utils.logging.disable_progress_bar()
+    start = time.perf_counter()
+    figures = run_benchmark(args)
+    figures["settings"]["wall_seconds"] = round(time.perf_counter() - start, 1)
+    print(format_table(figures))
+    if args.json_path:
+        atomic_write_json(args.json_path, figures)
+        logger.info("figures written to %s", args.json_path)
+    logger.info("done in %.0f s", figures["settings"]["wall_seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
