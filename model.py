@@ -408,7 +408,9 @@ class FunctionCallingModel(nn.Module):
         past_key_values=None,
         position_ids: torch.Tensor | None = None,
         use_cache: bool = False,
+        last_position_only: bool = False,
     ) -> CallingOutput:
+        """Logits over the vocabulary with the bank's tool columns; `last_position_only` skips the lm head elsewhere."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
@@ -421,6 +423,8 @@ class FunctionCallingModel(nn.Module):
             use_cache=use_cache,
         )
         hidden = decoder_out.last_hidden_state
+        if last_position_only:
+            hidden = hidden[:, -1:]
         logits = self.tool_logits_into(hidden, self.causal_lm.get_output_embeddings()(hidden))
         loss = tool_loss = None
         if labels is not None:
@@ -447,7 +451,7 @@ class FunctionCallingModel(nn.Module):
         batch = input_ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         generated = []
-        out = self.forward(input_ids, attention_mask, use_cache=True)
+        out = self.forward(input_ids, attention_mask, use_cache=True, last_position_only=True)
         position = (attention_mask.long().sum(-1) - 1).unsqueeze(1)
         for _ in range(max_new_tokens):
             scores = out.logits[:, -1, :]
