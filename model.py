@@ -8,20 +8,23 @@ state, and a checkpoint holds exactly that (safetensors + JSON), never backbone 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
+from transformers.utils import logging as hf_logging
 
-from common import UserError, atomic_write_json, atomic_write_with
+from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with
 from dataset import end_of_turn_id
 
 logger = logging.getLogger(__name__)
@@ -134,10 +137,24 @@ def assign_tool_tokens(tokenizer, num_tools: int) -> tuple[list[int], bool]:
     return [tokenizer.convert_tokens_to_ids(t) for t in new_tokens], True
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide transformers' per-tensor "Loading weights" bar and peft's use of a deprecated transformers property:
+    neither tells the user anything, and either would print lines above a later one-line error."""
+    hf_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        hf_logging.set_tqdm_hook(None)
+
+
 def load_base_model(model_name: str, device: torch.device, dtype: torch.dtype):
     """Load the causal LM, frozen; a missing or unreadable model directory is a one-line error."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     except Exception as err:  # noqa: BLE001 - any loader failure is reported as one line naming the model
         raise UserError(f"cannot load --model_name {model_name!r}: {_first_line(err)}") from None
     model.to(device)
@@ -170,7 +187,8 @@ def attach_lora(base, settings: LoraSettings):
         task_type="CAUSAL_LM",
     )
     try:
-        peft_model = get_peft_model(base, config)
+        with _quiet_loading():
+            peft_model = get_peft_model(base, config)
     except ValueError as err:
         raise UserError(f"--lora_target_modules: {_first_line(err)}") from None
     for name, param in peft_model.named_parameters():
@@ -206,7 +224,9 @@ def save_lora_adapter(peft_model, checkpoint: Path) -> None:
     lora_state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
     lora_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_with(lora_dir / "adapter_model.safetensors", lambda tmp: save_file(lora_state, tmp))
-    peft_model.peft_config["default"].save_pretrained(str(lora_dir))
+    config = peft_model.peft_config["default"].to_dict()
+    config = {key: sorted(value, key=str) if isinstance(value, set) else value for key, value in config.items()}
+    atomic_write_text(lora_dir / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True))
 
 
 def load_lora_adapter(peft_model, checkpoint: Path, device: torch.device) -> None:
