@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 logger = logging.getLogger("tokmem")
 _UMASK = os.umask(0)
@@ -113,6 +114,39 @@ def setup_logging(log_file: str | os.PathLike | None = None, level: int = loggin
     root.setLevel(level)
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "sentence_transformers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _HoldingHandler(logging.Handler):
+    """Keeps every record it is given, for `hold_logs`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def hold_logs() -> Iterator[None]:
+    """Hold back log records while a CLI checks its input against its data: when the block ends normally they are
+    passed on in order; when it raises they are dropped, so a refusal stays its one error line."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    holder = _HoldingHandler()
+    for handler in handlers:
+        root.removeHandler(handler)
+    root.addHandler(holder)
+    try:
+        yield
+    finally:
+        root.removeHandler(holder)
+        for handler in handlers:
+            root.addHandler(handler)
+    for record in holder.records:
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def set_seed(seed: int) -> None:

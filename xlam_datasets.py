@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from common import CliParser, UserError, atomic_write_json, positive_int, run_cli, setup_logging
+from common import CliParser, UserError, atomic_write_json, hold_logs, positive_int, run_cli, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -477,6 +477,7 @@ def build_round(
     if train_size < 0 or test_size < 0:
         raise UserError(f"--train_size and --test_size must not be negative, got {train_size} and {test_size}")
     names = list(ranked[start - 1:end])
+    descriptions = tool_descriptions(rows, names)
     label = f"{start}-{end}"
     rng = random.Random(f"round:{seed}:{label}")
     train_limits = SplitLimits("train", train_max_calls, "--train_max_function_calls", "--train_multi_tool_ratios",
@@ -521,7 +522,7 @@ def build_round(
     rng.shuffle(test)
     logger.info("tools %s: %d train samples (%d single-tool), %d test samples", label, len(train),
                 len(train_singles), len(test))
-    return train, test, tool_descriptions(rows, names)
+    return train, test, descriptions
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -604,17 +605,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_ratios = parse_ratios(args.train_multi_tool_ratios, "--train_multi_tool_ratios")
     test_ratios = parse_ratios(args.test_multi_tool_ratios, "--test_multi_tool_ratios")
     check_test_caps(args.test_max_function_calls, test_ratios)
-    rows = load_xlam_rows(args.source, args.xlam_path, args.seed)
-    ranked = rank_tools(rows)
-    for start, end in ranges:
-        check_range(start, end, ranked)
-    logger.info("%d %s rows, %d tools ranked by single-tool use", len(rows), args.source, len(ranked))
-    for start, end in ranges:
-        train, test, descriptions = build_round(
+    with hold_logs():
+        rows = load_xlam_rows(args.source, args.xlam_path, args.seed)
+        ranked = rank_tools(rows)
+        for start, end in ranges:
+            check_range(start, end, ranked)
+        logger.info("%d %s rows, %d tools ranked by single-tool use", len(rows), args.source, len(ranked))
+        rounds = [(start, end, build_round(
             rows, ranked, start, end, max_samples_per_tool=args.max_samples_per_tool, train_size=args.train_size,
             test_size=args.test_size, train_max_calls=args.train_max_function_calls,
             test_max_calls=args.test_max_function_calls, train_ratios=train_ratios, test_ratios=test_ratios,
-            seed=args.seed)
+            seed=args.seed)) for start, end in ranges]
+    for start, end, (train, test, descriptions) in rounds:
         paths = write_round_files(args.output_dir, start, end, train, test, descriptions,
                                   args.train_max_function_calls, args.test_max_function_calls)
         table = format_distribution(train, test)
