@@ -45,7 +45,7 @@ logger = logging.getLogger("icl_baseline")
 
 UNKNOWN_TOOL = "<unknown>"
 ARGUMENT_FIELDS = ("arguments", "parameters")
-TEST_FILE_PATTERN = re.compile(r"^function_calling_test_tools(\d+-\d+)_\d+calls$")
+TEST_FILE_PATTERN = re.compile(r"^function_calling_test_tools(\d+-\d+)_(\d+)calls$")
 _OPENING = re.compile(r"[\[{]")
 _DECODER = json.JSONDecoder()
 
@@ -79,6 +79,23 @@ def descriptions_path_for(test_path: Path) -> Path:
     return test_path.parent.parent / f"tool_descriptions_tools{match.group(1)}.json"
 
 
+def data_command_for(test_path: Path) -> str | None:
+    """The xlam_datasets.py command that writes a DESIGN.md test file and its descriptions; None for other names."""
+    match = TEST_FILE_PATTERN.match(test_path.stem)
+    if not match or test_path.suffix != ".json":
+        return None
+    return (f"python xlam_datasets.py --top_k {match.group(1)} --test_max_function_calls {match.group(2)} "
+            f"--output_dir {test_path.parent.parent}")
+
+
+def require_file(path: Path, what: str, test_path: Path) -> None:
+    """A missing input file is a one-line error that names it and, for DESIGN.md names, the command that makes it."""
+    if path.is_file():
+        return
+    command = data_command_for(test_path)
+    raise UserError(f"{what} not found: {path}" + (f"; make it with: {command}" if command else ""))
+
+
 def load_descriptions(paths: Sequence[Path]) -> dict[str, dict]:
     """Merge descriptions files `{tool_name: {"name", "description", "parameters"}}`, in file and key order."""
     merged: dict[str, dict] = {}
@@ -104,6 +121,7 @@ def load_test_set(paths: Sequence[Path], descriptions: Mapping[str, dict], max_s
     """Read the test files; every gold tool must be described. `max_samples` keeps a seeded subset, in file order."""
     samples: list[dict] = []
     for path in paths:
+        require_file(path, "data file", path)
         for index, sample in enumerate(load_samples(path)):
             missing = [tool for tool in sample["tools"] if tool not in descriptions]
             if missing:
@@ -415,8 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     test_paths = split_paths(args.test_data)
     if not test_paths:
         raise UserError("--test_data names no file")
-    description_paths = split_paths(args.tool_descriptions) or split_paths(
-        [str(descriptions_path_for(path)) for path in test_paths])
+    description_paths = split_paths(args.tool_descriptions)
+    if not description_paths:
+        for path in test_paths:
+            require_file(descriptions_path_for(path), "tool descriptions file", path)
+        description_paths = split_paths([str(descriptions_path_for(path)) for path in test_paths])
     descriptions = load_descriptions(description_paths)
     samples = load_test_set(test_paths, descriptions, args.max_samples, args.seed)
 
