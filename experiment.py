@@ -182,6 +182,10 @@ class RunDirectory:
             self.completed_rounds = int(state["completed_rounds"])
             self.elapsed_before = float(state.get("wall_seconds", 0.0))
             self.round_stats = list(state.get("round_stats", []))
+            last = self.completed_rounds - 1
+            if last >= 0 and not self.checkpoint_path(last).is_dir():
+                raise UserError(f"--resume: {self.path} finished {self.completed_rounds} round(s) but the checkpoint "
+                                f"of round {last + 1}, {self.checkpoint_path(last)}, is missing")
         metrics_path = self.path / "metrics.jsonl"
         if metrics_path.is_file():
             lines = metrics_path.read_text(encoding="utf-8").splitlines()
