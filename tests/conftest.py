@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Formats that can hold a pickle; a run directory must never contain one.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 
 TOOL_NAMES = ["get_weather", "convert_currency", "search_flights", "calculate_bmi", "book_table", "translate_text"]
 
@@ -68,3 +76,84 @@ def write_round_files(data_dir: Path, start: int, end: int, tools: list[str], tr
     (data_dir / "test" / f"function_calling_test_tools{start}-{end}_{test_calls}calls.json").write_text(json.dumps(test))
     descriptions = {t: {"name": t, "description": f"the {t} tool", "parameters": {}} for t in tools}
     (data_dir / f"tool_descriptions_tools{start}-{end}.json").write_text(json.dumps(descriptions))
+
+
+@pytest.fixture(scope="session")
+def two_round_data(tmp_path_factory) -> Path:
+    """Two rounds of three tools each (1-3, 4-6), 24 training samples per round: the kill/resume runs' data."""
+    data = tmp_path_factory.mktemp("two_round_data")
+    write_round_files(data, 1, 3, ["get_weather", "convert_currency", "search_flights"], n_train=24)
+    write_round_files(data, 4, 6, ["calculate_bmi", "book_table", "translate_text"], n_train=24)
+    return data
+
+
+def output_dir_of(args: list[str]) -> Path:
+    return Path(args[args.index("--output_dir") + 1])
+
+
+def run_to_end(script: str, args: list[str], cwd: Path) -> dict:
+    """Run a sequential CLI to the end; check its run directory (complete files, no pickles) and return summary.json."""
+    result = subprocess.run([sys.executable, str(REPO_ROOT / script), *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = output_dir_of(args)
+    assert_files_complete(out)
+    assert_no_pickle_files(out)
+    return json.loads((out / "summary.json").read_text())
+
+
+def numbers(summary: dict) -> dict:
+    """The parts of summary.json a rerun must reproduce exactly (not the wall time)."""
+    return {"matrix": summary["matrix"], "round_stats": summary["round_stats"]}
+
+
+def kill_in_round_two(script: str, args: list[str], cwd: Path) -> Path:
+    """Start a two-round run, SIGKILL it as soon as round 1 is recorded as finished, and check what it left."""
+    run_dir = output_dir_of(args)
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / script), *args], cwd=cwd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run_dir / "state.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and process.poll() is None:
+            if state.is_file() and json.loads(state.read_text())["completed_rounds"] == 1:
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, "the run ended before round 2 could be interrupted"
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert json.loads(state.read_text())["completed_rounds"] == 1
+    assert not (run_dir / "summary.json").exists()
+    assert_files_complete(run_dir)
+    return run_dir
+
+
+def assert_files_complete(run_dir: Path) -> None:
+    """Every file under its final name is whole: JSON parses, safetensors open, PNGs end; temporaries are dot files."""
+    from safetensors import safe_open
+
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+        if path.name.startswith("."):
+            assert path.name.endswith(".tmp"), f"unexpected hidden file {path}"
+            continue
+        assert not path.name.endswith(".tmp"), f"temporary file under a final name: {path}"
+        if path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".jsonl":
+            for line in path.read_text(encoding="utf-8").splitlines():
+                json.loads(line)
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as tensors:
+                for key in tensors.keys():
+                    tensors.get_tensor(key)
+        elif path.suffix == ".png":
+            data = path.read_bytes()
+            assert data.startswith(b"\x89PNG") and data.endswith(b"IEND\xaeB`\x82"), f"truncated image {path}"
+
+
+def assert_no_pickle_files(run_dir: Path) -> None:
+    """A run directory holds safetensors and JSON, never a pickle-capable format."""
+    found = [str(p) for p in run_dir.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES]
+    assert not found, f"pickle-capable files in {run_dir}: {found}"

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,17 +11,9 @@ import torch
 
 import main_sequential
 import training
-from conftest import write_round_files
+from conftest import kill_in_round_two, numbers, run_to_end
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def two_round_data(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("data")
-    write_round_files(data, 1, 3, ["get_weather", "convert_currency", "search_flights"], n_train=24)
-    write_round_files(data, 4, 6, ["calculate_bmi", "book_table", "translate_text"], n_train=24)
-    return data
+SCRIPT = "main_sequential.py"
 
 
 def cli_args(model_dir: Path, data: Path, out: Path) -> list[str]:
@@ -33,49 +22,20 @@ def cli_args(model_dir: Path, data: Path, out: Path) -> list[str]:
             "--use_lora", "--device", "cpu", "--seed", "7"]
 
 
-def run_to_end(args: list[str], cwd: Path) -> dict:
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "main_sequential.py"), *args], cwd=cwd,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = Path(args[args.index("--output_dir") + 1])
-    return json.loads((out / "summary.json").read_text())
-
-
-def numbers(summary: dict) -> dict:
-    return {"matrix": summary["matrix"], "round_stats": summary["round_stats"]}
-
-
 @pytest.mark.slow
 def test_sigkill_in_round_two_then_resume_gives_the_same_numbers(tiny_model_dir, two_round_data, tmp_path):
-    reference = run_to_end(cli_args(tiny_model_dir, two_round_data, tmp_path / "whole"), tmp_path)
+    reference = run_to_end(SCRIPT, cli_args(tiny_model_dir, two_round_data, tmp_path / "whole"), tmp_path)
 
-    killed_dir = tmp_path / "killed"
-    args = cli_args(tiny_model_dir, two_round_data, killed_dir)
-    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "main_sequential.py"), *args], cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed_dir / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["completed_rounds"] == 1:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before round 2 could be interrupted"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert json.loads(state.read_text())["completed_rounds"] == 1
-    assert not (killed_dir / "summary.json").exists()
-    assert not list(killed_dir.rglob("*.tmp")) or all(p.name.startswith(".") for p in killed_dir.rglob("*.tmp"))
-
-    resumed = run_to_end(args + ["--resume"], tmp_path)
+    args = cli_args(tiny_model_dir, two_round_data, tmp_path / "killed")
+    kill_in_round_two(SCRIPT, args, tmp_path)
+    resumed = run_to_end(SCRIPT, args + ["--resume"], tmp_path)
     assert numbers(resumed) == numbers(reference)
-    final_names = [p.name for p in killed_dir.rglob("*") if p.is_file()]
-    assert not [n for n in final_names if n.endswith(".tmp") and not n.startswith(".")]
 
 
 @pytest.mark.slow
 def test_two_runs_with_the_same_seed_give_identical_metrics(tiny_model_dir, two_round_data, tmp_path):
-    first = run_to_end(cli_args(tiny_model_dir, two_round_data, tmp_path / "a"), tmp_path)
-    second = run_to_end(cli_args(tiny_model_dir, two_round_data, tmp_path / "b"), tmp_path)
+    first = run_to_end(SCRIPT, cli_args(tiny_model_dir, two_round_data, tmp_path / "a"), tmp_path)
+    second = run_to_end(SCRIPT, cli_args(tiny_model_dir, two_round_data, tmp_path / "b"), tmp_path)
     assert numbers(first) == numbers(second)
 
 

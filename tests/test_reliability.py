@@ -1,0 +1,682 @@
+"""Reliability of the four CLIs: every bad input is one `prog: error: ...` line naming the culprit with exit status 2
+and no traceback; kill-and-resume and same-seed determinism of the LoRA baseline; nothing loads or writes pickles.
+
+The bad-input tables run each CLI as a script, in a temporary working directory, through tests/cli_forkserver.py: one
+interpreter imports torch, transformers and peft once and forks a child per case, so a case costs milliseconds, not
+the seconds of a fresh import. `xlam_datasets.py` imports none of them and runs as a plain subprocess. The server's
+own stderr must stay empty (imports print nothing), and one case of TokMem and of ICL also runs in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from conftest import (REPO_ROOT, assert_files_complete, assert_no_pickle_files, kill_in_round_two, numbers,
+                      run_to_end, write_round_files)
+
+ROUND_1 = ["get_weather", "convert_currency", "search_flights"]
+ROUND_2 = ["calculate_bmi", "book_table", "translate_text"]
+TRAIN_1 = "training/function_calling_train_tools1-3_4calls.json"
+TEST_1 = "test/function_calling_test_tools1-3_4calls.json"
+TEST_2 = "test/function_calling_test_tools4-6_4calls.json"
+DESCRIPTIONS_1 = "tool_descriptions_tools1-3.json"
+HEAVY_MODULES = ("main_sequential", "lora_sequential", "icl_baseline")
+CASE_TIMEOUT = 120
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running a CLI
+
+
+class ForkServer:
+    """Client of tests/cli_forkserver.py: run a CLI script in a forked child of a pre-imported interpreter."""
+
+    def __init__(self, modules: tuple[str, ...], log: Path):
+        self.log = log
+        self._stderr = open(log, "w", encoding="utf-8")
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "tests" / "cli_forkserver.py"), *modules], cwd=REPO_ROOT,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        ready = self.process.stdout.readline()
+        assert ready and json.loads(ready) == {"ready": True}, log.read_text()
+
+    def run(self, script: str, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+        request = {"script": str(REPO_ROOT / script), "argv": argv, "cwd": str(cwd), "timeout": CASE_TIMEOUT}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        assert line, f"the fork server died: {self.log.read_text()[-2000:]}"
+        reply = json.loads(line)
+        return subprocess.CompletedProcess([script, *argv], reply["returncode"], reply["stdout"], reply["stderr"])
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+        self._stderr.close()
+
+
+@pytest.fixture(scope="module")
+def fork_server(tmp_path_factory) -> Iterator[ForkServer]:
+    server = ForkServer(HEAVY_MODULES, tmp_path_factory.mktemp("fork_server") / "stderr.log")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def run_fresh(script: str, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run a CLI in a fresh interpreter, as a user does."""
+    return subprocess.run([sys.executable, str(REPO_ROOT / script), *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=CASE_TIMEOUT)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, script: str, expected: tuple[str, ...]) -> str:
+    """Exit status 2, and stderr is exactly one `script: error: ...` line holding every expected substring."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, f"exit status {result.returncode}; stderr:\n{result.stderr[-3000:]}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"stderr has {len(lines)} lines:\n{result.stderr[-3000:]}"
+    line = lines[0]
+    assert line.startswith(f"{script}: error: "), line
+    for text in expected:
+        assert text in line, f"{text!r} not in {line!r}"
+    return line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tables: (case id, argv, file setup, expected substrings of the error line)
+
+
+@dataclass
+class Context:
+    """A case's places and runner: `{tmp}`, `{data}`, `{model}` and `{out}` in argv and expected texts stand for the
+    places; `run(extra)` runs the CLI with its base argv plus `extra`, in {tmp}."""
+
+    tmp: Path
+    model: Path
+    base: list[str]
+    runner: Callable[[list[str], Path], subprocess.CompletedProcess]
+
+    @property
+    def data(self) -> Path:
+        return self.tmp / "data"
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "run"
+
+    def fill(self, text: str) -> str:
+        return text.format(tmp=self.tmp, data=self.data, model=self.model, out=self.out)
+
+    def run(self, extra: list[str]) -> subprocess.CompletedProcess:
+        return self.runner([self.fill(a) for a in self.base + extra], self.tmp)
+
+
+Setup = Callable[[Context], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: argv (appended to the CLI's base argv; a repeated flag's last value wins), the files to break,
+    and the substrings the error line must hold."""
+
+    id: str
+    argv: tuple[str, ...]
+    expect: tuple[str, ...]
+    setup: tuple[Setup, ...] = field(default=())
+
+
+def case(case_id: str, argv: list[str], expect: str | list[str], *setup: Setup) -> pytest.param:
+    expected = (expect,) if isinstance(expect, str) else tuple(expect)
+    return pytest.param(Case(case_id, tuple(argv), expected, setup), id=case_id)
+
+
+def write_text(relative: str, text: str) -> Setup:
+    """Replace a data file's text."""
+
+    def apply(ctx: Context) -> None:
+        (ctx.data / relative).write_text(text)
+
+    return apply
+
+
+def edit_rows(relative: str, edit: Callable[[list[dict]], list[dict]]) -> Setup:
+    """Rewrite a data file's rows through `edit`."""
+
+    def apply(ctx: Context) -> None:
+        path = ctx.data / relative
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+    return apply
+
+
+def drop_field(name: str, row: int = 1) -> Callable[[list[dict]], list[dict]]:
+    def edit(rows: list[dict]) -> list[dict]:
+        del rows[row][name]
+        return rows
+
+    return edit
+
+
+def extra_call(rows: list[dict]) -> list[dict]:
+    rows[0]["function_calls"].append('{"city": "Oslo"}')
+    return rows
+
+
+def foreign_tool(rows: list[dict]) -> list[dict]:
+    rows[0]["tools"][0] = "book_table"
+    return rows
+
+
+def remove(relative: str) -> Setup:
+    def apply(ctx: Context) -> None:
+        (ctx.data / relative).unlink()
+
+    return apply
+
+
+def many_tools(ctx: Context) -> None:
+    """One round of 249 tools: one more than the Llama-3 style tokenizer's 248 reserved tokens."""
+    tools = [f"tool_{i:03d}" for i in range(249)]
+    write_round_files(ctx.data, 1, 249, tools, n_train=249, n_test=2)
+
+
+def empty_model_dir(ctx: Context) -> None:
+    (ctx.tmp / "empty_model").mkdir()
+
+
+def corrupt_model_weights(ctx: Context) -> None:
+    """A copy of the tiny model whose weights file is garbage: the tokenizer loads, the model does not."""
+    target = ctx.tmp / "broken_model"
+    shutil.copytree(ctx.model, target)
+    (target / "model.safetensors").write_bytes(b"this is not a safetensors file")
+
+
+def earlier_run(argv: list[str]) -> Setup:
+    """A finished one-round run in {out}, made with `argv` appended to the CLI's base argv."""
+
+    def apply(ctx: Context) -> None:
+        result = ctx.run(list(argv))
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    return apply
+
+
+def earlier_icl_run(ctx: Context) -> None:
+    """{out} already holds an in-context run's results."""
+    ctx.out.mkdir()
+    (ctx.out / "results.json").write_text("{}")
+
+
+def remove_checkpoints(ctx: Context) -> None:
+    shutil.rmtree(ctx.out / "checkpoints")
+
+
+def break_state(ctx: Context) -> None:
+    (ctx.out / "state.json").write_text('{"completed_rounds": ')
+
+
+MISSING_MODEL = ["--model_name", "{tmp}/no_such_model"]
+ONE_ROUND = ["--training_rounds", "1-3:1"]
+
+# What both sequential CLIs (TokMem and the LoRA baseline) must refuse; they read rounds and data the same way.
+SEQUENTIAL_CASES = [
+    case("rounds-malformed", ["--training_rounds", "1-3"], "--training_rounds: '1-3' is not START-END:EPOCHS"),
+    case("rounds-not-numbers", ["--training_rounds", "one-three:1"], "--training_rounds: 'one-three:1'"),
+    case("rounds-reversed", ["--training_rounds", "3-1:1"], "--training_rounds: range 3-1"),
+    case("rounds-overlapping", ["--training_rounds", "1-3:1,3-6:1"], "--training_rounds: ranges 1-3 and 3-6 overlap"),
+    case("rounds-empty", ["--training_rounds", ""], "--training_rounds is empty"),
+    case("rounds-blank-part", ["--training_rounds", "1-3:1,"], "--training_rounds: '' is not START-END:EPOCHS"),
+    case("rounds-zero-epochs", ["--training_rounds", "1-3:0"], "--training_rounds: round 1-3 needs at least 1 epoch"),
+    case("train-caps-too-many", ["--train_max_function_calls_per_round", "4,4,4"],
+         "--train_max_function_calls_per_round: 3 values for 2 rounds"),
+    case("test-caps-too-few", ["--test_max_function_calls_per_round", "4"],
+         "--test_max_function_calls_per_round: 1 values for 2 rounds"),
+    case("train-caps-not-integers", ["--train_max_function_calls_per_round", "4,four"],
+         ["--train_max_function_calls_per_round", "integers", "'4,four'"]),
+    case("test-caps-not-integers", ["--test_max_function_calls_per_round", "4,2.5"],
+         ["--test_max_function_calls_per_round", "integers", "'4,2.5'"]),
+    case("test-caps-zero", ["--test_max_function_calls_per_round", "4,0"],
+         "--test_max_function_calls_per_round: every value must be >= 1"),
+    case("train-file-missing", [], ["round 1-3", "{data}/" + TRAIN_1, "is missing",
+                                    "make it with: python xlam_datasets.py --top_k 1-3"], remove(TRAIN_1)),
+    case("test-file-missing", [], ["round 4-6", "{data}/" + TEST_2, "python xlam_datasets.py --top_k 4-6"],
+         remove(TEST_2)),
+    case("caps-name-missing-files", ["--train_max_function_calls_per_round", "4,3"],
+         ["function_calling_train_tools4-6_3calls.json", "--train_max_function_calls 3"]),
+    case("data-not-json", [], ["{data}/" + TRAIN_1, "is not valid JSON"], write_text(TRAIN_1, "{not json")),
+    case("data-zero-bytes", [], ["{data}/" + TEST_1, "is not valid JSON"], write_text(TEST_1, "")),
+    case("data-not-a-list", [], ["{data}/" + TRAIN_1, "expected a JSON list of samples, got dict"],
+         write_text(TRAIN_1, '{"user_input": "hi", "tools": [], "function_calls": []}')),
+    case("data-row-not-object", [], ["{data}/" + TRAIN_1, "row 0", "expected an object"],
+         write_text(TRAIN_1, '["just a string"]')),
+    case("row-without-user_input", [], ["{data}/" + TRAIN_1, "row 1", "missing field 'user_input'"],
+         edit_rows(TRAIN_1, drop_field("user_input"))),
+    case("row-without-tools", [], ["{data}/" + TEST_1, "row 1", "missing field 'tools'"],
+         edit_rows(TEST_1, drop_field("tools"))),
+    case("row-without-function_calls", [], ["{data}/" + TRAIN_1, "row 1", "missing field 'function_calls'"],
+         edit_rows(TRAIN_1, drop_field("function_calls"))),
+    case("tools-and-calls-differ", [], ["{data}/" + TRAIN_1, "row 0", "1 tools but 2 function_calls"],
+         edit_rows(TRAIN_1, extra_call)),
+    case("tool-outside-round-test", [], ["{data}/" + TEST_1, "row 0", "'book_table' is not one of this round's tools"],
+         edit_rows(TEST_1, foreign_tool)),
+    case("tool-outside-round-train", [], ["{data}/" + TRAIN_1, "row 0", "'book_table' is not one of this round's"],
+         edit_rows(TRAIN_1, foreign_tool)),
+    case("data-empty", [], ["{data}/" + TEST_2, "holds no samples"], write_text(TEST_2, "[]")),
+    case("descriptions-not-object", [], ["{data}/" + DESCRIPTIONS_1, "expected an object"],
+         write_text(DESCRIPTIONS_1, "[]")),
+    case("model-dir-missing", MISSING_MODEL, "--model_name '{tmp}/no_such_model'"),
+    case("model-dir-empty", ["--model_name", "{tmp}/empty_model"], "--model_name '{tmp}/empty_model'",
+         empty_model_dir),
+    case("model-weights-unreadable", ["--model_name", "{tmp}/broken_model"],
+         "cannot load --model_name '{tmp}/broken_model'", corrupt_model_weights),
+    case("resume-no-output-dir", ["--resume", "--output_dir", ""], "--resume needs --output_dir"),
+    case("resume-no-run", ["--resume"], ["--resume", "{out}", "holds no run"]),
+    case("batch-size-zero", ["--batch_size", "0"], "argument --batch_size: expected a positive integer, got '0'"),
+    case("batch-size-negative", ["--batch_size", "-4"], "argument --batch_size: expected a positive integer"),
+    case("batch-size-not-a-number", ["--batch_size", "four"], "argument --batch_size"),
+    case("eval-batch-size-zero", ["--eval_batch_size", "0"], "argument --eval_batch_size"),
+    case("grad-accumulation-zero", ["--gradient_accumulation_steps", "0"], "argument --gradient_accumulation_steps"),
+    case("lr-zero", ["--lr", "0"], "argument --lr: expected a positive number, got '0'"),
+    case("lr-negative", ["--lr", "-0.001"], "argument --lr: expected a positive number, got '-0.001'"),
+    case("lr-nan", ["--lr", "nan"], "argument --lr: expected a positive number, got 'nan'"),
+    case("lr-infinite", ["--lr", "inf"], "argument --lr: expected a positive number, got 'inf'"),
+    case("max-new-tokens-zero", ["--max_new_tokens", "0"], "argument --max_new_tokens"),
+    case("unknown-flag", ["--learning_rate", "0.1"], "unrecognized arguments: --learning_rate"),
+]
+
+MAIN_BASE = ["--model_name", "{model}", "--training_rounds", "1-3:1,4-6:1", "--data_dir", "{data}", "--output_dir",
+             "{out}", "--device", "cpu", "--batch_size", "4", "--eval_batch_size", "4", "--max_new_tokens", "4"]
+MAIN_CASES = SEQUENTIAL_CASES + [
+    case("more-tools-than-token-slots", ["--training_rounds", "1-249:1"],
+         ["249 tools", "only 248 reserved special tokens"], many_tools),
+    case("lora-lr-zero", ["--lora_lr", "0"], "argument --lora_lr: expected a positive number"),
+    case("lora-dropout-one", ["--use_lora", "--lora_dropout", "1"], "--lora_dropout: expected a number in [0, 1)"),
+    case("lora-target-unknown", ["--use_lora", "--lora_target_modules", "no_such_proj"], "--lora_target_modules"),
+    case("lora-layer-outside", ["--use_lora", "--lora_layer_indices", "5"], "--lora_layer_indices: 5 is outside"),
+    case("lora-layers-not-integers", ["--use_lora", "--lora_layer_indices", "last"],
+         "--lora_layer_indices: expected comma-separated integers"),
+    case("resume-different-configuration", ONE_ROUND + ["--batch_size", "2", "--resume"],
+         ["--resume", "{out}", "different configuration (--batch_size)"], earlier_run(ONE_ROUND)),
+    case("resume-checkpoint-missing", ONE_ROUND + ["--resume"], ["--resume", "{out}/checkpoints/round_1", "missing"],
+         earlier_run(ONE_ROUND), remove_checkpoints),
+    case("resume-state-corrupt", ONE_ROUND + ["--resume"], "run state {out}/state.json is not valid JSON",
+         earlier_run(ONE_ROUND), break_state),
+]
+
+LORA_BASE = MAIN_BASE + ["--lora_r", "2"]
+LORA_CASES = SEQUENTIAL_CASES + [
+    case("replay-ratio-negative", ["--use_replay_buffer", "--replay_ratio", "-0.1"],
+         "argument --replay_ratio: expected a number in [0, 1], got '-0.1'"),
+    case("replay-ratio-above-one", ["--use_replay_buffer", "--replay_ratio", "1.5"],
+         "argument --replay_ratio: expected a number in [0, 1], got '1.5'"),
+    case("replay-ratio-not-a-number", ["--replay_ratio", "half"], "argument --replay_ratio"),
+    case("replay-ratio-fills-batch", ["--use_replay_buffer", "--replay_ratio", "1"], "--replay_ratio"),
+    case("replay-buffer-size-zero", ["--replay_buffer_size", "0"], "argument --replay_buffer_size"),
+    case("marker-style-unknown", ["--marker_style", "emoji"], "argument --marker_style"),
+    case("lora-dropout-negative", ["--lora_dropout", "-0.5"], "--lora_dropout: expected a number in [0, 1)"),
+    case("lora-target-unknown", ["--lora_target_modules", "no_such_proj"], "--lora_target_modules"),
+    case("lora-targets-empty", ["--lora_target_modules", ","], "--lora_target_modules is empty"),
+    case("resume-different-configuration", ONE_ROUND + ["--lora_r", "4", "--resume"],
+         ["--resume", "{out}", "different configuration (--lora_r)"], earlier_run(ONE_ROUND)),
+    case("resume-checkpoint-missing", ONE_ROUND + ["--resume"], ["--resume", "{out}/checkpoints/round_1", "missing"],
+         earlier_run(ONE_ROUND), remove_checkpoints),
+]
+
+ICL_BASE = ["--test_data", "{data}/" + TEST_1, "--model_name", "{model}", "--output", "{out}", "--device", "cpu",
+            "--max_new_tokens", "4", "--batch_size", "4"]
+ICL_CASES = [
+    case("test-file-missing", [], ["data file not found: {data}/" + TEST_1,
+                                   "make it with: python xlam_datasets.py --top_k 1-3 --test_max_function_calls 4"],
+         remove(TEST_1)),
+    case("second-round-files-missing", ["--test_data", "{data}/test/function_calling_test_tools7-9_2calls.json"],
+         ["tool descriptions file not found: {data}/tool_descriptions_tools7-9.json",
+          "make it with: python xlam_datasets.py --top_k 7-9 --test_max_function_calls 2 --output_dir {data}"]),
+    case("descriptions-missing", [], ["tool descriptions file not found: {data}/" + DESCRIPTIONS_1,
+                                      "python xlam_datasets.py --top_k 1-3"], remove(DESCRIPTIONS_1)),
+    case("descriptions-not-json", [], ["{data}/" + DESCRIPTIONS_1, "is not valid JSON"],
+         write_text(DESCRIPTIONS_1, "{oops")),
+    case("descriptions-not-object", [], ["{data}/" + DESCRIPTIONS_1, "expected a non-empty object"],
+         write_text(DESCRIPTIONS_1, "[]")),
+    case("data-not-json", [], ["{data}/" + TEST_1, "is not valid JSON"], write_text(TEST_1, "[{")),
+    case("data-not-a-list", [], ["{data}/" + TEST_1, "expected a JSON list of samples, got str"],
+         write_text(TEST_1, '"samples"')),
+    case("row-without-user_input", [], ["{data}/" + TEST_1, "row 1", "missing field 'user_input'"],
+         edit_rows(TEST_1, drop_field("user_input"))),
+    case("row-without-tools", [], ["{data}/" + TEST_1, "row 1", "missing field 'tools'"],
+         edit_rows(TEST_1, drop_field("tools"))),
+    case("row-without-function_calls", [], ["{data}/" + TEST_1, "row 1", "missing field 'function_calls'"],
+         edit_rows(TEST_1, drop_field("function_calls"))),
+    case("tools-and-calls-differ", [], ["{data}/" + TEST_1, "row 0", "2 tools but 3 function_calls"],
+         edit_rows(TEST_1, extra_call)),
+    case("tool-outside-round", [], ["{data}/" + TEST_1, "row 0", "'book_table' has no description"],
+         edit_rows(TEST_1, foreign_tool)),
+    case("data-empty", [], ["{data}/" + TEST_1, "holds no samples"], write_text(TEST_1, "[]")),
+    case("model-dir-missing", MISSING_MODEL, "--model_name '{tmp}/no_such_model'"),
+    case("model-dir-empty", ["--model_name", "{tmp}/empty_model"], "--model_name '{tmp}/empty_model'",
+         empty_model_dir),
+    case("model-weights-unreadable", ["--model_name", "{tmp}/broken_model"],
+         "cannot load --model_name '{tmp}/broken_model'", corrupt_model_weights),
+    case("batch-size-zero", ["--batch_size", "0"], "argument --batch_size: expected a positive integer, got '0'"),
+    case("batch-size-negative", ["--batch_size", "-1"], "argument --batch_size: expected a positive integer"),
+    case("retrieval-k-zero", ["--use_rag", "--retrieval_k", "0"],
+         "argument --retrieval_k: expected a positive integer, got '0'"),
+    case("max-samples-zero", ["--max_samples", "0"], "argument --max_samples"),
+    case("max-new-tokens-negative", ["--max_new_tokens", "-5"], "argument --max_new_tokens"),
+    case("output-is-a-file", ["--output", "{tmp}/results.txt"], "--output {tmp}/results.txt exists",
+         lambda ctx: (ctx.tmp / "results.txt").write_text("x")),
+    case("output-holds-a-run", [], "--output {out} already holds a run", earlier_icl_run),
+]
+
+
+def check_case(ctx: Context, script: str, item: Case, round_files: bool = True) -> None:
+    """Write two good rounds of data (tools 1-3 and 4-6) unless told not to, apply the case's setup, run the CLI and
+    check its one error line."""
+    if round_files:
+        write_round_files(ctx.data, 1, 3, ROUND_1)
+        write_round_files(ctx.data, 4, 6, ROUND_2)
+    for step in item.setup:
+        step(ctx)
+    result = ctx.run(list(item.argv))
+    assert_one_line_error(result, script, tuple(ctx.fill(e) for e in item.expect))
+
+
+def forked(server: ForkServer, script: str) -> Callable[[list[str], Path], subprocess.CompletedProcess]:
+    return lambda argv, cwd: server.run(script, argv, cwd)
+
+
+def fresh(script: str) -> Callable[[list[str], Path], subprocess.CompletedProcess]:
+    return lambda argv, cwd: run_fresh(script, argv, cwd)
+
+
+@pytest.mark.parametrize("item", MAIN_CASES)
+def test_main_sequential_bad_input(item, fork_server, tiny_model_dir, tmp_path):
+    check_case(Context(tmp_path, tiny_model_dir, MAIN_BASE, forked(fork_server, "main_sequential.py")),
+               "main_sequential.py", item)
+
+
+@pytest.mark.parametrize("item", LORA_CASES)
+def test_lora_sequential_bad_input(item, fork_server, tiny_model_dir, tmp_path):
+    check_case(Context(tmp_path, tiny_model_dir, LORA_BASE, forked(fork_server, "lora_sequential.py")),
+               "lora_sequential.py", item)
+
+
+@pytest.mark.parametrize("item", ICL_CASES)
+def test_icl_baseline_bad_input(item, fork_server, tiny_model_dir, tmp_path):
+    check_case(Context(tmp_path, tiny_model_dir, ICL_BASE, forked(fork_server, "icl_baseline.py")),
+               "icl_baseline.py", item)
+
+
+def test_held_logs_are_dropped_on_an_error_and_passed_on_otherwise():
+    from common import UserError, hold_logs
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    log = logging.getLogger("tokmem.test")
+    try:
+        with pytest.raises(UserError):
+            with hold_logs():
+                log.info("checking the input")
+                raise UserError("bad input")
+        assert stream.getvalue() == ""
+        with hold_logs():
+            log.info("first")
+            log.warning("second")
+            assert stream.getvalue() == ""
+        assert stream.getvalue().splitlines() == ["first", "second"]
+        assert handler in root.handlers
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def test_the_fork_server_imports_quietly(fork_server):
+    """Importing the CLIs prints nothing: a warning there would be a second line of every error in a fresh run."""
+    assert fork_server.log.read_text() == ""
+
+
+@pytest.mark.parametrize("script, base, item", [
+    ("main_sequential.py", MAIN_BASE, MAIN_CASES[0].values[0]),
+    ("icl_baseline.py", ICL_BASE, ICL_CASES[0].values[0]),
+], ids=["main_sequential", "icl_baseline"])
+def test_fresh_interpreter_gives_the_same_one_line_error(script, base, item, tiny_model_dir, tmp_path):
+    check_case(Context(tmp_path, tiny_model_dir, base, fresh(script)), script, item)
+
+
+# xlam_datasets.py imports no deep-learning library: a plain subprocess per case is fast enough.
+
+
+def xlam_rows(ctx: Context) -> list[dict]:
+    """Three valid xLAM rows: two tools, single-tool answers."""
+    tools = [{"name": name, "description": f"the {name} tool", "parameters": {"city": {"type": "str"}}}
+             for name in ("get_weather", "get_time")]
+    return [{"id": i, "query": f"weather and time in city{i}", "tools": json.dumps(tools),
+             "answers": json.dumps([{"name": tools[i % 2]["name"], "arguments": {"city": f"city{i}"}}])}
+            for i in range(3)]
+
+
+def xlam_file(text: Callable[[Context], str]) -> Setup:
+    def apply(ctx: Context) -> None:
+        (ctx.tmp / "xlam.json").write_text(text(ctx))
+
+    return apply
+
+
+def xlam_edit(edit: Callable[[list[dict]], None]) -> Setup:
+    def text(ctx: Context) -> str:
+        rows = xlam_rows(ctx)
+        edit(rows)
+        return json.dumps(rows)
+
+    return xlam_file(text)
+
+
+def undefined_answer_tool(rows: list[dict]) -> None:
+    for row in rows:
+        row["answers"] = json.dumps([{"name": "book_taxi", "arguments": {"city": "Rome"}}])
+
+
+XLAM_FILE = ["--source", "xlam", "--xlam_path", "{tmp}/xlam.json"]
+XLAM_BASE = ["--output_dir", "{data}", "--max_samples_per_tool", "5", "--train_size", "10", "--test_size", "4"]
+XLAM_CASES = [
+    case("top-k-malformed", ["--top_k", "1-x"], "--top_k: expected N or START-END"),
+    case("top-k-reversed", ["--top_k", "50-1"], "--top_k: the range '50-1' is reversed"),
+    case("top-k-empty", ["--top_k", ""], "--top_k: expected N or START-END (1-based, inclusive), got ''"),
+    case("top-k-blank-part", ["--top_k", "1-5,"], "--top_k: expected N or START-END (1-based, inclusive), got ''"),
+    case("top-k-zero", ["--top_k", "0-5"], "--top_k: ranks start at 1"),
+    case("top-k-beyond-ranking", ["--top_k", "1-2000"], ["--top_k 1-2000", "tools are ranked"]),
+    case("second-range-too-narrow", ["--top_k", "1-5,6-6"], ["tools 6-6", "--train_multi_tool_ratios"]),
+    case("ratios-wrong-length", ["--train_multi_tool_ratios", "0.2,0.3,0.5"], "--train_multi_tool_ratios"),
+    case("ratios-not-numbers", ["--test_multi_tool_ratios", "half,half"], "--test_multi_tool_ratios"),
+    case("ratios-not-summing-to-one", ["--test_multi_tool_ratios", "0.5,0.6"], "--test_multi_tool_ratios"),
+    case("train-size-zero", ["--train_size", "0"], "argument --train_size: expected a positive integer"),
+    case("test-size-negative", ["--test_size", "-3"], "argument --test_size: expected a positive integer"),
+    case("samples-per-tool-zero", ["--max_samples_per_tool", "0"], "argument --max_samples_per_tool"),
+    case("call-cap-zero", ["--train_max_function_calls", "0"], "argument --train_max_function_calls"),
+    case("test-cap-too-small", ["--test_max_function_calls", "2"], "--test_max_function_calls 2 cannot hold"),
+    case("source-unknown", ["--source", "hub"], "argument --source: invalid choice: 'hub'"),
+    case("xlam-path-without-xlam-source", ["--xlam_path", "{tmp}/xlam.json"], "--xlam_path is only read with"),
+    case("xlam-file-missing", XLAM_FILE, ["xLAM file {tmp}/xlam.json not found", "--xlam_path"]),
+    case("xlam-file-not-json", XLAM_FILE, ["xLAM file {tmp}/xlam.json is not valid JSON"],
+         xlam_file(lambda ctx: "[{oops")),
+    case("xlam-file-not-a-list", XLAM_FILE, ["xLAM file {tmp}/xlam.json: line 1 is not valid JSON"],
+         xlam_file(lambda ctx: json.dumps({"rows": xlam_rows(ctx)}, indent=2))),
+    case("xlam-row-not-object", XLAM_FILE, ["xLAM file {tmp}/xlam.json: row 0", "expected an object"],
+         xlam_file(lambda ctx: "[1, 2]")),
+    case("xlam-row-without-query", XLAM_FILE, ["{tmp}/xlam.json: row 1", "missing field 'query'"],
+         xlam_edit(lambda rows: rows[1].pop("query"))),
+    case("xlam-row-without-tools", XLAM_FILE, ["{tmp}/xlam.json: row 2", "missing field 'tools'"],
+         xlam_edit(lambda rows: rows[2].pop("tools"))),
+    case("xlam-row-without-answers", XLAM_FILE, ["{tmp}/xlam.json: row 0", "missing field 'answers'"],
+         xlam_edit(lambda rows: rows[0].pop("answers"))),
+    case("xlam-answers-not-a-list", XLAM_FILE, ["{tmp}/xlam.json: row 0", "field 'answers' must encode a JSON list"],
+         xlam_edit(lambda rows: rows[0].update(answers='{"name": "get_weather"}'))),
+    case("xlam-answer-tool-undefined", XLAM_FILE + ["--top_k", "1-1"], ["book_taxi", "'tools' field"],
+         xlam_edit(undefined_answer_tool)),
+    case("xlam-file-empty-list", XLAM_FILE, "xLAM file {tmp}/xlam.json holds no rows", xlam_file(lambda ctx: "[]")),
+    case("xlam-file-zero-bytes", XLAM_FILE, "xLAM file {tmp}/xlam.json holds no rows", xlam_file(lambda ctx: "")),
+]
+
+
+@pytest.mark.parametrize("item", XLAM_CASES)
+def test_xlam_datasets_bad_input(item, tmp_path):
+    check_case(Context(tmp_path, tmp_path, XLAM_BASE, fresh("xlam_datasets.py")), "xlam_datasets.py", item,
+               round_files=False)
+    assert not (tmp_path / "data").exists(), "a refused run wrote data files"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kill and resume, determinism: the LoRA baseline with replay (TokMem's are in test_resume.py)
+
+LORA_SCRIPT = "lora_sequential.py"
+
+
+def lora_args(model_dir: Path, data: Path, out: Path) -> list[str]:
+    return ["--model_name", str(model_dir), "--training_rounds", "1-3:1,4-6:2", "--data_dir", str(data),
+            "--output_dir", str(out), "--batch_size", "4", "--eval_all_previous", "--max_new_tokens", "8",
+            "--device", "cpu", "--seed", "7", "--lora_r", "4", "--use_replay_buffer", "--replay_buffer_size", "8",
+            "--replay_ratio", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tiny_model_dir, two_round_data, tmp_path_factory) -> dict:
+    """summary.json of one uninterrupted LoRA + replay run."""
+    tmp = tmp_path_factory.mktemp("lora_reference")
+    return run_to_end(LORA_SCRIPT, lora_args(tiny_model_dir, two_round_data, tmp / "whole"), tmp)
+
+
+@pytest.mark.slow
+def test_lora_replay_sigkill_in_round_two_then_resume_gives_the_same_numbers(lora_reference, tiny_model_dir,
+                                                                             two_round_data, tmp_path):
+    args = lora_args(tiny_model_dir, two_round_data, tmp_path / "killed")
+    kill_in_round_two(LORA_SCRIPT, args, tmp_path)
+    resumed = run_to_end(LORA_SCRIPT, args + ["--resume"], tmp_path)
+    assert numbers(resumed) == numbers(lora_reference)
+    assert resumed["method"] == "lora_replay"
+
+
+@pytest.mark.slow
+def test_lora_two_runs_with_the_same_seed_give_identical_metrics(lora_reference, tiny_model_dir, two_round_data,
+                                                                 tmp_path):
+    again = run_to_end(LORA_SCRIPT, lora_args(tiny_model_dir, two_round_data, tmp_path / "again"), tmp_path)
+    assert numbers(again) == numbers(lora_reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading: safetensors and JSON only, never a pickle
+
+SKIPPED_DIRS = {".git", "__pycache__", ".venv", "venv", "env", "site-packages", "node_modules", "runs", "models",
+                "data", "build", "dist"}
+PICKLE_LOADERS = {"pickle.load", "pickle.loads", "pickle.Unpickler", "_pickle.load", "_pickle.loads",
+                  "cPickle.load", "cPickle.loads", "dill.load", "dill.loads", "cloudpickle.load", "cloudpickle.loads",
+                  "joblib.load", "pandas.read_pickle", "torch.serialization.load", "shelve.open"}
+
+
+def repo_modules() -> list[Path]:
+    """Every .py file of the repository, outside hidden, virtual-environment and output directories."""
+    found = []
+    for path in REPO_ROOT.rglob("*.py"):
+        parts = path.relative_to(REPO_ROOT).parts[:-1]
+        if not any(part in SKIPPED_DIRS or part.startswith(".") for part in parts):
+            found.append(path)
+    return sorted(found)
+
+
+def _is_true(node: ast.expr | None) -> bool:
+    return isinstance(node, ast.Constant) and node.value is True
+
+
+def _is_false(node: ast.expr) -> bool:
+    return isinstance(node, ast.Constant) and node.value is False
+
+
+def unsafe_loads(source: str, filename: str = "<source>") -> list[str]:
+    """Calls that may unpickle: torch.load without weights_only=True, np.load(allow_pickle=True), pickle-family loads.
+
+    Names are resolved through the module's imports (`import torch as th`, `from pickle import loads`).
+    """
+    tree = ast.parse(source, filename)
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                top = alias.name.split(".")[0]
+                aliases[alias.asname or top] = alias.name if alias.asname else top
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+
+    def dotted(node: ast.expr) -> str | None:
+        if isinstance(node, ast.Name):
+            return aliases.get(node.id, node.id)
+        if isinstance(node, ast.Attribute):
+            base = dotted(node.value)
+            return f"{base}.{node.attr}" if base else None
+        return None
+
+    problems = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = dotted(node.func)
+        keywords = {k.arg: k.value for k in node.keywords if k.arg}
+        where = f"{filename}:{node.lineno}"
+        if name == "torch.load" and not _is_true(keywords.get("weights_only")):
+            problems.append(f"{where}: torch.load without weights_only=True")
+        elif name == "numpy.load" and "allow_pickle" in keywords and not _is_false(keywords["allow_pickle"]):
+            problems.append(f"{where}: numpy.load with allow_pickle")
+        elif name in PICKLE_LOADERS:
+            problems.append(f"{where}: {name}")
+    return problems
+
+
+def test_the_unsafe_load_check_finds_what_it_should():
+    source = (
+        "import torch\nimport torch as th\nimport numpy as np\nimport pickle\nfrom pickle import loads as lds\n"
+        "from torch import load\nimport joblib\n"
+        "torch.load('a')\nth.load('a', weights_only=False)\nload('a')\nnp.load('a', allow_pickle=True)\n"
+        "pickle.load(f)\nlds(b)\njoblib.load('a')\n"
+        "torch.load('ok', weights_only=True)\nnp.load('ok.npy')\nnp.load('ok', allow_pickle=False)\n"
+        "pickle.dumps(1)\njson.load(f)\n"
+    )
+    problems = unsafe_loads(source)
+    assert [int(p.split(":")[1]) for p in problems] == [8, 9, 10, 11, 12, 13, 14]
+
+
+def test_no_module_of_the_repository_loads_a_pickle():
+    modules = repo_modules()
+    assert REPO_ROOT / "model.py" in modules and Path(__file__) in modules
+    problems = [p for path in modules for p in unsafe_loads(path.read_text(encoding="utf-8"), str(path))]
+    assert not problems, "\n".join(problems)
+
+
+def test_a_finished_run_directory_holds_only_safetensors_json_and_text(fork_server, tiny_model_dir, tmp_path):
+    """One tiny TokMem + LoRA round with every checkpoint kept: no pickle-capable file, every file whole."""
+    write_round_files(tmp_path / "data", 1, 3, ROUND_1, n_train=6, n_test=2)
+    out = tmp_path / "run"
+    result = fork_server.run("main_sequential.py", [
+        "--model_name", str(tiny_model_dir), "--training_rounds", "1-3:1", "--data_dir", str(tmp_path / "data"),
+        "--output_dir", str(out), "--device", "cpu", "--batch_size", "4", "--max_new_tokens", "4", "--use_lora",
+        "--save_checkpoints"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_no_pickle_files(out)
+    assert_files_complete(out)
+    suffixes = {p.suffix for p in out.rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".jsonl", ".safetensors", ".png", ".log"}, suffixes
+    assert (out / "checkpoints" / "round_1" / "tool_memory.safetensors").is_file()
+    assert (out / "checkpoints" / "round_1" / "lora" / "adapter_model.safetensors").is_file()
