@@ -461,13 +461,17 @@ def test_fresh_interpreter_gives_the_same_one_line_error(script, base, item, tin
 # xlam_datasets.py imports no deep-learning library: a plain subprocess per case is fast enough.
 
 
-def xlam_rows(ctx: Context) -> list[dict]:
-    """Three valid xLAM rows: two tools, single-tool answers."""
-    tools = [{"name": name, "description": f"the {name} tool", "parameters": {"city": {"type": "str"}}}
-             for name in ("get_weather", "get_time")]
-    return [{"id": i, "query": f"weather and time in city{i}", "tools": json.dumps(tools),
-             "answers": json.dumps([{"name": tools[i % 2]["name"], "arguments": {"city": f"city{i}"}}])}
-            for i in range(3)]
+def xlam_rows(ctx: Context, queries_per_tool: tuple[int, ...] = (2, 1)) -> list[dict]:
+    """Valid xLAM rows with single-tool answers: tool k (tool_a, tool_b, ...) answers `queries_per_tool[k]` rows."""
+    names = [f"tool_{chr(ord('a') + k)}" for k in range(len(queries_per_tool))]
+    tools = json.dumps([{"name": name, "description": f"the {name} tool", "parameters": {"city": {"type": "str"}}}
+                        for name in names])
+    rows = []
+    for name, count in zip(names, queries_per_tool):
+        for i in range(count):
+            rows.append({"id": len(rows), "query": f"{name} for city{i}", "tools": tools,
+                         "answers": json.dumps([{"name": name, "arguments": {"city": f"city{i}"}}])})
+    return rows
 
 
 def xlam_file(text: Callable[[Context], str]) -> Setup:
@@ -499,8 +503,12 @@ XLAM_CASES = [
     case("top-k-empty", ["--top_k", ""], "--top_k: expected N or START-END (1-based, inclusive), got ''"),
     case("top-k-blank-part", ["--top_k", "1-5,"], "--top_k: expected N or START-END (1-based, inclusive), got ''"),
     case("top-k-zero", ["--top_k", "0-5"], "--top_k: ranks start at 1"),
-    case("top-k-beyond-ranking", ["--top_k", "1-2000"], ["--top_k 1-2000", "tools are ranked"]),
-    case("second-range-too-narrow", ["--top_k", "1-5,6-6"], ["tools 6-6", "--train_multi_tool_ratios"]),
+    case("top-k-beyond-ranking", XLAM_FILE + ["--top_k", "1-5"], ["--top_k 1-5", "only 2 tools are ranked"],
+         xlam_file(lambda ctx: json.dumps(xlam_rows(ctx)))),
+    case("second-range-too-narrow", XLAM_FILE + ["--top_k", "1-3,4-4", "--train_multi_tool_ratios", "1,0",
+                                                 "--test_multi_tool_ratios", "1,0", "--test_size", "2"],
+         ["tools 4-4", "2-tool train samples need 2 tools", "--train_multi_tool_ratios"],
+         xlam_file(lambda ctx: json.dumps(xlam_rows(ctx, (6, 6, 6, 5))))),
     case("ratios-wrong-length", ["--train_multi_tool_ratios", "0.2,0.3,0.5"], "--train_multi_tool_ratios"),
     case("ratios-not-numbers", ["--test_multi_tool_ratios", "half,half"], "--test_multi_tool_ratios"),
     case("ratios-not-summing-to-one", ["--test_multi_tool_ratios", "0.5,0.6"], "--test_multi_tool_ratios"),
