@@ -77,11 +77,10 @@ LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = (
     *(reserved_token(i) for i in range(3, NUM_RESERVED_TOKENS)),
 )
 
-# Llama-3's pre-tokenizer split: contractions, words with one leading non-letter, numbers of up to 3 digits,
-# punctuation runs, newlines and spaces.
-LLAMA3_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+"
+# Pre-tokenizer split, Llama-3's pattern except that a word never carries the space or quote before it: a value then
+# tokenizes the same in the query (` Paris`) and in the arguments JSON (`"Paris"`), so copying it is token identity.
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 CHAT_TEMPLATE = (
@@ -94,6 +93,9 @@ CHAT_TEMPLATE = (
 
 PRETRAIN_FIRST_RANK = 201
 PRETRAIN_LAST_RANK = 400
+# The synthetic corpus the backbone learns from: xlam_datasets' default seed, so that for the default data the
+# pretraining tools (ranks 201-400) and the experiments' tools (ranks 1-200) are disjoint.
+CORPUS_SEED = 42
 
 
 @dataclass
@@ -101,6 +103,7 @@ class BuildSettings:
     """Everything that decides a build: data, tokenizer, model size, optimisation and evaluation."""
 
     seed: int = 0
+    corpus_seed: int = CORPUS_SEED
     vocab_size: int = 6144
     hidden_size: int = 256
     num_layers: int = 4
@@ -115,6 +118,7 @@ class BuildSettings:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
     icl_fraction: float = 0.25
+    echo_fraction: float = 0.0
     icl_min_listed: int = 3
     icl_max_listed: int = 5
     max_samples_per_tool: int = 40
@@ -181,7 +185,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -210,16 +214,25 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return tokenizer
 
 
+# The plain-text parts of the chat template (role names, blank lines), so that they tokenize compactly.
+_CHAT_SCAFFOLD = "system\n\nuser\n\nassistant\n\n"
+
+
 def corpus_texts(rows: Sequence[dict]) -> Iterator[str]:
     """Tokenizer training text: every query, answer and tool description of the corpus (all tools)."""
+    seen_tools: set[str] = set()
     for row in rows:
         yield row["query"]
+        yield _CHAT_SCAFFOLD
         for answer in _json_list(row.get("answers")):
             arguments = answer.get("arguments", {}) if isinstance(answer, dict) else {}
             yield json.dumps(arguments, ensure_ascii=False)
             yield json.dumps({"name": answer.get("name"), "arguments": arguments}, ensure_ascii=False)
         for tool in _json_list(row.get("tools")):
-            yield json.dumps(tool, ensure_ascii=False, separators=(",", ":"))
+            text = json.dumps(tool, ensure_ascii=False, separators=(",", ":"))
+            if text not in seen_tools:
+                seen_tools.add(text)
+                yield text
     yield tool_system_prompt([])
 
 
@@ -292,7 +305,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 # Pretraining data
 
 
-def load_corpus(seed: int) -> list[dict]:
+def load_corpus(seed: int = CORPUS_SEED) -> list[dict]:
     """The synthetic xLAM rows (every tool)."""
     import xlam_datasets
 
@@ -304,7 +317,7 @@ def pretraining_samples(seed: int, rows: Sequence[dict] | None = None, settings:
     import xlam_datasets
 
     settings = settings or BuildSettings(seed=seed)
-    rows = load_corpus(seed) if rows is None else rows
+    rows = load_corpus(settings.corpus_seed) if rows is None else rows
     ranked = xlam_datasets.rank_tools(rows)
     last = min(PRETRAIN_LAST_RANK, len(ranked), PRETRAIN_FIRST_RANK - 1 + NUM_RESERVED_TOKENS)
     if last < PRETRAIN_FIRST_RANK + 9:
@@ -360,6 +373,16 @@ def encode_icl_example(tokenizer, sample: dict, listing: list[dict]) -> Example:
     return Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
 
 
+ECHO_PREFIX = "Repeat exactly: "
+
+
+def encode_echo_example(tokenizer, text: str, echo_slot: int) -> Example:
+    """A copy drill: the echo tool (one more reserved token) whose argument is the user's text, verbatim."""
+    sample = {"user_input": ECHO_PREFIX + text, "tools": ["echo"], "function_calls": [json.dumps({"text": text})]}
+    echo_id = tokenizer.convert_tokens_to_ids(reserved_token(echo_slot))
+    return encode_memory_example(tokenizer, sample, lambda name: [echo_id])
+
+
 def encode_training_set(tokenizer, data: PretrainingData, settings: BuildSettings, rng: random.Random) -> list[Example]:
     """Tokenize the pretraining samples, a fraction of them in the in-context format; drop those over max_length."""
     encode_tool = slot_encoder(tokenizer, data.tool_slots)
@@ -374,6 +397,9 @@ def encode_training_set(tokenizer, data: PretrainingData, settings: BuildSetting
             dropped += 1
             continue
         examples.append(example)
+    echo_slot = max(data.tool_slots.values()) + 1
+    for _ in range(int(settings.echo_fraction * len(data.train))):
+        examples.append(encode_echo_example(tokenizer, rng.choice(data.train)["user_input"], echo_slot))
     if dropped:
         logger.info("dropped %d of %d training samples longer than %d tokens", dropped, len(data.train), settings.max_length)
     if not examples:
@@ -434,6 +460,15 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def answer_loss(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled (answer) positions; the LM head runs on those positions only."""
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
 def pretrain(model: LlamaForCausalLM, examples: Sequence[Example], settings: BuildSettings, pad_id: int) -> list[float]:
     """Train every weight on the answer tokens for `settings.steps` steps (AdamW, warm-up then cosine); the losses."""
     rng = random.Random(settings.seed)
@@ -451,8 +486,7 @@ def pretrain(model: LlamaForCausalLM, examples: Sequence[Example], settings: Bui
     model.train()
     progress = tqdm(range(settings.steps), desc="pretraining backbone", unit="step", dynamic_ncols=True)
     for step in progress:
-        batch = next(stream)
-        loss = model(**batch).loss
+        loss = answer_loss(model, next(stream))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -609,7 +643,7 @@ def build_backbone(output_dir: str | os.PathLike, settings: BuildSettings) -> di
     set_seed(settings.seed)
     output_dir = Path(output_dir)
     with torch_threads(settings.threads):
-        rows = load_corpus(settings.seed)
+        rows = load_corpus(settings.corpus_seed)
         tokenizer = build_tokenizer(corpus_texts(rows), settings.vocab_size)
         logger.info("tokenizer: %d tokens (%.1fs)", len(tokenizer), time.time() - start)
         data = pretraining_samples(settings.seed, rows, settings)

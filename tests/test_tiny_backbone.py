@@ -237,3 +237,19 @@ def test_training_examples_put_loss_on_the_answer_only(tiny_tokenizer):
     icl = tb.encode_icl_example(tiny_tokenizer, sample, listing)
     answer_ids = [t for t in icl.labels if t != IGNORE_INDEX]
     assert tiny_tokenizer.decode(answer_ids[:-1]) == '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+def test_answer_loss_matches_the_full_head_loss(tiny_tokenizer):
+    torch.manual_seed(0)
+    model = tb.build_random_model(tiny_tokenizer, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    encode_tool = tb.slot_encoder(tiny_tokenizer, {"a": 0, "b": 1})
+    examples = [
+        tb.encode_memory_example(tiny_tokenizer, {"user_input": "x y", "tools": ["a"], "function_calls": ['{"k": 1}']}, encode_tool),
+        tb.encode_memory_example(
+            tiny_tokenizer, {"user_input": "longer query here", "tools": ["b", "a"], "function_calls": ["{}", '{"q": "z"}']}, encode_tool
+        ),
+    ]
+    batch = tb.collate(examples, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = model(**batch).loss
+        assert torch.allclose(tb.answer_loss(model, batch), expected, atol=1e-5)
