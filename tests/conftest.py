@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -157,3 +158,19 @@ def assert_no_pickle_files(run_dir: Path) -> None:
     """A run directory holds safetensors and JSON, never a pickle-capable format."""
     found = [str(p) for p in run_dir.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES]
     assert not found, f"pickle-capable files in {run_dir}: {found}"
+
+
+@pytest.fixture
+def restore_logging():
+    """main() replaces the root handlers (and may add a file handler); put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -198,22 +197,6 @@ def test_max_samples_keeps_a_seeded_subset(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The CLI
-
-
-@pytest.fixture
-def restore_logging():
-    """main() replaces the root handlers (and may add a file handler); put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
 
 
 @pytest.fixture

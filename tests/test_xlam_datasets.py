@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 import random
 import subprocess
@@ -399,18 +398,6 @@ def _tools_in(output_dir: Path, label: str) -> set[str]:
     files = [output_dir / "training" / f"function_calling_train_tools{label}_4calls.json",
              output_dir / "test" / f"function_calling_test_tools{label}_4calls.json"]
     return {name for path in files for sample in json.loads(path.read_text()) for name in sample["tools"]}
-
-
-@pytest.fixture()
-def restore_logging():
-    """main() installs its own log handlers; put the test runner's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize(
