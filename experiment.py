@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from common import UserError, atomic_write_json, atomic_write_text, read_json
+from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with, read_json
 from dataset import load_samples
 
 logger = logging.getLogger(__name__)
@@ -296,8 +296,6 @@ def plot_matrix(summary: dict, path: Path) -> None:
 
     def save(tmp: str) -> None:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-
-    from common import atomic_write_with
 
     atomic_write_with(path, save)
     plt.close(fig)
