@@ -1170,6 +1170,7 @@ class ToolSpec:
     optional: tuple[tuple[str, Any], ...]
     actions: tuple[str, ...]
     templates: tuple[QueryTemplate, ...] = field(default=(), compare=False)
+    domain_object: str = field(default="", compare=False)
 
     def to_xlam(self) -> dict:
         """The tool as xLAM spells it: name, description and typed parameters (optional ones with a default)."""
@@ -1218,7 +1219,8 @@ def _compose(obj: DomainObject, verb_name: str, qualifier_name: str | None) -> T
     name = f"{verb_name}_{obj.key}" + (f"_{qualifier_name}" if qualifier_name else "")
     phrase = obj.phrase + qualifier.phrase
     description = f"{verb.describe} {obj.describe}{qualifier.describe}."
-    return ToolSpec(name, description, required, optional, tuple(a.format(o=phrase) for a in verb.actions))
+    return ToolSpec(name, description, required, optional, tuple(a.format(o=phrase) for a in verb.actions),
+                    domain_object=obj.key)
 
 
 def _all_candidates() -> list[ToolSpec]:
@@ -1275,7 +1277,7 @@ def _make_templates(tool: ToolSpec, seed: int) -> tuple[QueryTemplate, ...]:
 
 def _with_templates(tool: ToolSpec, seed: int) -> ToolSpec:
     return ToolSpec(tool.name, tool.description, tool.required, tool.optional, tool.actions,
-                    _make_templates(tool, seed))
+                    _make_templates(tool, seed), tool.domain_object)
 
 
 def _search_tool() -> ToolSpec:
@@ -1290,7 +1292,15 @@ def _select_tools(seed: int, num_tools: int) -> list[ToolSpec]:
         raise ValueError(f"num_tools must be between 1 and {MAX_NUM_TOOLS}, got {num_tools}")
     rng = random.Random(f"catalog:{seed}")
     chosen = rng.sample(CANDIDATES, num_tools)
-    return [_with_templates(tool, seed) for tool in [_search_tool(), *chosen]]
+    # One tool per domain object comes before any second tool of an object, so the most used tools (the default
+    # rounds) never hold two variants of one object: verbs share phrasings ("get" and "fetch" both say "fetch the
+    # address coordinates"), and the gold tool of such a query would be a coin toss between rounds.
+    seen: set[str] = set()
+    first_of_object, variants = [], []
+    for tool in chosen:
+        (variants if tool.domain_object in seen else first_of_object).append(tool)
+        seen.add(tool.domain_object)
+    return [_with_templates(tool, seed) for tool in [_search_tool(), *first_of_object, *variants]]
 
 
 def build_tool_catalog(seed: int = 0, num_tools: int = 400) -> list[dict]:

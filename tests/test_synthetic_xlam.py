@@ -55,6 +55,16 @@ def test_catalog_has_enough_realistic_typed_tools():
     assert all(seen_types[kind] > 20 for kind in ("str", "int", "float", "bool"))
 
 
+def test_most_used_tools_never_share_a_domain_object():
+    tools = synthetic_xlam._select_tools(0, 400)[1:]
+    objects = [tool.domain_object for tool in tools]
+    distinct = len(set(objects))
+    assert distinct > 140, "the default rounds and the paper-scale first rounds draw from the distinct head"
+    assert len(set(objects[:distinct])) == distinct
+    assert set(objects[distinct:]) <= set(objects[:distinct])
+    assert all(f"_{tool.domain_object}" in tool.name for tool in tools)
+
+
 def test_catalog_is_deterministic_and_depends_on_its_seed():
     assert synthetic_xlam.build_tool_catalog(seed=5) == synthetic_xlam.build_tool_catalog(seed=5)
     assert synthetic_xlam.build_tool_catalog(seed=5) != synthetic_xlam.build_tool_catalog(seed=6)
