@@ -15,7 +15,6 @@ import dataclasses
 import fcntl
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -77,10 +76,12 @@ LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = (
     *(reserved_token(i) for i in range(3, NUM_RESERVED_TOKENS)),
 )
 
-# Pre-tokenizer split, Llama-3's pattern except that a word never carries the space or quote before it: a value then
-# tokenizes the same in the query (` Paris`) and in the arguments JSON (`"Paris"`), so copying it is token identity.
+# Llama-3's pre-tokenizer split: contractions, words with their leading space or punctuation, numbers of up to three
+# digits, punctuation runs, newlines and spaces. (A variant that keeps the space off words, so that a value tokenizes
+# the same in the query and in the JSON, made copying slower to learn, not faster.)
 SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
 )
 
 CHAT_TEMPLATE = (
@@ -105,24 +106,23 @@ class BuildSettings:
     seed: int = 0
     corpus_seed: int = CORPUS_SEED
     vocab_size: int = 6144
-    hidden_size: int = 256
+    hidden_size: int = 128
     num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 704
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
     max_position_embeddings: int = 1024
     max_length: int = 384
-    steps: int = 600
-    batch_tokens: int = 4096
-    learning_rate: float = 2e-3
+    steps: int = 3000
+    batch_tokens: int = 2048
+    learning_rate: float = 4e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
-    icl_fraction: float = 0.25
-    echo_fraction: float = 0.0
+    icl_fraction: float = 0.0
     icl_min_listed: int = 3
     icl_max_listed: int = 5
-    max_samples_per_tool: int = 40
-    train_size: int = 8000
+    max_samples_per_tool: int = 60
+    train_size: int = 24000
     test_size: int = 300
     train_max_calls: int = 3
     test_max_calls: int = 3
@@ -255,18 +255,18 @@ def _json_list(text: Any) -> list:
 
 def build_config(
     tokenizer,
-    hidden_size: int = 256,
-    num_layers: int = 4,
-    num_heads: int = 8,
-    num_kv_heads: int = 4,
+    hidden_size: int = 128,
+    num_layers: int = 3,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
     intermediate_size: int | None = None,
     max_position_embeddings: int = 1024,
 ) -> LlamaConfig:
-    """A small Llama config for `tokenizer` (tied embeddings, pad/bos/eos ids set); intermediate defaults to ~2.75x."""
+    """A small Llama config for `tokenizer` (tied embeddings, pad/bos/eos ids set); intermediate defaults to 3x."""
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError(f"hidden_size {hidden_size}, heads {num_heads} and kv heads {num_kv_heads} do not divide")
     if intermediate_size is None:
-        intermediate_size = int(math.ceil(hidden_size * 2.75 / 32) * 32)
+        intermediate_size = 3 * hidden_size
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -373,16 +373,6 @@ def encode_icl_example(tokenizer, sample: dict, listing: list[dict]) -> Example:
     return Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
 
 
-ECHO_PREFIX = "Repeat exactly: "
-
-
-def encode_echo_example(tokenizer, text: str, echo_slot: int) -> Example:
-    """A copy drill: the echo tool (one more reserved token) whose argument is the user's text, verbatim."""
-    sample = {"user_input": ECHO_PREFIX + text, "tools": ["echo"], "function_calls": [json.dumps({"text": text})]}
-    echo_id = tokenizer.convert_tokens_to_ids(reserved_token(echo_slot))
-    return encode_memory_example(tokenizer, sample, lambda name: [echo_id])
-
-
 def encode_training_set(tokenizer, data: PretrainingData, settings: BuildSettings, rng: random.Random) -> list[Example]:
     """Tokenize the pretraining samples, a fraction of them in the in-context format; drop those over max_length."""
     encode_tool = slot_encoder(tokenizer, data.tool_slots)
@@ -397,9 +387,6 @@ def encode_training_set(tokenizer, data: PretrainingData, settings: BuildSetting
             dropped += 1
             continue
         examples.append(example)
-    echo_slot = max(data.tool_slots.values()) + 1
-    for _ in range(int(settings.echo_fraction * len(data.train))):
-        examples.append(encode_echo_example(tokenizer, rng.choice(data.train)["user_input"], echo_slot))
     if dropped:
         logger.info("dropped %d of %d training samples longer than %d tokens", dropped, len(data.train), settings.max_length)
     if not examples:
