@@ -191,6 +191,9 @@ class MarkerLoRAModel(nn.Module):
         rows = out[:, input_ids.shape[1]:].tolist()
         return [row[: row.index(self.end_id) + 1] if self.end_id in row else row for row in rows]
 
+    def set_generation_tools(self, tool_names: Sequence[str] | None) -> None:
+        """Part of the shared round loop's interface; markers are plain text, so no marker is ever blocked."""
+
     def parse_generated(self, token_ids: Sequence[int]) -> GeneratedCalls:
         """Split the decoded answer at its markers into tools and their call strings."""
         text = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

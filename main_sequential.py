@@ -29,6 +29,8 @@ def build_parser() -> CliParser:
     parser.add_argument("--decouple_embeddings", action="store_true", help="separate input and output tool rows")
     parser.add_argument("--renorm_active_tools", action="store_true")
     parser.add_argument("--use_ground_truth_tools", action="store_true", help="also score with the gold tools forced")
+    parser.add_argument("--unconstrained_decoding", action="store_true",
+                        help="let a tool token come anywhere, also inside a call's unfinished JSON")
     return parser
 
 
@@ -45,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lora_config=lora_settings_from(args) if args.use_lora else None,
     )
     model.initialize_tool_embeddings(seed=args.seed)
+    model.constrain_calls = not args.unconstrained_decoding
     logger.info("run directory %s; %d tools over %d rounds; parameters %s",
                 run.path, len(tool_names), len(data), model.parameter_breakdown())
     summary = run_rounds(

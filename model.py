@@ -290,6 +290,60 @@ class ToolForcingProcessor(LogitsProcessor):
         return torch.where(at_tool.unsqueeze(1), forced_scores, scores)
 
 
+class CallBoundaryTracker:
+    """Where a tool token may come next in a batch of answers: before the first call, or once a call's JSON closed.
+
+    The answer grammar is `[tool][JSON object][tool][JSON object]...`; a tool token inside an unfinished object is
+    malformed (a weak backbone is least sure exactly there, at argument values). The tracker follows each row's
+    brace depth outside JSON strings from the characters of the generated tokens. Written by hand: transformers'
+    logits processors see token ids, not the JSON state, and this needs only `{`, `}`, `"` and backslash.
+    """
+
+    JSON_CHARS = frozenset('{}"\\')
+
+    def __init__(self, pieces: dict[int, str], tool_token_ids: torch.Tensor, batch: int):
+        self.pieces = pieces
+        self.tool_ids = set(tool_token_ids.tolist())
+        self.seen_tool = [False] * batch
+        self.opened = [False] * batch
+        self.depth = [0] * batch
+        self.in_string = [False] * batch
+        self.escaped = [False] * batch
+
+    @staticmethod
+    def json_pieces(tokenizer) -> dict[int, str]:
+        """Token id -> token text, for the tokens whose text holds a JSON brace, quote or backslash."""
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        return {i: t for i, t in enumerate(tokens) if t and not CallBoundaryTracker.JSON_CHARS.isdisjoint(t)}
+
+    def allowed(self) -> list[bool]:
+        """Per row: may the next token be a tool token?"""
+        return [not seen or (opened and depth == 0 and not in_string)
+                for seen, opened, depth, in_string in zip(self.seen_tool, self.opened, self.depth, self.in_string)]
+
+    def update(self, next_ids: Sequence[int]) -> None:
+        for row, token in enumerate(next_ids):
+            if token in self.tool_ids:
+                self.seen_tool[row], self.opened[row], self.depth[row] = True, False, 0
+                self.in_string[row] = self.escaped[row] = False
+                continue
+            for char in self.pieces.get(token, ""):
+                if self.in_string[row]:
+                    if self.escaped[row]:
+                        self.escaped[row] = False
+                    elif char == "\\":
+                        self.escaped[row] = True
+                    elif char == '"':
+                        self.in_string[row] = False
+                elif char == '"':
+                    self.in_string[row] = True
+                elif char == "{":
+                    self.opened[row] = True
+                    self.depth[row] += 1
+                elif char == "}":
+                    self.depth[row] = max(0, self.depth[row] - 1)
+
+
 class FunctionCallingModel(nn.Module):
     """A frozen causal LM whose tool tokens are a trainable memory bank, with optional LoRA."""
 
@@ -342,6 +396,11 @@ class FunctionCallingModel(nn.Module):
             nn.Parameter(torch.zeros(num_tools, hidden, device=self.device)) if decouple_embeddings else None
         )
         self.initialize_tool_embeddings(seed=0)
+        # Generation: tool tokens only at call boundaries (see CallBoundaryTracker), and only of the tools in
+        # `generation_tools` (None: all); a sequential run offers only the tools learned so far.
+        self.constrain_calls = True
+        self.generation_tools: list[str] | None = None
+        self._json_pieces: dict[int, str] | None = None
         self.eval()
 
     # --- structure -------------------------------------------------------------------------------------------------
@@ -376,6 +435,28 @@ class FunctionCallingModel(nn.Module):
     def encode_tool(self, tool_name: str) -> list[int]:
         """The answer ids for a tool: its one token (the `encode_tool` of dataset.build_answer_ids)."""
         return [self.get_tool_token_id(tool_name)]
+
+    def set_generation_tools(self, tool_names: Sequence[str] | None) -> None:
+        """Offer only these tools during generation (None: every tool of the bank)."""
+        if tool_names is not None:
+            unknown = [name for name in tool_names if name not in self._name_to_index]
+            if unknown:
+                raise UserError(f"unknown tool(s) for generation: {', '.join(unknown[:5])}")
+            tool_names = list(tool_names)
+        self.generation_tools = tool_names
+
+    def blocked_tool_token_ids(self) -> torch.Tensor:
+        """Token ids of the tools that generation must not emit (outside `generation_tools`)."""
+        if self.generation_tools is None:
+            return self.tool_token_ids[:0]
+        offered = set(self.generation_tools)
+        blocked = [i for i, name in enumerate(self.tool_names) if name not in offered]
+        return self.tool_token_ids[torch.tensor(blocked, dtype=torch.long, device=self.device)]
+
+    def call_boundary_tracker(self, batch: int) -> CallBoundaryTracker:
+        if self._json_pieces is None:
+            self._json_pieces = CallBoundaryTracker.json_pieces(self.tokenizer)
+        return CallBoundaryTracker(self._json_pieces, self.tool_token_ids, batch)
 
     def bank_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.tool_embeddings, self.output_tool_embeddings) if p is not None]
@@ -465,20 +546,32 @@ class FunctionCallingModel(nn.Module):
         max_new_tokens: int = 256,
         logits_processor: LogitsProcessor | None = None,
     ) -> list[list[int]]:
-        """Greedy, batched, left-padded decoding with the KV cache; returns each row's new ids up to end-of-turn."""
+        """Greedy, batched, left-padded decoding with the KV cache; returns each row's new ids up to end-of-turn.
+
+        Tools outside `generation_tools` are never emitted, and with `constrain_calls` a tool token comes only
+        before the first call or after a call's JSON object has closed; `logits_processor` sees the scores after that.
+        """
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
         batch = input_ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         generated = []
+        blocked = self.blocked_tool_token_ids()
+        tracker = self.call_boundary_tracker(batch) if self.constrain_calls else None
         out = self.forward(input_ids, attention_mask, use_cache=True, last_position_only=True)
         position = (attention_mask.long().sum(-1) - 1).unsqueeze(1)
         for _ in range(max_new_tokens):
-            scores = out.logits[:, -1, :]
+            scores = out.logits[:, -1, :].clone()
+            scores[:, blocked] = float("-inf")
+            if tracker is not None:
+                inside_call = ~torch.tensor(tracker.allowed(), device=self.device)
+                scores[inside_call.nonzero(as_tuple=True)[0].unsqueeze(1), self.tool_token_ids] = float("-inf")
             if logits_processor is not None:
                 scores = logits_processor(input_ids, scores)
             next_ids = scores.argmax(dim=-1)
             next_ids = torch.where(finished, torch.full_like(next_ids, self.end_id), next_ids)
+            if tracker is not None:
+                tracker.update(next_ids.tolist())
             generated.append(next_ids)
             finished |= next_ids == self.end_id
             if finished.all():
@@ -552,6 +645,7 @@ class FunctionCallingModel(nn.Module):
             "tool_token_ids": self.tool_token_ids.tolist(),
             "decouple_embeddings": self.decouple_embeddings,
             "lora": asdict(self.lora_settings) if self.lora_settings else None,
+            "generation_tools": self.generation_tools,
         }
         if self.lora_settings:
             save_lora_adapter(self.base_model, directory)
@@ -568,6 +662,7 @@ class FunctionCallingModel(nn.Module):
             raise UserError(f"checkpoint {directory} holds different tools than this model")
         if bool(meta["decouple_embeddings"]) != self.decouple_embeddings:
             raise UserError(f"checkpoint {directory} differs in --decouple_embeddings")
+        self.set_generation_tools(meta.get("generation_tools"))
         state = load_file(str(memory_path))
         with torch.no_grad():
             self.tool_embeddings.copy_(state["input_rows"].to(self.device))

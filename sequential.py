@@ -176,6 +176,7 @@ def run_rounds(
         stats = train_round(model, loader, settings, active, train_lora, f"round {spec.name}")
         logger.info("round %s: %d steps, mean loss %.4f, final loss %.4f, tool loss %.4f",
                     spec.name, stats.steps, stats.mean_loss, stats.final_loss, stats.mean_tool_loss)
+        model.set_generation_tools([tool for d in data[: index + 1] for tool in d.tools])
         model.save(run.checkpoint_path(index))
         for test_index in evaluation_plan(index, len(data), args):
             evaluate_round(args, model, data[test_index], index, test_index, run)

@@ -450,17 +450,26 @@ def decode_batched(
 def decode_one_by_one(
     model: FunctionCallingModel, prompts: Sequence[list[int]], gold_tools: Sequence[list[str]], max_new_tokens: int
 ) -> list[list[int]]:
-    """The naive way: one example at a time, the whole sequence re-run through the model at every step, no cache."""
+    """The naive way: one example at a time, the whole sequence re-run through the model at every step, no cache.
+
+    The same decoding rules as the toolkit's path (tool tokens only at call boundaries when the model asks for it).
+    """
     results = []
     for prompt, tools in zip(prompts, gold_tools):
         processor = ToolForcingProcessor(
             [[model.get_tool_token_id(t) for t in tools]], model.tool_token_ids, model.end_id
         )
+        tracker = model.call_boundary_tracker(1) if model.constrain_calls else None
         ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
         new: list[int] = []
         for _ in range(max_new_tokens):
-            scores = processor(ids, model(ids).logits[:, -1, :])
+            scores = model(ids).logits[:, -1, :].clone()
+            if tracker is not None and not tracker.allowed()[0]:
+                scores[:, model.tool_token_ids] = float("-inf")
+            scores = processor(ids, scores)
             next_id = int(scores.argmax(dim=-1))
+            if tracker is not None:
+                tracker.update([next_id])
             new.append(next_id)
             if next_id == model.end_id:
                 break

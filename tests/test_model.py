@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from common import UserError
 from conftest import TOOL_NAMES, make_sample
 from dataset import NativeFunctionCallingDataset, left_pad_collate, make_dataloader
-from model import FunctionCallingModel, LoraSettings, reserved_token_ids
+from model import CallBoundaryTracker, FunctionCallingModel, LoraSettings, reserved_token_ids
 from training import TrainSettings, train_round
 
 SAMPLES = [
@@ -139,6 +139,7 @@ def test_save_then_load_reproduces_logits_and_holds_no_backbone(tiny_model_dir, 
 
 def test_ground_truth_tool_generation_emits_exactly_the_gold_tools(tiny_model_dir):
     model = build(tiny_model_dir)
+    model.constrain_calls = False  # a random model never closes a JSON object; here the forcing itself is tested
     with torch.no_grad():
         model.tool_embeddings.mul_(50.0)  # make the model want a tool token at nearly every step
     batch = eval_batch(model)
@@ -150,6 +151,57 @@ def test_ground_truth_tool_generation_emits_exactly_the_gold_tools(tiny_model_di
         eot_row.mul_(20.0)
     out = model.generate_with_ground_truth_tools(batch["input_ids"], batch["attention_mask"], batch["gold_tools"], 40)
     assert [o.predicted_tools for o in out] == [s["tools"] for s in SAMPLES]
+
+
+def test_call_boundary_tracker_follows_json_outside_strings(tiny_model_dir):
+    model = build(tiny_model_dir)
+    tok = model.tokenizer
+    tool = model.get_tool_token_id("get_weather")
+    tracker = model.call_boundary_tracker(1)
+    text_ids = tok('{"q": "a } and { \\" quote", "n": {"m": 1}}', add_special_tokens=False)["input_ids"]
+    allowed = [tracker.allowed()[0]]
+    for token in [tool] + text_ids:
+        tracker.update([token])
+        allowed.append(tracker.allowed()[0])
+    assert allowed[0] and not allowed[1], "a tool may start the answer; right after one the JSON must follow"
+    assert allowed[-1], "after the closing brace the next call may start"
+    assert not any(allowed[1:-1]), "braces and escaped quotes inside strings do not close the object"
+    tracker.update([tool])
+    assert tracker.allowed() == [False]
+
+
+def test_constrained_generation_puts_tools_only_at_call_boundaries(tiny_model_dir):
+    model = build(tiny_model_dir)
+    with torch.no_grad():
+        model.tool_embeddings.mul_(50.0)  # a random model that wants a tool token at nearly every step
+    batch = eval_batch(model)
+    model.constrain_calls = False
+    free = model.generate_ids(batch["input_ids"], batch["attention_mask"], max_new_tokens=10)
+    assert all(sum(model.get_tool_name_from_token_id(t) is not None for t in row) > 1 for row in free)
+    model.constrain_calls = True
+    constrained = model.generate_ids(batch["input_ids"], batch["attention_mask"], max_new_tokens=10)
+    for row in constrained:
+        tools = [i for i, t in enumerate(row) if model.get_tool_name_from_token_id(t) is not None]
+        assert tools == [0], "no JSON object ever closes, so only the first token may be a tool"
+
+
+def test_generation_offers_only_the_given_tools(tiny_model_dir, tmp_path):
+    model = build(tiny_model_dir)
+    model.constrain_calls = False
+    with torch.no_grad():
+        model.tool_embeddings.mul_(50.0)
+    batch = eval_batch(model)
+    offered = ["book_table", "calculate_bmi"]
+    model.set_generation_tools(offered)
+    rows = model.generate_ids(batch["input_ids"], batch["attention_mask"], max_new_tokens=10)
+    names = {model.get_tool_name_from_token_id(t) for row in rows for t in row} - {None}
+    assert names and names <= set(offered)
+    model.save(tmp_path / "ckpt")
+    fresh = build(tiny_model_dir)
+    fresh.load(tmp_path / "ckpt")
+    assert fresh.generation_tools == offered
+    with pytest.raises(UserError, match="unknown tool"):
+        model.set_generation_tools(["no_such_tool"])
 
 
 def test_batched_generation_equals_one_by_one(tiny_model_dir):
