@@ -21,10 +21,10 @@ TRAIN_MAX_CALLS_PER_ROUND=${TRAIN_MAX_CALLS_PER_ROUND:-}   # e.g. 4,4,2 (overrid
 TEST_MAX_CALLS_PER_ROUND=${TEST_MAX_CALLS_PER_ROUND:-}
 # ---- optimisation -----------------------------------------------------------------------------------------------
 BATCH_SIZE=${BATCH_SIZE:-8}
-LR=${LR:-5e-3}
+LR=${LR:-1e-2}
 LORA_LR=${LORA_LR:-5e-4}
 CURRICULUM_LEARNING=${CURRICULUM_LEARNING:-false}
-RENORM_ACTIVE_TOOLS=${RENORM_ACTIVE_TOOLS:-false}
+RENORM_ACTIVE_TOOLS=${RENORM_ACTIVE_TOOLS:-true}    # new rows scaled to the mean norm of the learned ones
 USE_LORA=${USE_LORA:-false}
 FREEZE_LORA_AFTER_FIRST=${FREEZE_LORA_AFTER_FIRST:-false}
 # ---- evaluation and output --------------------------------------------------------------------------------------
