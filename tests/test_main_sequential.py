@@ -63,7 +63,8 @@ def test_two_tiny_rounds_write_the_run_directory(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--model_name", str(tiny_model_dir), "--training_rounds", "1-3:2,4-6:1", "--data_dir", str(data),
             "--output_dir", str(out), "--batch_size", "4", "--eval_all_previous", "--max_new_tokens", "16",
-            "--use_lora", "--freeze_lora_after_first", "--use_ground_truth_tools", "--device", "cpu"]
+            "--use_lora", "--freeze_lora_after_first", "--use_ground_truth_tools", "--device", "cpu",
+            "--unconstrained_decoding"]  # a random model never closes a JSON object, so no later tool position
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "avg_tool_f1_score" in result.stdout
@@ -84,6 +85,8 @@ def test_two_tiny_rounds_write_the_run_directory(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round_2"]
     assert (out / "checkpoints" / "round_2" / "tool_memory.safetensors").is_file()
     assert (out / "checkpoints" / "round_2" / "lora" / "adapter_model.safetensors").is_file()
+    meta = json.loads((out / "checkpoints" / "round_2" / "tool_memory.json").read_text())
+    assert sorted(meta["generation_tools"]) == sorted(meta["tool_names"]), "after round 2 all tools are offered"
     assert not list(out.rglob("*.tmp"))
 
     # Resuming a finished run changes nothing; resuming with another configuration is refused.
