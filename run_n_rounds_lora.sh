@@ -46,7 +46,7 @@ GPU=${GPU:-0}                                      # used only when CUDA_VISIBLE
 SEED=${SEED:-42}
 
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
-# The tiny backbone (4.5M parameters) learns the markers in a few hundred steps only with a larger rate and adapters on
+# The tiny backbone (1.6M parameters) learns the markers in a few hundred steps only with a larger rate and adapters on
 # its MLPs too (attention-only at 5e-4 reaches tool F1 0.1 on round 1); a real LLM keeps the usual LoRA settings.
 if [[ -z "$MODEL" ]]; then
     LR=${LR:-3e-3}
