@@ -118,7 +118,7 @@ class BuildSettings:
     learning_rate: float = 4e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
-    icl_fraction: float = 0.0
+    icl_fraction: float = 0.0  # in-context-format samples; off by default: 3-5 described tools exceed max_length
     icl_min_listed: int = 3
     icl_max_listed: int = 5
     max_samples_per_tool: int = 60
