@@ -47,7 +47,8 @@ SEED=${SEED:-42}
 
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
 # The tiny backbone (1.6M parameters) learns the markers in a few hundred steps only with a larger rate and adapters on
-# its MLPs too (attention-only at 5e-4 reaches tool F1 0.000 on round 1, all linear layers at 3e-3 reach 0.901); a real LLM keeps the usual LoRA settings.
+# its MLPs too (round 1 tool F1: attention-only at 5e-4 0.000, every linear layer at 3e-3 0.901); a real LLM keeps the
+# usual LoRA settings.
 if [[ -z "$MODEL" ]]; then
     LR=${LR:-3e-3}
     LORA_TARGET_MODULES=${LORA_TARGET_MODULES:-q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj}
