@@ -25,6 +25,7 @@ LR=${LR:-1e-2}
 LORA_LR=${LORA_LR:-5e-4}
 CURRICULUM_LEARNING=${CURRICULUM_LEARNING:-false}
 RENORM_ACTIVE_TOOLS=${RENORM_ACTIVE_TOOLS:-true}    # new rows scaled to the mean norm of the learned ones
+DECOUPLE_EMBEDDINGS=${DECOUPLE_EMBEDDINGS:-false}  # true: separate input and output rows per tool
 USE_LORA=${USE_LORA:-false}
 FREEZE_LORA_AFTER_FIRST=${FREEZE_LORA_AFTER_FIRST:-false}
 # ---- evaluation and output --------------------------------------------------------------------------------------
@@ -59,6 +60,7 @@ args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "
 [[ "$EVAL_ALL_PREVIOUS" == true ]] && args+=(--eval_all_previous)
 [[ "$CURRICULUM_LEARNING" == true ]] && args+=(--curriculum_learning)
 [[ "$RENORM_ACTIVE_TOOLS" == true ]] && args+=(--renorm_active_tools)
+[[ "$DECOUPLE_EMBEDDINGS" == true ]] && args+=(--decouple_embeddings)
 [[ "$USE_LORA" == true ]] && args+=(--use_lora)
 [[ "$FREEZE_LORA_AFTER_FIRST" == true ]] && args+=(--freeze_lora_after_first)
 [[ "$SAVE_CHECKPOINTS" == true ]] && args+=(--save_checkpoints)
