@@ -453,10 +453,24 @@ class FunctionCallingModel(nn.Module):
         blocked = [i for i, name in enumerate(self.tool_names) if name not in offered]
         return self.tool_token_ids[torch.tensor(blocked, dtype=torch.long, device=self.device)]
 
-    def call_boundary_tracker(self, batch: int) -> CallBoundaryTracker:
+    def call_boundary_tracker(self, batch: int) -> CallBoundaryTracker | None:
+        """A tracker for `batch` answers, or None when `constrain_calls` is off."""
+        if not self.constrain_calls:
+            return None
         if self._json_pieces is None:
             self._json_pieces = CallBoundaryTracker.json_pieces(self.tokenizer)
         return CallBoundaryTracker(self._json_pieces, self.tool_token_ids, batch)
+
+    def restrict_tool_scores(
+        self, scores: torch.Tensor, blocked: torch.Tensor, tracker: CallBoundaryTracker | None
+    ) -> torch.Tensor:
+        """A copy of next-token `scores` where the tool tokens generation may not emit now are -inf."""
+        scores = scores.clone()
+        scores[:, blocked] = float("-inf")
+        if tracker is not None:
+            inside_call = ~torch.tensor(tracker.allowed(), device=scores.device)
+            scores[inside_call.nonzero(as_tuple=True)[0].unsqueeze(1), self.tool_token_ids] = float("-inf")
+        return scores
 
     def bank_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.tool_embeddings, self.output_tool_embeddings) if p is not None]
@@ -557,15 +571,11 @@ class FunctionCallingModel(nn.Module):
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         generated = []
         blocked = self.blocked_tool_token_ids()
-        tracker = self.call_boundary_tracker(batch) if self.constrain_calls else None
+        tracker = self.call_boundary_tracker(batch)
         out = self.forward(input_ids, attention_mask, use_cache=True, last_position_only=True)
         position = (attention_mask.long().sum(-1) - 1).unsqueeze(1)
         for _ in range(max_new_tokens):
-            scores = out.logits[:, -1, :].clone()
-            scores[:, blocked] = float("-inf")
-            if tracker is not None:
-                inside_call = ~torch.tensor(tracker.allowed(), device=self.device)
-                scores[inside_call.nonzero(as_tuple=True)[0].unsqueeze(1), self.tool_token_ids] = float("-inf")
+            scores = self.restrict_tool_scores(out.logits[:, -1, :], blocked, tracker)
             if logits_processor is not None:
                 scores = logits_processor(input_ids, scores)
             next_ids = scores.argmax(dim=-1)

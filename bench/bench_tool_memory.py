@@ -452,21 +452,19 @@ def decode_one_by_one(
 ) -> list[list[int]]:
     """The naive way: one example at a time, the whole sequence re-run through the model at every step, no cache.
 
-    The same decoding rules as the toolkit's path (tool tokens only at call boundaries when the model asks for it).
+    The same decoding rules as the toolkit's path (`restrict_tool_scores`: offered tools, call boundaries).
     """
     results = []
     for prompt, tools in zip(prompts, gold_tools):
         processor = ToolForcingProcessor(
             [[model.get_tool_token_id(t) for t in tools]], model.tool_token_ids, model.end_id
         )
-        tracker = model.call_boundary_tracker(1) if model.constrain_calls else None
+        tracker = model.call_boundary_tracker(1)
+        blocked = model.blocked_tool_token_ids()
         ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
         new: list[int] = []
         for _ in range(max_new_tokens):
-            scores = model(ids).logits[:, -1, :].clone()
-            if tracker is not None and not tracker.allowed()[0]:
-                scores[:, model.tool_token_ids] = float("-inf")
-            scores = processor(ids, scores)
+            scores = processor(ids, model.restrict_tool_scores(model(ids).logits[:, -1, :], blocked, tracker))
             next_id = int(scores.argmax(dim=-1))
             if tracker is not None:
                 tracker.update([next_id])
