@@ -19,7 +19,7 @@ import datetime as dt
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
@@ -1276,8 +1276,7 @@ def _make_templates(tool: ToolSpec, seed: int) -> tuple[QueryTemplate, ...]:
 
 
 def _with_templates(tool: ToolSpec, seed: int) -> ToolSpec:
-    return ToolSpec(tool.name, tool.description, tool.required, tool.optional, tool.actions,
-                    _make_templates(tool, seed), tool.domain_object)
+    return replace(tool, templates=_make_templates(tool, seed))
 
 
 def _search_tool() -> ToolSpec:

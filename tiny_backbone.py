@@ -79,7 +79,7 @@ LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = (
 # Llama-3's pre-tokenizer split: contractions, words with their leading space or punctuation, numbers of up to three
 # digits, punctuation runs, newlines and spaces. (A variant that keeps the space off words, so that a value tokenizes
 # the same in the query and in the JSON, made copying slower to learn, not faster.)
-SPLIT_PATTERN = (
+LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
@@ -185,7 +185,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -256,7 +256,7 @@ def _json_list(text: Any) -> list:
 def build_config(
     tokenizer,
     hidden_size: int = 128,
-    num_layers: int = 3,
+    num_layers: int = 4,
     num_heads: int = 4,
     num_kv_heads: int = 2,
     intermediate_size: int | None = None,
