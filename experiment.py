@@ -125,6 +125,10 @@ def load_round_data(data_dir: str | Path, spec: RoundSpec, train_calls: int, tes
     train = load_samples(paths[0], allowed)
     tools = sorted({t for s in train for t in s["tools"]})
     test = load_samples(paths[1], allowed if allowed is not None else set(tools))
+    untrained = sorted({t for s in test for t in s["tools"]} - set(tools))
+    if untrained:
+        raise UserError(f"round {spec.name}: test file {paths[1]} names tool(s) with no training sample in {paths[0]}: "
+                        f"{', '.join(untrained[:5])}")
     return RoundData(spec, train, test, tools)
 
 
@@ -169,6 +173,8 @@ class RunDirectory:
         if not config_path.is_file():
             raise UserError(f"--resume: {self.path} holds no run (no config.json)")
         stored = read_json(config_path, "run config")
+        if "prompt_sample" in stored:
+            self.config["prompt_sample"] = stored["prompt_sample"]
         mine, theirs = self.config["args"], stored.get("args", {})
         differing = sorted(
             k for k in set(mine) | set(theirs) if k not in RESUME_FREE_FLAGS and mine.get(k) != theirs.get(k)
@@ -192,6 +198,17 @@ class RunDirectory:
             self.records = [json.loads(line) for line in lines if line.strip()]
             self.records = [r for r in self.records if r["round"] < self.completed_rounds]
         logger.info("resuming %s after %d finished round(s)", self.path, self.completed_rounds)
+
+    def record_prompt(self, prompt: str) -> None:
+        """Keep the exact prompt text of the first test sample in config.json; a resumed run must build the same."""
+        stored = self.config.get("prompt_sample")
+        if stored is not None and stored != prompt:
+            at = next((i for i, (a, b) in enumerate(zip(stored, prompt)) if a != b), min(len(stored), len(prompt)))
+            raise UserError(f"--resume: {self.path} was run with another prompt (first test sample, from character "
+                            f"{at}: was {stored[at:at + 60]!r}, now {prompt[at:at + 60]!r})")
+        if stored is None:
+            self.config["prompt_sample"] = prompt
+            atomic_write_json(self.path / "config.json", self.config)
 
     @property
     def checkpoint_root(self) -> Path:

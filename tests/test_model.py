@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from common import UserError
 from conftest import TOOL_NAMES, make_sample
 from dataset import NativeFunctionCallingDataset, left_pad_collate, make_dataloader
-from model import CallBoundaryTracker, FunctionCallingModel, LoraSettings, reserved_token_ids
+from model import CallBoundaryTracker, FunctionCallingModel, LoraSettings, ToolForcingProcessor, reserved_token_ids
 from training import TrainSettings, train_round
 
 SAMPLES = [
@@ -137,20 +137,54 @@ def test_save_then_load_reproduces_logits_and_holds_no_backbone(tiny_model_dir, 
     assert total < backbone / 10
 
 
-def test_ground_truth_tool_generation_emits_exactly_the_gold_tools(tiny_model_dir):
+def _forcing_steps(model, style: str, steps: list[tuple[str, int]]) -> list[int]:
+    """Feed a ToolForcingProcessor one row of steps (the model's own argmax choice, then the id actually emitted);
+    returns the ids the processor picks."""
+    tracker = model.call_boundary_tracker(1)
+    gold = [model.get_tool_token_id("book_table"), model.get_tool_token_id("calculate_bmi")]
+    processor = ToolForcingProcessor([gold], model.tool_token_ids, model.end_id, tracker, style)
+    vocab = model.causal_lm.get_input_embeddings().weight.shape[0]
+    picked = []
+    for wanted, emitted in steps:
+        scores = torch.zeros(1, vocab)
+        scores[0, int(wanted)] = 1.0
+        picked.append(int(processor(None, scores).argmax(dim=-1)))
+        tracker.update([picked[-1] if emitted is None else emitted])
+    return picked
+
+
+def test_ground_truth_forcing_takes_tool_positions_but_never_inside_a_call(tiny_model_dir):
     model = build(tiny_model_dir)
-    model.constrain_calls = False  # a random model never closes a JSON object; here the forcing itself is tested
+    tok = model.tokenizer
+    book, bmi = model.get_tool_token_id("book_table"), model.get_tool_token_id("calculate_bmi")
+    weather = model.get_tool_token_id("get_weather")
+    brace_open, brace_close = (tok.convert_tokens_to_ids(t) for t in ("{", "}"))
+    end = model.end_id
+    # forced: the first step is a tool position whatever the model wants; inside the open object neither an
+    # end-of-turn nor a tool choice is replaced; after the object closed, end-of-turn becomes the next gold tool.
+    # (The tool the model wants inside the call is left to restrict_tool_scores, so `}` is emitted there.)
+    picked = _forcing_steps(model, "forced", [(brace_open, None), (brace_open, None), (end, None),
+                                              (weather, brace_close), (end, None), (brace_open, None)])
+    assert picked == [book, brace_open, end, weather, bmi, brace_open]
+    # replace (the original's rule): only a tool the model emits is replaced, the first step is not forced, and a
+    # tool the model emits inside an open call is left alone.
+    picked = _forcing_steps(model, "replace", [(weather, None), (brace_open, None), (weather, brace_close),
+                                               (end, None)])
+    assert picked == [book, brace_open, weather, end]
+    picked = _forcing_steps(model, "replace", [(brace_open, None), (brace_close, None), (weather, None),
+                                               (brace_open, None), (brace_close, None), (weather, None), (weather, None)])
+    assert picked == [brace_open, brace_close, book, brace_open, brace_close, bmi, weather]
+
+
+def test_ground_truth_tool_generation_emits_the_gold_tools_in_order(tiny_model_dir):
+    model = build(tiny_model_dir)
     with torch.no_grad():
-        model.tool_embeddings.mul_(50.0)  # make the model want a tool token at nearly every step
+        model.tool_embeddings.mul_(50.0)  # the model wants a tool token at nearly every step
     batch = eval_batch(model)
     out = model.generate_with_ground_truth_tools(batch["input_ids"], batch["attention_mask"], batch["gold_tools"], 40)
-    assert [o.predicted_tools for o in out] == [s["tools"] for s in SAMPLES]
-    with torch.no_grad():
-        model.tool_embeddings.mul_(-1.0)  # now it never wants a tool: forcing happens at end-of-turn instead
-        eot_row = model.causal_lm.get_input_embeddings().weight[model.end_id]
-        eot_row.mul_(20.0)
-    out = model.generate_with_ground_truth_tools(batch["input_ids"], batch["attention_mask"], batch["gold_tools"], 40)
-    assert [o.predicted_tools for o in out] == [s["tools"] for s in SAMPLES]
+    # A random model never closes a JSON object, so only the first gold tool has a call boundary to take, and with
+    # the default call-boundary rule no other tool comes inside that unfinished call.
+    assert [o.predicted_tools for o in out] == [s["tools"][:1] for s in SAMPLES]
 
 
 def test_call_boundary_tracker_follows_json_outside_strings(tiny_model_dir):
