@@ -337,9 +337,9 @@ def compare_function_calls_advanced(
 # ----------------------------------------------------------------------------------------------------------------------
 # The original toolkit's scores (the paper_ metrics)
 
+# How the original identifies a call: ("json", sorted-key JSON text), ("call", text of a `name(...)` form) or
+# ("raw", whitespace-collapsed text of an unparseable call).
 PaperKey = tuple[str, str]
-"""How the original identifies a call: ("json", sorted-key JSON text), ("call", text of a `name(...)` form) or
-("raw", whitespace-collapsed text of an unparseable call)."""
 
 
 def _collapsed(text: Any) -> str:
