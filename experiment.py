@@ -20,7 +20,18 @@ from dataset import load_samples
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_METRICS = ("avg_tool_f1_score", "avg_f1_score", "exact_accuracy", "tool_accuracy", "parse_error_rate")
+SUMMARY_METRICS = (
+    "avg_tool_f1_score", "avg_f1_score", "exact_accuracy", "tool_accuracy", "parse_error_rate",
+    "paper_avg_tool_f1_score", "paper_avg_f1_score", "paper_exact_accuracy", "paper_parse_error_rate",
+)
+# (metric, title) of the forgetting tables printed at the end of a run
+SUMMARY_TABLES = (
+    ("avg_tool_f1_score", "tool F1"),
+    ("avg_f1_score", "call F1"),
+    ("exact_accuracy", "exact match"),
+    ("paper_avg_tool_f1_score", "tool F1, paper scoring (sets)"),
+    ("paper_avg_f1_score", "call F1, paper scoring (sets, arguments only, exact numbers)"),
+)
 ROUND_PATTERN = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*:\s*(\d+)\s*$")
 # Flags that may differ between a run and its --resume without changing its numbers.
 RESUME_FREE_FLAGS = {"resume", "output_dir", "log_file", "demo", "checkpoint_dir", "eval_batch_size"}
@@ -319,16 +330,19 @@ def plot_matrix(summary: dict, path: Path) -> None:
 
 
 def format_summary_table(summary: dict) -> str:
-    """The forgetting matrix of tool F1 / call F1 / exact match, with average and backward transfer."""
+    """The forgetting matrices of tool F1 / call F1 / exact match and of the paper-scoring tool F1 / call F1, each
+    with its average after the last round and backward transfer; a matrix the summary lacks is left out."""
     names = summary["rounds"]
     lines = []
-    for metric in ("avg_tool_f1_score", "avg_f1_score", "exact_accuracy"):
-        lines.append(f"{metric}  (row: after round, column: test set)")
+    for metric, title in SUMMARY_TABLES:
+        if metric not in summary["matrix"]:
+            continue
+        lines.append(f"{metric}: {title}  (row: after round, column: test set)")
         lines.append("after \\ test " + "".join(f"{n:>10}" for n in names))
         for name, row in zip(names, summary["matrix"][metric]):
             cells = "".join(f"{'-':>10}" if v is None else f"{v:>10.3f}" for v in row)
             lines.append(f"{name:>12} {cells}")
-        avg, bwt = summary["average_after_last"][metric], summary["backward_transfer"][metric]
+        avg, bwt = summary["average_after_last"].get(metric), summary["backward_transfer"].get(metric)
         lines.append(f"  average after last round: {_fmt(avg)}   backward transfer: {_fmt(bwt)}")
         lines.append("")
     lines.append(f"wall time: {summary['wall_seconds']:.1f} s")
