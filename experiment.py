@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
+import round_files
 from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with, read_json
 from dataset import load_samples
 
@@ -73,7 +74,10 @@ def parse_training_rounds(text: str) -> list[RoundSpec]:
 
 
 def per_round_values(flag: str, text: str | None, default: int, num_rounds: int) -> list[int]:
-    """A per-round list of positive ints (`4,4,3`), or the single default for every round."""
+    """A per-round list of positive ints (`4,4,3`), or the single default for every round.
+
+    A list shorter than the rounds is padded with its last value (as the original does); a longer one is an error.
+    """
     if text is None or text == "":
         return [default] * num_rounds
     parts = [p.strip() for p in text.split(",")]
@@ -81,30 +85,27 @@ def per_round_values(flag: str, text: str | None, default: int, num_rounds: int)
         values = [int(p) for p in parts]
     except ValueError:
         raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
-    if len(values) != num_rounds:
+    if len(values) > num_rounds:
         raise UserError(f"{flag}: {len(values)} values for {num_rounds} rounds")
     if any(v < 1 for v in values):
         raise UserError(f"{flag}: every value must be >= 1, got {text!r}")
-    return values
+    return values + [values[-1]] * (num_rounds - len(values))
 
 
 def train_file(data_dir: str | Path, spec: RoundSpec, max_calls: int) -> Path:
-    return Path(data_dir) / "training" / f"function_calling_train_tools{spec.name}_{max_calls}calls.json"
+    return round_files.train_path(data_dir, spec.start, spec.end, max_calls)
 
 
 def test_file(data_dir: str | Path, spec: RoundSpec, max_calls: int) -> Path:
-    return Path(data_dir) / "test" / f"function_calling_test_tools{spec.name}_{max_calls}calls.json"
+    return round_files.test_path(data_dir, spec.start, spec.end, max_calls)
 
 
 def descriptions_file(data_dir: str | Path, spec: RoundSpec) -> Path:
-    return Path(data_dir) / f"tool_descriptions_tools{spec.name}.json"
+    return round_files.descriptions_path(data_dir, spec.start, spec.end)
 
 
 def make_data_command(data_dir: str | Path, spec: RoundSpec, train_calls: int, test_calls: int) -> str:
-    return (
-        f"python xlam_datasets.py --top_k {spec.name} --train_max_function_calls {train_calls} "
-        f"--test_max_function_calls {test_calls} --output_dir {data_dir}"
-    )
+    return round_files.data_command(data_dir, spec.start, spec.end, train_calls, test_calls)
 
 
 @dataclass
@@ -115,6 +116,7 @@ class RoundData:
     train: list[dict]
     test: list[dict]
     tools: list[str]
+    provenance: dict | None = None  # round_files.read_provenance: the settings that made the files
 
 
 def load_round_data(data_dir: str | Path, spec: RoundSpec, train_calls: int, test_calls: int) -> RoundData:
@@ -140,7 +142,8 @@ def load_round_data(data_dir: str | Path, spec: RoundSpec, train_calls: int, tes
     if untrained:
         raise UserError(f"round {spec.name}: test file {paths[1]} names tool(s) with no training sample in {paths[0]}: "
                         f"{', '.join(untrained[:5])}")
-    return RoundData(spec, train, test, tools)
+    provenance = round_files.read_provenance(data_dir, spec.start, spec.end, train_calls, test_calls)
+    return RoundData(spec, train, test, tools, provenance)
 
 
 def library_versions() -> dict[str, str]:
@@ -209,6 +212,11 @@ class RunDirectory:
             self.records = [json.loads(line) for line in lines if line.strip()]
             self.records = [r for r in self.records if r["round"] < self.completed_rounds]
         logger.info("resuming %s after %d finished round(s)", self.path, self.completed_rounds)
+
+    def record_data(self, data: Sequence["RoundData"]) -> None:
+        """Keep where each round's files came from (their manifest's settings, and whether the files still match)."""
+        self.config["data"] = {d.spec.name: d.provenance for d in data}
+        atomic_write_json(self.path / "config.json", self.config)
 
     def record_prompt(self, prompt: str) -> None:
         """Keep the exact prompt text of the first test sample in config.json; a resumed run must build the same."""

@@ -154,6 +154,7 @@ def run_rounds(
     """
     tokenizer = model.tokenizer
     check_prompt_format(tokenizer, args.prompt_format)
+    run.record_data(data)
     run.record_prompt(build_prompt_text(tokenizer, data[0].test[0]["user_input"], prompt_format=args.prompt_format))
     if run.completed_rounds:
         model.load(run.checkpoint_path(run.completed_rounds - 1))

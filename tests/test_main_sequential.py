@@ -38,8 +38,9 @@ def test_bad_training_rounds(text, message):
 def test_per_round_values():
     assert per_round_values("--x", None, 4, 3) == [4, 4, 4]
     assert per_round_values("--x", "1,2,3", 4, 3) == [1, 2, 3]
-    with pytest.raises(UserError, match="2 values for 3 rounds"):
-        per_round_values("--x", "1,2", 4, 3)
+    assert per_round_values("--x", "1,2", 4, 3) == [1, 2, 2]
+    with pytest.raises(UserError, match="4 values for 3 rounds"):
+        per_round_values("--x", "1,2,3,4", 4, 3)
     with pytest.raises(UserError, match="integers"):
         per_round_values("--x", "1,a,3", 4, 3)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, write_round_files
+from conftest import REPO_ROOT
 
 # The original toolkit's settings (ORIGINAL.md: script defaults and method), as flags of the training step.
 PAPER_MAIN = {
@@ -31,7 +31,8 @@ PAPER_LORA = {
 }
 PAPER_DATA = {"--max_samples_per_tool": "50", "--train_size": "5000", "--test_size": "500",
               "--train_max_function_calls": "4", "--test_max_function_calls": "4", "--source": "xlam",
-              "--train_multi_tool_ratios": "0.5,0.5", "--test_multi_tool_ratios": "0.5,0.5"}
+              "--train_multi_tool_ratios": "0.5,0.5", "--test_multi_tool_ratios": "0.5,0.5", "--recut": "original",
+              "--seed": "42"}
 
 
 def run_script(name: str, cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -129,9 +130,9 @@ def test_help_shows_the_variables_and_runs_nothing(tmp_path, script):
     assert not (tmp_path / "data").exists()
 
 
-def test_data_step_generates_missing_rounds_and_pads_per_round_lists(tmp_path):
+def test_data_step_asks_for_every_round_and_pads_per_round_lists(tmp_path):
+    """Every round goes to xlam_datasets.py --reuse_if_unchanged, which keeps or remakes the files by their manifest."""
     (tmp_path / "xlam_datasets.py").write_text("import sys\nprint('CALL', ' '.join(sys.argv[1:]))\n")
-    write_round_files(tmp_path / "data", 1, 10, ["get_weather"], train_calls=3, test_calls=4)
     script = (f"set -euo pipefail; source {REPO_ROOT / 'data_rounds.sh'}; generate_round_data; "
               'echo "ROUNDS $TRAINING_ROUNDS $TRAIN_CALLS_LIST $TEST_CALLS_LIST"')
     env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "NUM_ROUNDS": "3", "TOOLS_PER_ROUND": "10",
@@ -142,5 +143,7 @@ def test_data_step_generates_missing_rounds_and_pads_per_round_lists(tmp_path):
     assert result.returncode == 0, result.stderr
     calls = [parse_command("python " + line[len("CALL "):].replace("--", "x.py --", 1))
              for line in result.stdout.splitlines() if line.startswith("CALL")]
-    assert [(c[1]["--top_k"], c[1]["--test_max_function_calls"]) for c in calls] == [("11-20", "2"), ("21-30", "2")]
+    assert [(c[1]["--top_k"], c[1]["--test_max_function_calls"]) for c in calls] == [
+        ("1-10", "4"), ("11-20", "2"), ("21-30", "2")]
+    assert all("--reuse_if_unchanged" in c[2] and c[1]["--recut"] == "toolkit" for c in calls)
     assert "ROUNDS 1-10:1,11-20:3,21-30:3 3,3,3 4,2,2" in result.stdout
