@@ -8,6 +8,11 @@ and answers with one {"name", "arguments"} object per call (dataset.icl_answer_t
 pretrained on). The answer is parsed into calls, each call's tool is inferred (`infer_tool`), and the predictions are
 scored with eval.score_predictions, so the numbers sit beside TokMem's and LoRA's. The prompt length per query is
 reported for ICL, RAG and TokMem's description-free prompt: the context overhead that tool memory removes.
+
+The original toolkit's choices are flags: `--icl_prompt original` (its hand-written Llama-3 turns: the tools as
+indented JSON with a `type` field, arguments-only answers, examples), `--icl_answer original` (its line-by-line
+reading of the answer), `--retrieval_text original` (its RAG text). Its way of naming the tool of an in-context call
+(`original_call_tool`) gives the paper_ tool scores. Several --test_data files are scored each as its own set.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from eval import format_metrics_table, parse_function_call, score_predictions
 from experiment import RunDirectory, default_output_dir
 from model import load_base_model, load_tokenizer, resolve_device, resolve_dtype
 import round_files
-from tool_retrieval import DEFAULT_ENCODER, ToolRetriever, parameter_names, recall_at_k
+from tool_retrieval import DEFAULT_ENCODER, RETRIEVAL_TEXTS, ToolRetriever, parameter_names, recall_at_k
 
 logger = logging.getLogger("icl_baseline")
 
@@ -48,13 +53,27 @@ UNKNOWN_TOOL = "<unknown>"
 ARGUMENT_FIELDS = ("arguments", "parameters")
 _OPENING = re.compile(r"[\[{]")
 _DECODER = json.JSONDecoder()
+ICL_PROMPTS = ("toolkit", "original")
+ICL_ANSWERS = ("toolkit", "original")
+LLAMA3_TURN_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+_ORIGINAL_CALL_FORM = re.compile(r"(\w+)\((.*)\)")
+_ORIGINAL_CALL_NAME = re.compile(r"^(\w+)\s*\(")
 
 
 @dataclass(frozen=True)
 class EvaluatedSet:
-    """The one 'round' of an in-context run: the test set(s) it scored, named by tool range or file stem."""
+    """A 'round' of an in-context run, for the run directory: one scored test set, named by tool range or file stem."""
 
     name: str
+
+
+@dataclass
+class TestSet:
+    """One --test_data file, scored as its own set."""
+
+    name: str
+    path: Path
+    samples: list[dict]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -117,31 +136,43 @@ def _without(mapping: Mapping, key: str) -> dict:
     return {k: v for k, v in mapping.items() if k != key}
 
 
-def load_test_set(paths: Sequence[Path], descriptions: Mapping[str, dict], max_samples: int | None,
-                  seed: int) -> list[dict]:
-    """Read the test files; every gold tool must be described. `max_samples` keeps a seeded subset, in file order."""
-    samples: list[dict] = []
-    for path in paths:
+def load_test_sets(paths: Sequence[Path], descriptions: Mapping[str, dict], max_samples: int | None,
+                   seed: int) -> list[TestSet]:
+    """Read each test file as its own set; every gold tool must be described. `max_samples` keeps a seeded subset of
+    each file, in file order."""
+    sets = []
+    for path, name in zip(paths, set_names(paths)):
         require_file(path, "data file", path)
-        for index, sample in enumerate(load_samples(path)):
+        samples = load_samples(path)
+        for index, sample in enumerate(samples):
             missing = [tool for tool in sample["tools"] if tool not in descriptions]
             if missing:
                 raise UserError(f"test file {path}, row {index}: tool {missing[0]!r} has no description in "
                                 "--tool_descriptions")
-            samples.append(sample)
-    if max_samples is not None and max_samples < len(samples):
-        kept = sorted(random.Random(seed).sample(range(len(samples)), max_samples))
-        samples = [samples[i] for i in kept]
-    return samples
+        if max_samples is not None and max_samples < len(samples):
+            kept = sorted(random.Random(seed).sample(range(len(samples)), max_samples))
+            samples = [samples[i] for i in kept]
+        sets.append(TestSet(name, path, samples))
+    return sets
+
+
+def set_names(paths: Sequence[Path]) -> list[str]:
+    """Each test file's set name: `1-20` for a DESIGN.md test file (its tool range), else the file stem; files whose
+    ranges coincide are named by their stems, and names that still coincide are a UserError."""
+    parsed = [round_files.parse_test_path(path) for path in paths]
+    ranges = [round_files.range_name(*p[1:3]) if p else path.stem for p, path in zip(parsed, paths)]
+    names = [path.stem if ranges.count(short) > 1 else short for path, short in zip(paths, ranges)]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            first = paths[names.index(name)]
+            raise UserError(f"--test_data: {first} and {paths[index]} would both be reported as set {name!r}; "
+                            "rename one of them")
+    return names
 
 
 def evaluated_set_name(paths: Sequence[Path]) -> str:
-    """`1-20` for a DESIGN.md test file (its tool range), else the file stem; several are joined with `+`."""
-    names = []
-    for path in paths:
-        parsed = round_files.parse_test_path(path)
-        names.append(round_files.range_name(*parsed[1:3]) if parsed else path.stem)
-    return "+".join(names)
+    """The names of the scored sets (`set_names`) joined with `+`."""
+    return "+".join(set_names(paths))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -245,12 +276,202 @@ def answer_to_calls(text: str, descriptions: Mapping[str, dict]) -> tuple[list[s
     return tools, calls
 
 
+def original_answer_calls(text: str) -> list[dict | str]:
+    """The calls of an answer as the original toolkit read them: every line that is JSON by itself is a call (a value
+    that is no object stands as {"value": ...}), other lines are skipped; with no such line the whole answer is read
+    as one JSON value (an object, or a list: one call per item); failing that the stripped answer is one unparseable
+    call, returned as its text. An empty answer has no call."""
+    stripped = text.strip()
+    if not stripped:
+        return []
+    calls = []
+    for line in stripped.split("\n"):
+        if line.strip():
+            try:
+                calls.append(_original_call(json.loads(line.strip())))
+            except (json.JSONDecodeError, RecursionError):
+                continue
+    if calls:
+        return calls
+    try:
+        value = json.loads(stripped)
+    except (json.JSONDecodeError, RecursionError):
+        return [stripped]
+    if isinstance(value, list):
+        return [_original_call(item) for item in value]
+    return [value] if isinstance(value, dict) else []
+
+
+def _original_call(value: object) -> dict:
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def original_call_tool(call: str | dict) -> str | None:
+    """The tool the original's in-context scoring saw in a call (argument JSON text, or a dict), None for none.
+
+    A call parses as JSON, else as the text from its first `{` to its last `}`, else as `name(...)`. Of an object
+    with one key, the tool is that key (so a one-argument call `{"city": "Paris"}` names the tool "city"); with more
+    keys, the value of its "function" or else "name" field; otherwise none. The original applied this to the gold
+    calls (arguments only) as well, so its in-context tool scores compare argument names, not tools.
+    """
+    if isinstance(call, dict):
+        return _original_object_tool(call)
+    text = call.strip() if isinstance(call, str) else ""
+    braces = text[text.find("{"): text.rfind("}") + 1] if "{" in text and "}" in text else ""
+    for candidate in (text, braces):
+        try:
+            value = json.loads(candidate)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        return _original_object_tool(value) if isinstance(value, dict) else None
+    match = _ORIGINAL_CALL_FORM.match(text) or _ORIGINAL_CALL_NAME.match(text)
+    return match.group(1) if match else None
+
+
+def _original_object_tool(value: dict) -> str | None:
+    if len(value) == 1:
+        name = next(iter(value))
+    elif "function" in value:
+        name = value["function"]
+    elif "name" in value:
+        name = value["name"]
+    else:
+        return None
+    return name if isinstance(name, str) else json.dumps(name, sort_keys=True, ensure_ascii=False)
+
+
+@dataclass
+class ReadAnswer:
+    """An answer read into calls: their tools (this toolkit's inference), arguments text, and the tools the original's
+    rule names (`original_call_tool`; calls naming none are left out, as the original left them out)."""
+
+    tools: list[str]
+    calls: list[str]
+    paper_tools: list[str]
+
+
+def read_answer(text: str, descriptions: Mapping[str, dict], rule: str = "toolkit") -> ReadAnswer:
+    """Read a generated answer with this toolkit's parser (`answer_to_calls`) or the original's
+    (`original_answer_calls`: a call is the line's whole object; an unparseable answer is one call with text "",
+    which every parser counts as a parse error, and names a tool only when it starts like `name(`)."""
+    if rule == "toolkit":
+        tools, calls = answer_to_calls(text, descriptions)
+        return ReadAnswer(tools, calls, _named([original_call_tool(call) for call in calls]))
+    tools, calls, paper = [], [], []
+    for call in original_answer_calls(text):
+        if isinstance(call, str):
+            match = _ORIGINAL_CALL_NAME.match(call)
+            tools.append(UNKNOWN_TOOL)
+            calls.append("")
+            paper.append(match.group(1) if match else None)
+        else:
+            tools.append(infer_tool(call, descriptions) or UNKNOWN_TOOL)
+            calls.append(json.dumps(call, ensure_ascii=False))
+            paper.append(original_call_tool(call))
+    return ReadAnswer(tools, calls, _named(paper))
+
+
+def _named(names: Sequence[str | None]) -> list[str]:
+    return [name for name in names if name is not None]
+
+
+def original_tool_scores(predicted: Sequence[str], gold: Sequence[str]) -> dict[str, float]:
+    """One answer's tool F1, precision and recall as the original's in-context baseline computed them: over the SETS
+    of names; F1 1 when both are empty and 0 when one is; precision 0 with no predicted name, recall 1 with no gold
+    name (so both empty give F1 1, precision 0, recall 1)."""
+    out, target = set(predicted), set(gold)
+    hits = len(out & target)
+    precision = hits / len(out) if out else 0.0
+    recall = hits / len(target) if target else 1.0
+    if not out or not target:
+        f1 = float(not out and not target)
+    else:
+        f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+    return {"paper_avg_tool_f1_score": f1, "paper_avg_tool_precision": precision, "paper_avg_tool_recall": recall}
+
+
+def add_paper_tool_scores(metrics: dict, predictions: Sequence[dict]) -> dict:
+    """Set the paper_ tool scores of `metrics`, overall and per number of gold calls, by the original's in-context
+    rule (`original_call_tool` on predicted and gold calls, `original_tool_scores`), averaged over the answers."""
+    def averaged(group: Sequence[dict]) -> dict[str, float]:
+        scores = [original_tool_scores(p["paper_predicted_tools"], p["paper_gold_tools"]) for p in group]
+        return {key: sum(score[key] for score in scores) / len(scores) for key in scores[0]}
+
+    metrics.update(averaged(predictions))
+    by_count: dict[str, list[dict]] = {}
+    for prediction in predictions:
+        by_count.setdefault(str(len(prediction["gold_calls"])), []).append(prediction)
+    breakdown = metrics.setdefault("call_count_breakdown", {})
+    for count, group in by_count.items():
+        breakdown.setdefault(count, {}).update(averaged(group))
+    return metrics
+
+
+def icl_metrics(predictions: Sequence[dict]) -> dict:
+    """eval.score_predictions, with the paper_ tool scores the original's in-context baseline gave."""
+    return add_paper_tool_scores(score_predictions(predictions), predictions)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompts and generation
 
 
-def icl_prompt_ids(tokenizer, user_input: str, listing: Sequence[dict]) -> list[int]:
-    """The chat-template prompt with the listed tools' descriptions as JSON in the system turn."""
+# The original's in-context prompt text (the model's input, so reproduced word for word under --icl_prompt original).
+ORIGINAL_ROLE = ("You are a function calling assistant. Given a user query and available tools, determine which "
+                 "functions to call and with what arguments.")
+ORIGINAL_ANSWER_FORMAT = (
+    "IMPORTANT: Output ONLY the function call arguments as JSON objects. For each function call needed, output the "
+    "JSON arguments directly without any extra text, explanations, or formatting.",
+    "",
+    "Format: Output each function call as a separate JSON object on its own line:",
+    '{"param1": "value1", "param2": "value2"}',
+    '{"param1": "value3", "param2": "value4"}',
+    "",
+    "Examples:",
+    '- For one function call: {"numbers": [5.5, 2.2, 9.9], "descending": false}',
+    "- For multiple calls: ",
+    '{"contingency_table": [[100, 150], [50, 100]], "significance_level": 0.01}',
+    '{"contingency_table": [[200, 100], [150, 50]], "significance_level": 0.01}',
+    '{"numbers": [5.5, 2.2, 9.9, 3.3, 7.7], "descending": false}',
+)
+
+
+def original_tool_listing(listing: Sequence[dict]) -> str:
+    """The tools as the original's in-context prompt listed them: one JSON object keyed by tool name, indented by 2,
+    non-ASCII escaped, each tool with name, description, parameters and type (missing ones empty, others dropped)."""
+    tools = {desc["name"]: {"name": desc["name"], "description": desc.get("description", ""),
+                            "parameters": desc.get("parameters", {}), "type": desc.get("type", "")}
+             for desc in listing}
+    return json.dumps(tools, indent=2)
+
+
+def original_icl_prompt_text(user_input: str, listing: Sequence[dict]) -> str:
+    """The original's in-context prompt, hand-written Llama-3 turns with no date line: a system turn (instructions,
+    the tools, the answer format and examples, then a blank line), the user turn, and the assistant header."""
+    system = "\n".join([ORIGINAL_ROLE, "", "Available Tools:", original_tool_listing(listing), "",
+                        *ORIGINAL_ANSWER_FORMAT])
+    return ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            f"{system}\n\n<|eot_id|>"
+            f"<|start_header_id|>user<|end_header_id|>\n\n{user_input}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def check_icl_prompt(tokenizer, style: str) -> None:
+    """The original prompt is written in Llama-3 turns: a tokenizer without their special tokens is a UserError."""
+    if style != "original":
+        return
+    vocabulary = tokenizer.get_vocab()
+    missing = [token for token in LLAMA3_TURN_TOKENS if token not in vocabulary]
+    if missing:
+        raise UserError(f"--icl_prompt original writes Llama-3 turns, but the tokenizer has no {missing[0]} token; "
+                        "use --icl_prompt toolkit (its chat template)")
+
+
+def icl_prompt_ids(tokenizer, user_input: str, listing: Sequence[dict], style: str = "toolkit") -> list[int]:
+    """The prompt listing the tools: this toolkit's chat template with the descriptions as JSON in the system turn, or
+    the original's hand-written turns (`original_icl_prompt_text`, its own begin-of-text token and no other)."""
+    if style == "original":
+        return tokenizer(original_icl_prompt_text(user_input, listing), add_special_tokens=False)["input_ids"]
     return build_prompt_ids(tokenizer, user_input, tool_system_prompt(listing))
 
 
@@ -269,15 +490,16 @@ def token_stats(lengths: Sequence[int]) -> dict[str, float | int]:
 
 
 def prompt_lengths(tokenizer, samples: Sequence[dict], descriptions: Mapping[str, dict],
-                   prompts: Sequence[list[int]], rag: bool) -> dict:
+                   prompts: Sequence[list[int]], rag: bool, style: str = "toolkit") -> dict:
     """Prompt tokens per query for ICL (every tool listed), RAG (when run) and TokMem (no descriptions at all).
 
-    `prompts` are the run's own prompts: RAG's when `rag`, else ICL's (the ICL prompts are then built here too).
+    `prompts` are the run's own prompts: RAG's when `rag`, else ICL's (the ICL prompts are then built here too, in
+    the same `style`).
     """
     icl_prompts = prompts
     if rag:
         listing = list(descriptions.values())
-        icl_prompts = [icl_prompt_ids(tokenizer, sample["user_input"], listing) for sample in samples]
+        icl_prompts = [icl_prompt_ids(tokenizer, sample["user_input"], listing, style) for sample in samples]
     stats = {"icl": token_stats([len(ids) for ids in icl_prompts])}
     if rag:
         stats["rag"] = token_stats([len(ids) for ids in prompts])
@@ -340,14 +562,16 @@ def warn_if_too_long(model, prompts: Sequence[list[int]], max_new_tokens: int) -
 def build_parser() -> CliParser:
     parser = CliParser(description=__doc__.splitlines()[0])
     parser.add_argument("--test_data", action="append", required=True,
-                        help="test file(s); repeat the flag or give a comma list to score several rounds at once")
+                        help="test file(s); repeat the flag or give a comma list: each file is scored as its own set "
+                             "(named by its tool range, else its file stem), and all of them pooled")
     parser.add_argument("--tool_descriptions", action="append", default=None,
                         help="descriptions file(s), repeatable or a comma list (default: the ones the test files pair "
                              "with: data/tool_descriptions_tools{range}.json)")
     parser.add_argument("--model_name", default=None, help="HF id or local dir (default: the embedded tiny backbone)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--max_samples", type=positive_int, default=None, help="score a seeded subset of this size")
+    parser.add_argument("--max_samples", type=positive_int, default=None,
+                        help="score a seeded subset of this size of each test file (default: every sample)")
     parser.add_argument("--batch_size", type=positive_int, default=8)
     parser.add_argument("--max_new_tokens", type=positive_int, default=256)
     parser.add_argument("--output", default=None,
@@ -356,6 +580,17 @@ def build_parser() -> CliParser:
     parser.add_argument("--use_rag", action="store_true", help="list only the top --retrieval_k retrieved tools")
     parser.add_argument("--retrieval_k", type=positive_int, default=5)
     parser.add_argument("--retriever_model", default=DEFAULT_ENCODER, help="sentence-transformers encoder for RAG")
+    parser.add_argument("--retrieval_text", choices=tuple(RETRIEVAL_TEXTS), default="toolkit",
+                        help="text embedded per tool for RAG: toolkit (readable name, description, parameters with "
+                             "their descriptions) or original ('name description Parameters: a, b a: about-a') "
+                             "(default: toolkit)")
+    parser.add_argument("--icl_prompt", choices=ICL_PROMPTS, default="toolkit",
+                        help="toolkit: the chat template, tools as compact JSON, one {name, arguments} object per "
+                             "call; original: the original's hand-written Llama-3 turns, tools as indented JSON with a "
+                             "type field, one arguments object per line, with examples (default: toolkit)")
+    parser.add_argument("--icl_answer", choices=ICL_ANSWERS, default="toolkit",
+                        help="how an answer is read into calls: toolkit (every JSON object or dict literal in it) or "
+                             "original (each line that is JSON by itself, else the whole answer) (default: toolkit)")
     return parser
 
 
@@ -383,14 +618,18 @@ def retrieval_report(retriever: ToolRetriever, samples: Sequence[dict], offered:
 
 
 def predictions_for(samples: Sequence[dict], answers: Sequence[str], descriptions: Mapping[str, dict],
-                    offered: Sequence[list[str]] | None, prompts: Sequence[list[int]]) -> list[dict]:
-    """The prediction dicts of eval.score_predictions, with the answer text, prompt length and offered tools."""
+                    offered: Sequence[list[str]] | None, prompts: Sequence[list[int]],
+                    answer_rule: str = "toolkit") -> list[dict]:
+    """The prediction dicts of eval.score_predictions, with the answer text, prompt length, offered tools and the
+    tools the original's rule names in the predicted and gold calls (paper_predicted_tools, paper_gold_tools)."""
     predictions = []
     for index, (sample, answer) in enumerate(zip(samples, answers)):
-        tools, calls = answer_to_calls(answer, descriptions)
-        prediction = {"user_input": sample["user_input"], "predicted_tools": tools, "function_calls": calls,
+        read = read_answer(answer, descriptions, answer_rule)
+        prediction = {"user_input": sample["user_input"], "predicted_tools": read.tools, "function_calls": read.calls,
                       "gold_tools": sample["tools"], "gold_calls": sample["function_calls"],
-                      "generated_text": answer, "prompt_tokens": len(prompts[index])}
+                      "generated_text": answer, "prompt_tokens": len(prompts[index]),
+                      "paper_predicted_tools": read.paper_tools,
+                      "paper_gold_tools": _named([original_call_tool(call) for call in sample["function_calls"]])}
         if offered is not None:
             prediction["offered_tools"] = offered[index]
         predictions.append(prediction)
@@ -407,11 +646,15 @@ def format_prompt_table(stats: dict, num_tools: int, k: int | None) -> str:
 
 def write_run_directory(output: Path, method: str, args, started: float, results: dict,
                         predictions: Sequence[dict], num_parameters: int) -> None:
-    """config.json, metrics.jsonl, predictions.jsonl, results.json and a one-round summary.json (DESIGN.md shape)."""
-    run = RunDirectory(output, method, args, [EvaluatedSet(results["evaluated"])], resume=False)
+    """config.json, metrics.jsonl, predictions.jsonl, results.json and summary.json (DESIGN.md shape): each test set
+    is a column of the matrices, scored in their last row (a frozen model has no rounds to forget across)."""
+    names = list(results["sets"])
+    run = RunDirectory(output, method, args, [EvaluatedSet(name) for name in names], resume=False)
     run.started = started
-    run.add_metrics(0, 0, results["metrics"], "predicted")
-    run.finish_round(0, {"prompt_tokens": results["prompt_tokens"]})
+    last = len(names) - 1
+    for column, name in enumerate(names):
+        run.add_metrics(last, column, results["sets"][name]["metrics"], "predicted")
+    run.finish_round(last, {"prompt_tokens": results["prompt_tokens"]})
     atomic_write_text(output / "predictions.jsonl",
                       "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
     atomic_write_json(output / "results.json", results)
@@ -440,28 +683,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             require_file(descriptions_path_for(path), "tool descriptions file", path)
         description_paths = split_paths([str(descriptions_path_for(path)) for path in test_paths])
     descriptions = load_descriptions(description_paths)
-    samples = load_test_set(test_paths, descriptions, args.max_samples, args.seed)
+    test_sets = load_test_sets(test_paths, descriptions, args.max_samples, args.seed)
+    samples = [sample for test_set in test_sets for sample in test_set.samples]
 
     from sequential import resolve_model_name
 
     model_name = resolve_model_name(args.model_name)
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(model_name)
+    check_icl_prompt(tokenizer, args.icl_prompt)
     model = load_base_model(model_name, device, resolve_dtype(args.dtype, device))
     if output.suffix != ".json":
         setup_logging(output / "icl_baseline.log")
     logger.info("%s on %d test samples, %d described tools, model %s", method, len(samples), len(descriptions),
                 model_name)
 
-    retriever = ToolRetriever(descriptions, args.retriever_model, device=device.type) if args.use_rag else None
+    retriever = None
+    if args.use_rag:
+        retriever = ToolRetriever(descriptions, args.retriever_model, device=device.type,
+                                  text_style=args.retrieval_text)
     offered = offered_tools(samples, descriptions, retriever, args.retrieval_k)
-    prompts = [icl_prompt_ids(tokenizer, sample["user_input"], [descriptions[name] for name in names])
+    prompts = [icl_prompt_ids(tokenizer, sample["user_input"], [descriptions[name] for name in names], args.icl_prompt)
                for sample, names in zip(samples, offered)]
     warn_if_too_long(model, prompts, args.max_new_tokens)
     generation_start = time.time()
     answers = generate_answers(model, tokenizer, prompts, samples, args.batch_size, args.max_new_tokens)
     generation_seconds = time.time() - generation_start
-    predictions = predictions_for(samples, answers, descriptions, offered if args.use_rag else None, prompts)
+    predictions = predictions_for(samples, answers, descriptions, offered if args.use_rag else None, prompts,
+                                  args.icl_answer)
     results = {
         "method": method,
         "model_name": model_name,
@@ -469,12 +718,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "test_data": [str(p) for p in test_paths],
         "tool_descriptions": [str(p) for p in description_paths],
         "num_tools": len(descriptions),
-        "metrics": score_predictions(predictions),
-        "prompt_tokens": prompt_lengths(tokenizer, samples, descriptions, prompts, args.use_rag),
+        "icl_prompt": args.icl_prompt,
+        "icl_answer": args.icl_answer,
+        "metrics": icl_metrics(predictions),
+        "sets": per_set_results(test_sets, predictions),
+        "prompt_tokens": prompt_lengths(tokenizer, samples, descriptions, prompts, args.use_rag, args.icl_prompt),
         "generation_seconds": round(generation_seconds, 1),
     }
     if retriever is not None:
         results["retrieval"] = retrieval_report(retriever, samples, offered, args.retrieval_k, args.retriever_model)
+        results["retrieval"]["text"] = args.retrieval_text
     results["wall_seconds"] = round(time.time() - started, 1)
     if output.suffix == ".json":
         atomic_write_json(output, {**results, "predictions": predictions})
@@ -485,9 +738,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def per_set_results(test_sets: Sequence[TestSet], predictions: Sequence[dict]) -> dict[str, dict]:
+    """Each test set's file and scores, by set name; `predictions` follow the sets' samples in order (each gains its
+    set's name as "test_set")."""
+    sets, start = {}, 0
+    for test_set in test_sets:
+        own = predictions[start:start + len(test_set.samples)]
+        start += len(test_set.samples)
+        for prediction in own:
+            prediction["test_set"] = test_set.name
+        sets[test_set.name] = {"test_data": str(test_set.path), "metrics": icl_metrics(own)}
+    return sets
+
+
 def print_report(results: dict, output: Path, k: int | None) -> None:
-    """The CLI's final tables: scores, prompt tokens and (RAG) retrieval recall."""
-    print(f"{results['method']} on test set {results['evaluated']} ({results['num_tools']} described tools):")
+    """The CLI's final tables: scores (per test set, then pooled, when several), prompt tokens and retrieval recall."""
+    sets = results["sets"]
+    if len(sets) > 1:
+        for name, scored in sets.items():
+            print(f"{results['method']} on test set {name} ({scored['test_data']}):")
+            print(format_metrics_table(scored["metrics"]))
+            print()
+        print(f"{results['method']} on all {len(sets)} test sets pooled ({results['num_tools']} described tools):")
+    else:
+        print(f"{results['method']} on test set {results['evaluated']} ({results['num_tools']} described tools):")
     print(format_metrics_table(results["metrics"]))
     print()
     print(format_prompt_table(results["prompt_tokens"], results["num_tools"], k))

@@ -6,7 +6,8 @@ The answer names each tool with a plain-text marker (`[tool_7]`, or `[tool: get_
 followed by the arguments JSON. A marker stands for the same tool in every round: the numbering is the tool's place in
 the run's global tool list (all rounds' training tools), fixed before the first round. Generated text is split at the
 markers and mapped back to tool names, so the scores are TokMem's. Options: re-initialise the adapter each round, and
-replay a reservoir of earlier rounds' samples in every training batch.
+replay earlier rounds' samples in every training batch (`--replay_policy`: this toolkit's reservoir or the original's
+rule).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from experiment import RoundData, print_final_report
 from model import (CallingOutput, GeneratedCalls, LoraSettings, attach_lora, backbone_and_lora_counts,
                    load_base_model, load_lora_adapter, load_tokenizer, next_token_losses, resolve_device,
                    resolve_dtype, save_lora_adapter, set_lora_requires_grad, trainable_lora_parameters)
-from replay_buffer import ReservoirBuffer, check_replay_settings, mixed_dataloader
+from replay_buffer import (REPLAY_POLICIES, DisplacingBatchSampler, ReservoirBuffer, check_replay_settings,
+                           mixed_dataloader, original_round_subset, sampled_dataloader)
 from sequential import add_common_flags, lora_settings_from, open_run, resolve_model_name, run_rounds
 
 logger = logging.getLogger("lora_sequential")
@@ -237,17 +239,19 @@ class BaselineRounds:
     """The hooks run_rounds calls: adapter re-initialisation per round and the replay-mixed training loader.
 
     The buffer is refilled from the finished rounds' training files before each round, in round order, so it is a
-    deterministic function of the data and the seed: a resumed run rebuilds exactly the buffer it had.
+    deterministic function of the data and the seed: a resumed run rebuilds exactly the buffer it had. What a round
+    offers the buffer and how batches are mixed follow `--replay_policy` (see replay_buffer).
     """
 
     def __init__(self, args, model: MarkerLoRAModel, data: Sequence[RoundData]):
         self.args = args
         self.model = model
         self.data = data
+        self.policy = args.replay_policy
         self.buffer = ReservoirBuffer(args.replay_buffer_size, args.seed) if args.use_replay_buffer else None
         self.replay_per_batch = 0
         if args.use_replay_buffer:
-            self.replay_per_batch = check_replay_settings(args.batch_size, args.replay_ratio)
+            self.replay_per_batch = check_replay_settings(args.batch_size, args.replay_ratio, self.policy)
         self._rounds_in_buffer = 0
 
     def prepare_round(self, index: int) -> list[dict]:
@@ -256,21 +260,36 @@ class BaselineRounds:
             logger.info("round %d: LoRA adapter re-initialised", index + 1)
         return self.data[index].train
 
+    def offered(self, round_index: int) -> list[dict]:
+        """What a finished round offers the buffer: all its training samples, or the original policy's subset."""
+        samples = self.data[round_index].train
+        if self.policy == "original":
+            return original_round_subset(samples, f"replay-{self.args.seed}-{round_index}")
+        return samples
+
     def fill_buffer(self, index: int) -> None:
-        """Offer the buffer every earlier round's training samples it has not seen yet."""
+        """Offer the buffer what every earlier round it has not seen yet offers."""
         for earlier in range(self._rounds_in_buffer, index):
-            self.buffer.add_many(self.data[earlier].train)
+            self.buffer.add_many(self.offered(earlier))
         self._rounds_in_buffer = max(self._rounds_in_buffer, index)
 
     def make_loader(self, index: int, train_set: NativeFunctionCallingDataset, shuffle: bool, seed: int):
         pad_id = self.model.tokenizer.pad_token_id
+        if self.buffer is not None and index > 0 and self.replay_per_batch == 0:
+            logger.warning("round %d: --replay_ratio %s at --batch_size %d replays no sample (%s policy)",
+                           index + 1, self.args.replay_ratio, self.args.batch_size, self.policy)
         if self.buffer is None or index == 0 or self.replay_per_batch == 0:
             return make_dataloader(train_set, self.args.batch_size, pad_id, shuffle, seed)
         self.fill_buffer(index)
         replay_set = NativeFunctionCallingDataset(self.buffer.items, self.model.tokenizer, self.model.encode_tool,
                                                   self.args.max_length, "train")
-        logger.info("round %d: %d replay samples per batch of %d, from a buffer of %d (of %d seen)",
-                    index + 1, self.replay_per_batch, self.args.batch_size, len(self.buffer), self.buffer.seen)
+        logger.info("round %d: %d replay samples per batch of %d (%s policy), from a buffer of %d (of %d offered)",
+                    index + 1, self.replay_per_batch, self.args.batch_size, self.policy, len(self.buffer),
+                    self.buffer.seen)
+        if self.policy == "original":
+            sampler = DisplacingBatchSampler(len(train_set), len(replay_set), self.args.batch_size,
+                                             self.args.replay_ratio, shuffle, seed)
+            return sampled_dataloader(train_set, replay_set, sampler, pad_id)
         return mixed_dataloader(train_set, replay_set, self.args.batch_size, self.replay_per_batch, pad_id, shuffle,
                                 seed)
 
@@ -287,13 +306,18 @@ def build_parser() -> CliParser:
     parser.add_argument("--replay_buffer_size", type=positive_int, default=1000, help="reservoir capacity")
     parser.add_argument("--replay_ratio", type=unit_interval, default=0.2,
                         help="share of every training batch drawn from the buffer (rounds after the first)")
+    parser.add_argument("--replay_policy", choices=REPLAY_POLICIES, default="reservoir",
+                        help="reservoir: every earlier sample offered to the buffer, round(batch x ratio) replayed per "
+                             "batch beside the new ones; original: a random min(n/2, 500) of each finished round "
+                             "offered, int(batch x ratio) new samples per batch replaced by replayed ones "
+                             "(default: reservoir)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.use_replay_buffer:
-        check_replay_settings(args.batch_size, args.replay_ratio)
+        check_replay_settings(args.batch_size, args.replay_ratio, args.replay_policy)
     method = "lora_replay" if args.use_replay_buffer else "lora"
     run, data, tool_names = open_run(args, method)
     model = MarkerLoRAModel(resolve_model_name(args.model_name), tool_names, lora_settings_from(args),

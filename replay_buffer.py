@@ -1,9 +1,16 @@
 """Experience replay for the LoRA baseline: a reservoir of earlier rounds' samples, mixed into every training batch.
 
 `ReservoirBuffer` keeps a fixed-size uniform sample of everything it was offered (Vitter's algorithm R), so after any
-number of rounds each sample seen so far is held with the same probability `capacity / seen`. `mixed_dataloader`
-builds a round's training loader whose every batch holds `replay_count(batch_size, ratio)` samples drawn from the
-buffer and the rest from the round itself.
+number of rounds each sample seen so far is held with the same probability `capacity / seen`. Two policies
+(`--replay_policy`) decide what the buffer is offered and how batches are mixed:
+
+- `reservoir` (this toolkit): every earlier round's training samples are offered; each batch holds
+  `replay_count(batch_size, ratio)` replayed samples (rounded half up) beside batch_size minus that many new ones, and
+  every new sample is trained on once per epoch (`MixedBatchSampler`).
+- `original` (the original toolkit's rule): after a round, `original_round_subset` (a random half of its training
+  samples, at most 500) is offered; each batch of batch_size new samples gives up `int(len(batch) * ratio)` of them to
+  as many replayed ones, so an epoch has as many steps as without replay and skips the displaced new samples
+  (`DisplacingBatchSampler`).
 """
 
 from __future__ import annotations
@@ -57,14 +64,27 @@ class ReservoirBuffer:
         return len(self._items)
 
 
-def replay_count(batch_size: int, ratio: float) -> int:
-    """Replay samples per batch: batch_size * ratio rounded half up."""
+REPLAY_POLICIES = ("reservoir", "original")
+ORIGINAL_ROUND_CAP = 500
+
+
+def replay_count(batch_size: int, ratio: float, policy: str = "reservoir") -> int:
+    """Replay samples per batch: batch_size * ratio rounded half up (reservoir), or truncated (original)."""
+    if policy == "original":
+        return int(batch_size * ratio)
     return int(math.floor(batch_size * ratio + 0.5))
 
 
-def check_replay_settings(batch_size: int, ratio: float) -> int:
+def original_round_subset(samples: list, seed: int | str) -> list:
+    """What the original policy offers the buffer after a round: min(n // 2, 500) of its samples, drawn at random."""
+    return random.Random(seed).sample(list(samples), min(len(samples) // 2, ORIGINAL_ROUND_CAP))
+
+
+def check_replay_settings(batch_size: int, ratio: float, policy: str = "reservoir") -> int:
     """The replay count per batch; a ratio that leaves no room for the round's own samples is a UserError."""
-    count = replay_count(batch_size, ratio)
+    if policy not in REPLAY_POLICIES:
+        raise UserError(f"--replay_policy: expected one of {', '.join(REPLAY_POLICIES)}, got {policy!r}")
+    count = replay_count(batch_size, ratio, policy)
     if count >= batch_size:
         raise UserError(
             f"--replay_ratio {ratio} with --batch_size {batch_size} gives {count} replay samples per batch and leaves "
@@ -101,10 +121,44 @@ class MixedBatchSampler(Sampler[list[int]]):
             yield order[start:start + self.new_per_batch] + [self.num_new + index for index in replay]
 
 
+class DisplacingBatchSampler(Sampler[list[int]]):
+    """Index batches over `ConcatDataset([new, replay])` by the original's rule: the new samples are cut into batches
+    of batch_size (shuffled when asked); in each, the last `int(len(batch) * ratio)` give way to as many distinct
+    replay samples (fewer when the buffer holds fewer). Seeded, so the same seed gives the same batches."""
+
+    def __init__(self, num_new: int, num_replay: int, batch_size: int, ratio: float, shuffle: bool, seed: int):
+        if replay_count(batch_size, ratio, "original") >= batch_size:
+            raise ValueError(f"ratio {ratio} leaves no new sample in a batch of {batch_size}")
+        self.num_new = num_new
+        self.num_replay = num_replay
+        self.batch_size = batch_size
+        self.ratio = ratio
+        self.shuffle = shuffle
+        self._rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_new / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(range(self.num_new))
+        if self.shuffle:
+            self._rng.shuffle(order)
+        for start in range(0, self.num_new, self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            displaced = replay_count(len(chunk), self.ratio, "original")
+            replay = self._rng.sample(range(self.num_replay), min(displaced, self.num_replay))
+            yield chunk[:len(chunk) - displaced] + [self.num_new + index for index in replay]
+
+
 def mixed_dataloader(new: Dataset, replay: Dataset, batch_size: int, replay_per_batch: int, pad_token_id: int,
                      shuffle: bool, seed: int) -> DataLoader:
     """A left-padding loader whose every batch mixes `replay_per_batch` replay samples into the new ones."""
     sampler = MixedBatchSampler(len(new), len(replay), batch_size, replay_per_batch, shuffle, seed)
+    return sampled_dataloader(new, replay, sampler, pad_token_id)
+
+
+def sampled_dataloader(new: Dataset, replay: Dataset, sampler: Sampler[list[int]], pad_token_id: int) -> DataLoader:
+    """A left-padding loader over `ConcatDataset([new, replay])` whose batches `sampler` picks."""
     return DataLoader(ConcatDataset([new, replay]), batch_sampler=sampler,
                       collate_fn=partial(left_pad_collate, pad_token_id=pad_token_id))
 

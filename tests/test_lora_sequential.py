@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ import lora_sequential
 from common import UserError, run_cli
 from conftest import TOOL_NAMES, make_sample, write_round_files
 from dataset import NativeFunctionCallingDataset, build_answer_ids, discover_available_tools, make_dataloader
-from lora_sequential import MarkerLoRAModel, ToolMarkers
+from experiment import RoundData, RoundSpec
+from lora_sequential import BaselineRounds, MarkerLoRAModel, ToolMarkers
 from model import LoraSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +139,71 @@ def test_checkpoint_round_trip_and_seeded_reinit(marker_model, tiny_model_dir, t
     marker_model.reinit_lora(seed=0)
 
 
+class TokenizerOnly:
+    """The part of MarkerLoRAModel the replay hooks use: a tokenizer and a tool encoder."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode_tool(self, name: str) -> list[int]:
+        return self.tokenizer(f"[{name}]", add_special_tokens=False)["input_ids"]
+
+
+def replay_rounds(tokenizer, policy: str, capacity: int, sizes: list[int], batch_size: int = 8,
+                  ratio: float = 0.25) -> tuple[BaselineRounds, list[RoundData]]:
+    data = [RoundData(RoundSpec(3 * r + 1, 3 * r + 3, 1),
+                      [make_sample([TOOL_NAMES[r]], [{"city": f"c{i}"}], f"round{r} query {i}") for i in range(n)],
+                      [], [TOOL_NAMES[r]]) for r, n in enumerate(sizes)]
+    args = SimpleNamespace(replay_policy=policy, replay_buffer_size=capacity, seed=7, use_replay_buffer=True,
+                           batch_size=batch_size, replay_ratio=ratio, reinit_lora_after_each_round=False,
+                           max_length=128)
+    return BaselineRounds(args, TokenizerOnly(tokenizer), data), data
+
+
+def round_batches(hooks: BaselineRounds, data: list[RoundData], index: int) -> list[list[str]]:
+    train = NativeFunctionCallingDataset(data[index].train, hooks.model.tokenizer, hooks.model.encode_tool, 128)
+    return [batch["user_input"] for batch in hooks.make_loader(index, train, shuffle=True, seed=index)]
+
+
+def test_original_replay_policy_buffer_fill_and_batches(tiny_tokenizer):
+    hooks, data = replay_rounds(tiny_tokenizer, "original", capacity=15, sizes=[24, 10, 30])
+    first = round_batches(hooks, data, 0)
+    assert [len(b) for b in first] == [8, 8, 8] and all(q.startswith("round0") for b in first for q in b)
+    # After round 1: min(24 // 2, 500) = 12 of its samples offered; batches of 8 and 2 give up int(8 * 0.25) = 2 and
+    # int(2 * 0.25) = 0 new samples to replayed ones.
+    second = round_batches(hooks, data, 1)
+    assert len(hooks.buffer) == 12 and hooks.buffer.seen == 12
+    assert {s["user_input"] for s in hooks.buffer.items} <= {s["user_input"] for s in data[0].train}
+    assert [sum(q.startswith("round0") for q in b) for b in second] == [2, 0]
+    assert [sum(q.startswith("round1") for q in b) for b in second] == [6, 2]
+    # After round 2: 5 more offered (17 seen) to a reservoir of 15.
+    third = round_batches(hooks, data, 2)
+    assert len(hooks.buffer) == 15 and hooks.buffer.seen == 17
+    assert [len(b) for b in third] == [8, 8, 8, 6]
+    assert [sum(not q.startswith("round2") for q in b) for b in third] == [2, 2, 2, 1]
+    assert sum(q.startswith("round2") for b in third for q in b) == 30 - 7
+
+
+def test_a_replay_count_of_zero_replays_nothing_and_says_so(tiny_tokenizer, caplog):
+    hooks, data = replay_rounds(tiny_tokenizer, "original", capacity=15, sizes=[24, 10], batch_size=2, ratio=0.2)
+    with caplog.at_level("WARNING"):
+        batches = round_batches(hooks, data, 1)
+    assert all(q.startswith("round1") for b in batches for q in b) and len(batches) == 5
+    assert "--replay_ratio 0.2 at --batch_size 2 replays no sample (original policy)" in caplog.text
+
+
+def test_reservoir_replay_policy_offers_every_sample_and_keeps_every_new_one(tiny_tokenizer):
+    hooks, data = replay_rounds(tiny_tokenizer, "reservoir", capacity=30, sizes=[24, 10, 30])
+    round_batches(hooks, data, 0)
+    second = round_batches(hooks, data, 1)
+    assert len(hooks.buffer) == 24 and hooks.buffer.seen == 24
+    # round(8 * 0.25) = 2 replayed beside 6 new samples per batch; all 10 new samples trained on.
+    assert [sum(q.startswith("round0") for q in b) for b in second] == [2, 2]
+    assert sum(q.startswith("round1") for b in second for q in b) == 10
+    round_batches(hooks, data, 2)
+    assert len(hooks.buffer) == 30 and hooks.buffer.seen == 34
+
+
 def lora_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO_ROOT / "lora_sequential.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
@@ -146,6 +213,7 @@ def lora_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--replay_ratio", "1.5"], "argument --replay_ratio: expected a number in [0, 1]"),
     (["--replay_buffer_size", "0"], "argument --replay_buffer_size: expected a positive integer"),
     (["--use_replay_buffer", "--replay_ratio", "1", "--batch_size", "4"], "leaves none for the round's own samples"),
+    (["--replay_policy", "fifo"], "argument --replay_policy: invalid choice: 'fifo'"),
 ])
 def test_bad_replay_flags_are_one_line_errors(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -176,7 +244,7 @@ def test_two_tiny_rounds_with_replay_write_the_run_directory_and_resume_exactly(
     assert params["tool_memory"] == 0 and params["trainable"] == params["lora"] > 0
     assert (out / "forgetting.png").stat().st_size > 1000 and (out / "train.log").is_file()
     log = (out / "train.log").read_text()
-    assert "round 2: 2 replay samples per batch of 4, from a buffer of 5 (of 12 seen)" in log
+    assert "round 2: 2 replay samples per batch of 4 (reservoir policy), from a buffer of 5 (of 12 offered)" in log
     assert "round 2: LoRA adapter re-initialised" in log
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["round_1", "round_2"]

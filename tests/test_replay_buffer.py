@@ -9,7 +9,8 @@ import pytest
 
 from common import UserError
 from dataset import NativeFunctionCallingDataset
-from replay_buffer import MixedBatchSampler, ReservoirBuffer, check_replay_settings, mixed_dataloader, replay_count
+from replay_buffer import (DisplacingBatchSampler, MixedBatchSampler, ReservoirBuffer, check_replay_settings,
+                           mixed_dataloader, original_round_subset, replay_count)
 
 
 def test_reservoir_keeps_every_seen_item_with_equal_probability():
@@ -104,3 +105,42 @@ def test_mixed_loader_batches_hold_round_and_replay_samples_at_the_ratio(tiny_to
         if len(queries) == batch_size:
             assert n_old / batch_size == ratio
     assert sorted(seen_new) == sorted(s["user_input"] for s in samples("new", 21))
+
+
+@pytest.mark.parametrize("batch_size, ratio, original, reservoir", [(2, 0.2, 0, 0), (4, 0.2, 0, 1), (5, 0.2, 1, 1),
+                                                                    (8, 0.2, 1, 2), (10, 0.35, 3, 4), (16, 0.2, 3, 3)])
+def test_original_policy_truncates_the_replay_count(batch_size, ratio, original, reservoir):
+    assert replay_count(batch_size, ratio, "original") == original
+    assert replay_count(batch_size, ratio) == reservoir
+    assert check_replay_settings(batch_size, ratio, "original") == original
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(UserError, match="--replay_policy: expected one of reservoir, original"):
+        check_replay_settings(8, 0.2, "fifo")
+
+
+@pytest.mark.parametrize("n, kept", [(5000, 500), (1001, 500), (999, 499), (600, 300), (7, 3), (1, 0)])
+def test_original_round_subset_is_half_the_round_capped_at_500(n, kept):
+    items = list(range(n))
+    subset = original_round_subset(items, seed=3)
+    assert len(subset) == kept and len(set(subset)) == kept and set(subset) <= set(items)
+    assert subset == original_round_subset(items, seed=3)
+
+
+def test_displacing_batches_replace_new_samples_with_replayed_ones():
+    # 23 new samples in batches of 8 (8, 8, 7): int(8 * 0.25) = 2, 2 and int(7 * 0.25) = 1 of them give way.
+    sampler = DisplacingBatchSampler(num_new=23, num_replay=9, batch_size=8, ratio=0.25, shuffle=True, seed=0)
+    assert len(sampler) == 3
+    batches = list(sampler)
+    assert [len(batch) for batch in batches] == [8, 8, 7]
+    assert [sum(i >= 23 for i in batch) for batch in batches] == [2, 2, 1]
+    new = [i for batch in batches for i in batch if i < 23]
+    assert len(new) == len(set(new)) == 23 - 5
+    assert all(len({i for i in batch if i >= 23}) == sum(i >= 23 for i in batch) for batch in batches)
+    again = DisplacingBatchSampler(num_new=23, num_replay=9, batch_size=8, ratio=0.25, shuffle=True, seed=0)
+    assert list(again) == batches and list(sampler) != batches
+    small = DisplacingBatchSampler(num_new=16, num_replay=1, batch_size=8, ratio=0.25, shuffle=False, seed=0)
+    assert list(small) == [[0, 1, 2, 3, 4, 5, 16], [8, 9, 10, 11, 12, 13, 16]]
+    none = DisplacingBatchSampler(num_new=5, num_replay=4, batch_size=2, ratio=0.2, shuffle=False, seed=0)
+    assert list(none) == [[0, 1], [2, 3], [4]]

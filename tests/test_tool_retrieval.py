@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 import tool_retrieval
 from common import UserError
@@ -70,6 +71,38 @@ def test_tool_text_reads_json_schema_parameters_and_missing_fields():
     text = tool_retrieval.tool_text({"name": "web_search", "parameters": schema})
     assert text == "web search. Parameters: q (search terms)"
     assert tool_retrieval.tool_text({"name": "noop"}) == "noop"
+
+
+def test_original_text_is_name_description_parameter_list_and_parameter_descriptions():
+    texts = tool_retrieval.retrieval_texts({
+        "convert_currency": TOOLS["convert_currency"],
+        "translate_text": TOOLS["translate_text"],
+        "noop": {"description": ""},
+        "bare": {},
+        "web_search": {"parameters": {"type": "object", "properties": {"q": {"description": "terms"}}}},
+    }, "original")
+    assert texts == [
+        "convert_currency Convert an amount of money from one currency to another. "
+        "Parameters: amount, from_currency, to_currency amount: Amount of money "
+        "from_currency: Source currency code, e.g. USD to_currency: Target currency code, e.g. EUR",
+        "translate_text Translate a piece of text into another language. Parameters: text, target_language "
+        "target_language: Language code",
+        "noop ",
+        "bare",
+        "web_search Parameters: type, properties",
+    ]
+    assert tool_retrieval.retrieval_texts({"noop": {}}) == ["noop"]
+    with pytest.raises(UserError, match="--retrieval_text: expected one of toolkit, original"):
+        tool_retrieval.retrieval_texts({"noop": {}}, "mine")
+
+
+def test_retriever_with_the_original_text_embeds_that_text(retriever):
+    original = tool_retrieval.ToolRetriever(TOOLS, text_style="original")
+    expected = original._encode(tool_retrieval.retrieval_texts(TOOLS, "original"))
+    assert torch.allclose(original.tool_embeddings, expected)
+    assert not torch.allclose(original.tool_embeddings, retriever.tool_embeddings)
+    for query, tool in QUERIES.items():
+        assert original.retrieve(query, k=1)[0][0] == tool
 
 
 def test_retriever_ranks_the_matching_tool_first(retriever):
