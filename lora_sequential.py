@@ -29,7 +29,7 @@ from model import (CallingOutput, GeneratedCalls, LoraSettings, attach_lora, bac
                    load_base_model, load_lora_adapter, load_tokenizer, next_token_losses, resolve_device,
                    resolve_dtype, save_lora_adapter, set_lora_requires_grad, trainable_lora_parameters)
 from replay_buffer import ReservoirBuffer, check_replay_settings, mixed_dataloader
-from sequential import add_common_flags, lora_settings_from, open_run, resolve_model_name, run_rounds
+from sequential import add_common_flags, lora_settings_from, prepare_run, run_rounds, start_run
 
 logger = logging.getLogger("lora_sequential")
 
@@ -295,9 +295,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.use_replay_buffer:
         check_replay_settings(args.batch_size, args.replay_ratio)
     method = "lora_replay" if args.use_replay_buffer else "lora"
-    run, data, tool_names = open_run(args, method)
-    model = MarkerLoRAModel(resolve_model_name(args.model_name), tool_names, lora_settings_from(args),
-                            device=args.device, dtype=args.dtype, marker_style=args.marker_style)
+    lora = lora_settings_from(args)
+    plan = prepare_run(args, method)
+    data, tool_names = plan.data, plan.tool_names
+    model = MarkerLoRAModel(plan.model_name, tool_names, lora, device=args.device, dtype=args.dtype,
+                            marker_style=args.marker_style)
+    run = start_run(args, plan, model)
     hooks = BaselineRounds(args, model, data)
     logger.info("run directory %s; %d tools over %d rounds, markers %s ... %s; parameters %s", run.path,
                 len(tool_names), len(data), model.markers.marker(tool_names[0]), model.markers.marker(tool_names[-1]),

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from common import CliParser, positive_float, run_cli
+from common import CliParser, UserError, positive_float, run_cli
 from experiment import print_final_report
 from model import FunctionCallingModel
-from sequential import add_common_flags, lora_settings_from, open_run, resolve_model_name, run_rounds
+from sequential import add_common_flags, lora_settings_from, prepare_run, run_rounds, start_run
 
 logger = logging.getLogger("main_sequential")
 
@@ -36,20 +36,25 @@ def build_parser() -> CliParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run, data, tool_names = open_run(args, "tokmem")
+    if args.freeze_lora_after_first and not args.use_lora:
+        raise UserError("--freeze_lora_after_first needs --use_lora (without it there is no LoRA to freeze)")
+    lora = lora_settings_from(args) if args.use_lora else None
+    plan = prepare_run(args, "tokmem")
     model = FunctionCallingModel(
-        resolve_model_name(args.model_name),
-        len(tool_names),
-        tool_names,
+        plan.model_name,
+        len(plan.tool_names),
+        plan.tool_names,
         device=args.device,
         dtype=args.dtype,
         decouple_embeddings=args.decouple_embeddings,
-        lora_config=lora_settings_from(args) if args.use_lora else None,
+        lora_config=lora,
     )
     model.initialize_tool_embeddings(seed=args.seed)
     model.constrain_calls = not args.unconstrained_decoding
+    run = start_run(args, plan, model)
+    data = plan.data
     logger.info("run directory %s; %d tools over %d rounds; parameters %s",
-                run.path, len(tool_names), len(data), model.parameter_breakdown())
+                run.path, len(plan.tool_names), len(data), model.parameter_breakdown())
     summary = run_rounds(
         args, model, data, run,
         prepare_round=lambda i: data[i].train,

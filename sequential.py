@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
-from common import CliParser, UserError, positive_float, positive_int, set_seed, setup_logging
-from dataset import NativeFunctionCallingDataset, curriculum_order, discover_available_tools, make_dataloader
-from experiment import (RunDirectory, RoundData, default_output_dir, load_round_data, parse_training_rounds,
-                        per_round_values)
-from model import LoraSettings
+from common import (CliParser, UserError, check_writable, non_negative_int, positive_float, positive_int, read_json,
+                    set_seed, setup_logging)
+from dataset import (NativeFunctionCallingDataset, curriculum_order, discover_available_tools, encode_sample,
+                     make_dataloader)
+from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, claim_default_run_dir, load_round_data,
+                        parse_training_rounds, per_round_values, refuse_existing_run)
+from model import LoraSettings, model_positions, resolve_device, resolve_dtype
 from training import TrainSettings, evaluate, format_demo, train_round
 
 logger = logging.getLogger(__name__)
@@ -40,7 +44,7 @@ def add_common_flags(parser: CliParser) -> None:
     parser.add_argument("--eval_all_previous", action="store_true", help="after each round also test earlier rounds")
     parser.add_argument("--eval_batch_size", type=positive_int, default=16)
     parser.add_argument("--max_new_tokens", type=positive_int, default=256)
-    parser.add_argument("--demo", type=int, default=0, metavar="N", help="print N example predictions per evaluation")
+    parser.add_argument("--demo", type=non_negative_int, default=0, metavar="N", help="print N example predictions per evaluation")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--max_length", type=positive_int, default=512)
@@ -106,20 +110,90 @@ def load_rounds(args):
     return rounds, data
 
 
-def open_run(args, method: str) -> tuple[RunDirectory, list[RoundData], list[str]]:
-    """Read every round's data, open (or resume) the run directory, start logging and seed.
+@dataclass
+class RunPlan:
+    """A run as checked before anything is written: its rounds and data, the global tool list (all rounds' training
+    tools, round by round: a tool keeps its place, hence its token or marker, in every round and after --resume),
+    the model and its positions, and with --resume the run to continue."""
 
-    Also returns the run's global tool list (all rounds' training tools, round by round): a tool keeps its place in
-    it, hence its token or marker, in every round and after --resume.
-    """
+    method: str
+    rounds: list[RoundSpec]
+    data: list[RoundData]
+    tool_names: list[str]
+    model_name: str
+    positions: int | None
+    resumed: RunDirectory | None
+    started: float = field(default_factory=time.time)
+
+
+def check_output_flags(args) -> None:
+    """--output_dir, --log_file and --checkpoint_dir can be written, and a new run does not overwrite an old one."""
     if args.resume and not args.output_dir:
         raise UserError("--resume needs --output_dir (the run to continue)")
-    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(method)
+    if args.output_dir:
+        check_writable(args.output_dir, "--output_dir")
+        if not args.resume:
+            refuse_existing_run(Path(args.output_dir))
+    else:
+        check_writable(DEFAULT_RUNS_ROOT, "--output_dir (default: runs/<method>_<timestamp>)")
+    if args.log_file:
+        check_writable(args.log_file, "--log_file", "file")
+    if args.checkpoint_dir:
+        check_writable(args.checkpoint_dir, "--checkpoint_dir")
+
+
+def prepare_run(args, method: str) -> RunPlan:
+    """Check what can be checked before the model is built, and write nothing: the output places, every round's
+    data, the model directory and --max_length against its positions, the device, and with --resume the run to
+    continue. `args.device` and `args.dtype` become what `auto` resolves to, so the config (and --resume) records
+    what ran. Seeds the run."""
+    check_output_flags(args)
     rounds, data = load_rounds(args)
-    run = RunDirectory(output_dir, method, args, rounds, args.resume)
-    setup_logging(args.log_file or output_dir / "train.log")
+    model_name = resolve_model_name(args.model_name)
+    positions = model_positions(model_name)
+    if positions and args.max_length > positions:
+        raise UserError(f"--max_length {args.max_length} is beyond the {positions} positions of --model_name "
+                        f"{model_name}; use at most {positions}")
+    device = resolve_device(args.device)
+    args.device, args.dtype = str(device), str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
+    resumed = RunDirectory(Path(args.output_dir), method, args, rounds, resume=True) if args.resume else None
     set_seed(args.seed)
-    return run, data, discover_available_tools([d.train for d in data])
+    tool_names = discover_available_tools([d.train for d in data])
+    return RunPlan(method, rounds, data, tool_names, model_name, positions, resumed)
+
+
+def check_lengths(args, model, plan: RunPlan) -> None:
+    """Every round keeps a training sample within --max_length (answers are never cut, so a sample whose answer
+    fills it is left out), and its longest test prompt plus --max_new_tokens fits the model's positions."""
+    def encoded(sample: dict, mode: str) -> dict | None:
+        return encode_sample(sample, model.tokenizer, model.encode_tool, args.max_length, mode)
+
+    for round_data in plan.data:
+        name = round_data.spec.name
+        if not any(encoded(sample, "train") for sample in round_data.train):
+            raise UserError(f"round {name}: the answer of every one of its {len(round_data.train)} training samples "
+                            f"fills --max_length {args.max_length}; raise --max_length")
+        if plan.positions:
+            longest = max(len(encoded(sample, "eval")["input_ids"]) for sample in round_data.test)
+            if longest + args.max_new_tokens > plan.positions:
+                raise UserError(f"round {name}: a test prompt of {longest} tokens plus --max_new_tokens "
+                                f"{args.max_new_tokens} passes the model's {plan.positions} positions; lower "
+                                "--max_new_tokens or --max_length")
+
+
+def start_run(args, plan: RunPlan, model) -> RunDirectory:
+    """Once the model is built: check the lengths, then create the run directory (the default name exclusively) or
+    continue the resumed one, and start logging into it."""
+    check_lengths(args, model, plan)
+    run = plan.resumed
+    if run is None:
+        output_dir = Path(args.output_dir) if args.output_dir else claim_default_run_dir(plan.method)
+        run = RunDirectory(output_dir, plan.method, args, plan.rounds, resume=False)
+    run.started = plan.started
+    setup_logging(args.log_file or run.path / "train.log")
+    if run.completed_rounds:
+        logger.info("resuming %s after %d finished round(s)", run.path, run.completed_rounds)
+    return run
 
 
 def evaluation_plan(round_index: int, num_rounds: int, args) -> list[int]:
@@ -147,6 +221,9 @@ def run_rounds(
     `make_loader` (optional) builds the training loader (the LoRA baseline mixes replay into each batch there).
     """
     tokenizer = model.tokenizer
+    if run.completed_rounds == len(data) and (run.path / "summary.json").is_file():
+        logger.info("%s already finished its %d round(s); nothing to train", run.path, len(data))
+        return read_json(run.path / "summary.json", "run summary")
     if run.completed_rounds:
         model.load(run.checkpoint_path(run.completed_rounds - 1))
     for index, round_data in enumerate(data):
