@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from common import CliParser, UserError, atomic_write_with, read_json, run_cli, setup_logging
+from common import CliParser, UserError, atomic_write_with, check_writable, read_json, run_cli, setup_logging
 from experiment import average_after_last, backward_transfer
 
 logger = logging.getLogger("compare_runs")
@@ -167,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     if args.output.suffix.lower() != ".png":
         raise UserError(f"--output must name a .png file, got {args.output}")
+    check_writable(args.output, "--output", "file")
     summaries = [load_run(path) for path in args.runs]
     labels = run_labels(args.runs, summaries)
     columns = column_names(summaries)

@@ -29,6 +29,7 @@ from common import (
     UserError,
     atomic_write_json,
     atomic_write_text,
+    check_writable,
     positive_int,
     read_json,
     run_cli,
@@ -37,8 +38,8 @@ from common import (
 )
 from dataset import build_prompt_ids, end_of_turn_id, left_pad_collate, load_samples, tool_system_prompt
 from eval import format_metrics_table, parse_function_call, score_predictions
-from experiment import RunDirectory, default_output_dir
-from model import load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from experiment import DEFAULT_RUNS_ROOT, RunDirectory, claim_default_run_dir
+from model import load_base_model, load_tokenizer, model_positions, resolve_device, resolve_dtype
 from tool_retrieval import DEFAULT_ENCODER, ToolRetriever, parameter_names, recall_at_k
 
 logger = logging.getLogger("icl_baseline")
@@ -321,15 +322,15 @@ def generate_answers(model, tokenizer, prompts: Sequence[list[int]], samples: Se
     return answers
 
 
-def warn_if_too_long(model, prompts: Sequence[list[int]], max_new_tokens: int) -> None:
-    """Log when prompts plus answers exceed the positions the model was built for."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+def refuse_if_too_long(limit: int | None, prompts: Sequence[list[int]], max_new_tokens: int) -> None:
+    """Prompts plus answers must fit the positions the model was built for (`limit`; None: no limit known)."""
     if not limit:
         return
     over = sum(len(ids) + max_new_tokens > limit for ids in prompts)
     if over:
-        logger.warning("%d of %d prompts plus --max_new_tokens %d exceed the model's %d positions",
-                       over, len(prompts), max_new_tokens, limit)
+        raise UserError(f"{over} of {len(prompts)} prompts (the longest {max(map(len, prompts))} tokens) plus "
+                        f"--max_new_tokens {max_new_tokens} exceed the model's {limit} positions; offer fewer tools "
+                        "(--use_rag) or lower --max_new_tokens")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -427,12 +428,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     setup_logging()
     method = "icl_rag" if args.use_rag else "icl"
-    output = Path(args.output) if args.output else default_output_dir(method)
-    check_output(output)
+    output = Path(args.output) if args.output else None
+    if output is None:
+        check_writable(DEFAULT_RUNS_ROOT, "--output (default: runs/<method>_<timestamp>)")
+    else:
+        check_output(output)
+        check_writable(output, "--output", "file" if output.suffix == ".json" else "dir")
     set_seed(args.seed)
     test_paths = split_paths(args.test_data)
     if not test_paths:
         raise UserError("--test_data names no file")
+    for path in test_paths:
+        require_file(path, "data file", path)
     description_paths = split_paths(args.tool_descriptions)
     if not description_paths:
         for path in test_paths:
@@ -444,19 +451,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sequential import resolve_model_name
 
     model_name = resolve_model_name(args.model_name)
+    positions = model_positions(model_name)
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(model_name)
-    model = load_base_model(model_name, device, resolve_dtype(args.dtype, device))
-    if output.suffix != ".json":
-        setup_logging(output / "icl_baseline.log")
-    logger.info("%s on %d test samples, %d described tools, model %s", method, len(samples), len(descriptions),
-                model_name)
-
     retriever = ToolRetriever(descriptions, args.retriever_model, device=device.type) if args.use_rag else None
     offered = offered_tools(samples, descriptions, retriever, args.retrieval_k)
     prompts = [icl_prompt_ids(tokenizer, sample["user_input"], [descriptions[name] for name in names])
                for sample, names in zip(samples, offered)]
-    warn_if_too_long(model, prompts, args.max_new_tokens)
+    refuse_if_too_long(positions, prompts, args.max_new_tokens)
+    model = load_base_model(model_name, device, resolve_dtype(args.dtype, device))
+    if output is None:
+        output = claim_default_run_dir(method)
+    if output.suffix != ".json":
+        setup_logging(output / "icl_baseline.log")
+    logger.info("%s on %d test samples, %d described tools, model %s", method, len(samples), len(descriptions),
+                model_name)
     generation_start = time.time()
     answers = generate_answers(model, tokenizer, prompts, samples, args.batch_size, args.max_new_tokens)
     generation_seconds = time.time() - generation_start
