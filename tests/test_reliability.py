@@ -30,6 +30,7 @@ ROUND_2 = ["calculate_bmi", "book_table", "translate_text"]
 TRAIN_1 = "training/function_calling_train_tools1-3_4calls.json"
 TEST_1 = "test/function_calling_test_tools1-3_4calls.json"
 TEST_2 = "test/function_calling_test_tools4-6_4calls.json"
+TRAIN_2 = "training/function_calling_train_tools4-6_4calls.json"
 DESCRIPTIONS_1 = "tool_descriptions_tools1-3.json"
 HEAVY_MODULES = ("main_sequential", "lora_sequential", "icl_baseline")
 CASE_TIMEOUT = 120
@@ -219,6 +220,33 @@ def earlier_icl_run(ctx: Context) -> None:
     (ctx.out / "results.json").write_text("{}")
 
 
+def a_file(name: str) -> Setup:
+    """{tmp}/<name> is a plain file (where a directory, or the parent of one, is expected)."""
+
+    def apply(ctx: Context) -> None:
+        (ctx.tmp / name).write_text("not a directory")
+
+    return apply
+
+
+def a_dir(name: str) -> Setup:
+    def apply(ctx: Context) -> None:
+        (ctx.tmp / name).mkdir()
+
+    return apply
+
+
+def long_answers(relative: str) -> Setup:
+    """Every training sample of a file gets an answer of about 300 tokens."""
+
+    def edit(rows: list[dict]) -> list[dict]:
+        for row in rows:
+            row["function_calls"] = [json.dumps({"notes": "word " * 300})]
+        return rows
+
+    return edit_rows(relative, edit)
+
+
 def remove_checkpoints(ctx: Context) -> None:
     shutil.rmtree(ctx.out / "checkpoints")
 
@@ -229,6 +257,8 @@ def break_state(ctx: Context) -> None:
 
 MISSING_MODEL = ["--model_name", "{tmp}/no_such_model"]
 ONE_ROUND = ["--training_rounds", "1-3:1"]
+UNWRITABLE = "/sys/tokmem_run"  # /sys refuses new entries, to root as well
+NO_CUDA = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 
 # What both sequential CLIs (TokMem and the LoRA baseline) must refuse; they read rounds and data the same way.
 SEQUENTIAL_CASES = [
@@ -276,11 +306,40 @@ SEQUENTIAL_CASES = [
     case("data-empty", [], ["{data}/" + TEST_2, "holds no samples"], write_text(TEST_2, "[]")),
     case("descriptions-not-object", [], ["{data}/" + DESCRIPTIONS_1, "expected an object"],
          write_text(DESCRIPTIONS_1, "[]")),
-    case("model-dir-missing", MISSING_MODEL, "--model_name '{tmp}/no_such_model'"),
+    case("model-dir-missing", MISSING_MODEL, "--model_name '{tmp}/no_such_model': the directory does not exist"),
     case("model-dir-empty", ["--model_name", "{tmp}/empty_model"], "--model_name '{tmp}/empty_model'",
          empty_model_dir),
     case("model-weights-unreadable", ["--model_name", "{tmp}/broken_model"],
          "cannot load --model_name '{tmp}/broken_model'", corrupt_model_weights),
+    case("model-name-a-file", ["--model_name", "{tmp}/weights"], "--model_name '{tmp}/weights' is a file",
+         a_file("weights")),
+    case("output-dir-a-file", ["--output_dir", "{tmp}/taken"], "--output_dir {tmp}/taken is a file, not a directory",
+         a_file("taken")),
+    case("output-dir-under-a-file", ["--output_dir", "{tmp}/taken/run"],
+         "--output_dir {tmp}/taken/run: {tmp}/taken is a file", a_file("taken")),
+    case("output-dir-not-writable", ["--output_dir", UNWRITABLE], f"--output_dir {UNWRITABLE}: cannot write in /sys"),
+    case("default-runs-dir-a-file", ["--output_dir", ""], "--output_dir (default: runs/<method>_<timestamp>) runs is a file",
+         a_file("runs")),
+    case("log-file-a-directory", ["--log_file", "{tmp}/logs"], "--log_file {tmp}/logs is a directory", a_dir("logs")),
+    case("log-file-under-a-file", ["--log_file", "{tmp}/taken/train.log"],
+         "--log_file {tmp}/taken/train.log: {tmp}/taken is a file", a_file("taken")),
+    case("log-file-not-writable", ["--log_file", UNWRITABLE + "/train.log"], "--log_file /sys/tokmem_run/train.log"),
+    case("checkpoint-dir-a-file", ["--checkpoint_dir", "{tmp}/taken"], "--checkpoint_dir {tmp}/taken is a file",
+         a_file("taken")),
+    case("checkpoint-dir-under-a-file", ["--checkpoint_dir", "{tmp}/taken/ckpt"], "--checkpoint_dir {tmp}/taken/ckpt: ",
+         a_file("taken")),
+    case("checkpoint-dir-not-writable", ["--checkpoint_dir", UNWRITABLE], "--checkpoint_dir /sys/tokmem_run: cannot write"),
+    case("max-length-beyond-positions", ["--max_length", "4096"],
+         "--max_length 4096 is beyond the 1024 positions of --model_name {model}"),
+    case("test-prompt-plus-answer-beyond-positions", ["--max_new_tokens", "1020"],
+         ["round 1-3: a test prompt of", "--max_new_tokens 1020 passes the model's 1024 positions"]),
+    case("every-answer-too-long", ["--max_length", "256"], ["round 4-6: the answer of every one of its 12 training samples fills "
+                                       "--max_length 256"], long_answers(TRAIN_2)),
+    pytest.param(Case("cuda-missing", ("--device", "cuda"), ("--device cuda: CUDA is not available",)),
+                 id="cuda-missing", marks=NO_CUDA),
+    case("demo-negative", ["--demo", "-1"], "argument --demo: expected an integer >= 0, got '-1'"),
+    case("epochs-absurd", ["--training_rounds", "1-3:1,4-6:100000"],
+         ["round 4-6 asks for 100000 epochs; at most 100 are accepted", "more only overfit"]),
     case("resume-no-output-dir", ["--resume", "--output_dir", ""], "--resume needs --output_dir"),
     case("resume-no-run", ["--resume"], ["--resume", "{out}", "holds no run"]),
     case("batch-size-zero", ["--batch_size", "0"], "argument --batch_size: expected a positive integer, got '0'"),
@@ -303,12 +362,15 @@ MAIN_CASES = SEQUENTIAL_CASES + [
          ["249 tools", "only 248 reserved special tokens"], many_tools),
     case("lora-lr-zero", ["--lora_lr", "0"], "argument --lora_lr: expected a positive number"),
     case("lora-dropout-one", ["--use_lora", "--lora_dropout", "1"], "--lora_dropout: expected a number in [0, 1)"),
-    case("lora-target-unknown", ["--use_lora", "--lora_target_modules", "no_such_proj"], "--lora_target_modules"),
+    case("lora-target-unknown", ["--use_lora", "--lora_target_modules", "no_such_proj"],
+         ["--lora_target_modules: ", "no_such_proj", "the model's modules LoRA can adapt: down_proj, embed_tokens, "
+          "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"]),
+    case("freeze-lora-without-lora", ["--freeze_lora_after_first"], "--freeze_lora_after_first needs --use_lora"),
     case("lora-layer-outside", ["--use_lora", "--lora_layer_indices", "5"], "--lora_layer_indices: 5 is outside"),
     case("lora-layers-not-integers", ["--use_lora", "--lora_layer_indices", "last"],
          "--lora_layer_indices: expected comma-separated integers"),
     case("resume-different-configuration", ONE_ROUND + ["--batch_size", "2", "--resume"],
-         ["--resume", "{out}", "different configuration (--batch_size)"], earlier_run(ONE_ROUND)),
+         ["--resume", "{out}", "different configuration (--batch_size 4 then, 2 now)"], earlier_run(ONE_ROUND)),
     case("resume-checkpoint-missing", ONE_ROUND + ["--resume"], ["--resume", "{out}/checkpoints/round_1", "missing"],
          earlier_run(ONE_ROUND), remove_checkpoints),
     case("resume-state-corrupt", ONE_ROUND + ["--resume"], "run state {out}/state.json is not valid JSON",
@@ -326,10 +388,11 @@ LORA_CASES = SEQUENTIAL_CASES + [
     case("replay-buffer-size-zero", ["--replay_buffer_size", "0"], "argument --replay_buffer_size"),
     case("marker-style-unknown", ["--marker_style", "emoji"], "argument --marker_style"),
     case("lora-dropout-negative", ["--lora_dropout", "-0.5"], "--lora_dropout: expected a number in [0, 1)"),
-    case("lora-target-unknown", ["--lora_target_modules", "no_such_proj"], "--lora_target_modules"),
+    case("lora-target-unknown", ["--lora_target_modules", "no_such_proj"],
+         ["--lora_target_modules: ", "no_such_proj", "the model's modules LoRA can adapt: ", "q_proj, up_proj"]),
     case("lora-targets-empty", ["--lora_target_modules", ","], "--lora_target_modules is empty"),
     case("resume-different-configuration", ONE_ROUND + ["--lora_r", "4", "--resume"],
-         ["--resume", "{out}", "different configuration (--lora_r)"], earlier_run(ONE_ROUND)),
+         ["--resume", "{out}", "different configuration (--lora_r 2 then, 4 now)"], earlier_run(ONE_ROUND)),
     case("resume-checkpoint-missing", ONE_ROUND + ["--resume"], ["--resume", "{out}/checkpoints/round_1", "missing"],
          earlier_run(ONE_ROUND), remove_checkpoints),
 ]
@@ -341,7 +404,7 @@ ICL_CASES = [
                                    "make it with: python xlam_datasets.py --top_k 1-3 --test_max_function_calls 4"],
          remove(TEST_1)),
     case("second-round-files-missing", ["--test_data", "{data}/test/function_calling_test_tools7-9_2calls.json"],
-         ["tool descriptions file not found: {data}/tool_descriptions_tools7-9.json",
+         ["data file not found: {data}/test/function_calling_test_tools7-9_2calls.json",
           "make it with: python xlam_datasets.py --top_k 7-9 --test_max_function_calls 2 --output_dir {data}"]),
     case("descriptions-missing", [], ["tool descriptions file not found: {data}/" + DESCRIPTIONS_1,
                                       "python xlam_datasets.py --top_k 1-3"], remove(DESCRIPTIONS_1)),
@@ -363,7 +426,7 @@ ICL_CASES = [
     case("tool-outside-round", [], ["{data}/" + TEST_1, "row 0", "'book_table' has no description"],
          edit_rows(TEST_1, foreign_tool)),
     case("data-empty", [], ["{data}/" + TEST_1, "holds no samples"], write_text(TEST_1, "[]")),
-    case("model-dir-missing", MISSING_MODEL, "--model_name '{tmp}/no_such_model'"),
+    case("model-dir-missing", MISSING_MODEL, "--model_name '{tmp}/no_such_model': the directory does not exist"),
     case("model-dir-empty", ["--model_name", "{tmp}/empty_model"], "--model_name '{tmp}/empty_model'",
          empty_model_dir),
     case("model-weights-unreadable", ["--model_name", "{tmp}/broken_model"],
@@ -377,19 +440,46 @@ ICL_CASES = [
     case("output-is-a-file", ["--output", "{tmp}/results.txt"], "--output {tmp}/results.txt exists",
          lambda ctx: (ctx.tmp / "results.txt").write_text("x")),
     case("output-holds-a-run", [], "--output {out} already holds a run", earlier_icl_run),
+    case("test-file-and-descriptions-missing", [], "data file not found: {data}/" + TEST_1,
+         remove(TEST_1), remove(DESCRIPTIONS_1)),
+    case("test-file-of-another-name-missing", ["--test_data", "{tmp}/mine.json"], "data file not found: {tmp}/mine.json"),
+    case("model-name-a-file", ["--model_name", "{tmp}/weights"], "--model_name '{tmp}/weights' is a file",
+         a_file("weights")),
+    case("output-dir-under-a-file", ["--output", "{tmp}/taken/run"], "--output {tmp}/taken/run: {tmp}/taken is a file",
+         a_file("taken")),
+    case("output-file-under-a-file", ["--output", "{tmp}/taken/results.json"],
+         "--output {tmp}/taken/results.json: {tmp}/taken is a file", a_file("taken")),
+    case("output-not-writable", ["--output", UNWRITABLE + "/results.json"], f"--output {UNWRITABLE}/results.json: "),
+    case("default-runs-dir-a-file", ["--output", ""], "--output (default: runs/<method>_<timestamp>) runs is a file",
+         a_file("runs")),
+    case("prompts-beyond-positions", ["--max_new_tokens", "1000"],
+         ["4 of 4 prompts (the longest", "plus --max_new_tokens 1000 exceed the model's 1024 positions"]),
+    pytest.param(Case("cuda-missing", ("--device", "cuda"), ("--device cuda: CUDA is not available",)),
+                 id="cuda-missing", marks=NO_CUDA),
 ]
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every path under `root`: (size, modification time) of a file, None for a directory."""
+    state: dict[str, tuple[int, int] | None] = {}
+    for path in root.rglob("*"):
+        info = path.lstat()
+        state[str(path.relative_to(root))] = None if path.is_dir() else (info.st_size, info.st_mtime_ns)
+    return state
 
 
 def check_case(ctx: Context, script: str, item: Case, round_files: bool = True) -> None:
     """Write two good rounds of data (tools 1-3 and 4-6) unless told not to, apply the case's setup, run the CLI and
-    check its one error line."""
+    check its one error line, and that the refusal wrote nothing and kept what was there (an earlier run included)."""
     if round_files:
         write_round_files(ctx.data, 1, 3, ROUND_1)
         write_round_files(ctx.data, 4, 6, ROUND_2)
     for step in item.setup:
         step(ctx)
+    before = tree_state(ctx.tmp)
     result = ctx.run(list(item.argv))
     assert_one_line_error(result, script, tuple(ctx.fill(e) for e in item.expect))
+    assert tree_state(ctx.tmp) == before, "the refused run created, changed or removed files"
 
 
 def forked(server: ForkServer, script: str) -> Callable[[list[str], Path], subprocess.CompletedProcess]:
