@@ -778,3 +778,76 @@ def test_a_finished_run_directory_holds_only_safetensors_json_and_text(fork_serv
     assert suffixes <= {".json", ".jsonl", ".safetensors", ".png", ".log"}, suffixes
     assert (out / "checkpoints" / "round_1" / "tool_memory.safetensors").is_file()
     assert (out / "checkpoints" / "round_1" / "lora" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA on a backbone without reserved tokens and with tied embeddings (small Qwen / GPT-2 style)
+
+TIED_CLIS = [("main_sequential.py", ["--use_lora"]), ("lora_sequential.py", ["--lora_r", "2"])]
+
+
+def tied_args(model_dir: Path, data: Path, out: Path, extra: list[str]) -> list[str]:
+    return ["--model_name", str(model_dir), "--training_rounds", "1-3:1,4-6:2", "--data_dir", str(data),
+            "--output_dir", str(out), "--device", "cpu", "--batch_size", "4", "--max_new_tokens", "6", "--seed", "3",
+            "--eval_all_previous", "--save_checkpoints", *extra]
+
+
+def rewind_to_first_round(finished: Path, target: Path) -> None:
+    """A copy of a finished two-round run as it stood once round 1 was done: round 2's record and files removed."""
+    shutil.copytree(finished, target)
+    state = json.loads((target / "state.json").read_text())
+    state.update(completed_rounds=1, round_stats=state["round_stats"][:1])
+    (target / "state.json").write_text(json.dumps(state))
+    lines = (target / "metrics.jsonl").read_text().splitlines()
+    (target / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["round"] == 0))
+    (target / "summary.json").unlink()
+    shutil.rmtree(target / "checkpoints" / "round_2")
+
+
+def adapter_keys(checkpoint: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "lora" / "adapter_model.safetensors"), framework="pt") as tensors:
+        return list(tensors.keys())
+
+
+@pytest.mark.parametrize("script, extra", TIED_CLIS, ids=["tokmem", "lora_baseline"])
+def test_lora_on_a_tied_backbone_without_reserved_tokens_saves_resumes_and_evaluates(
+        script, extra, fork_server, tied_model_dir, two_round_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    whole = tmp_path / "whole"
+    result = fork_server.run(script, tied_args(tied_model_dir, two_round_data, whole, extra), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_files_complete(whole)
+    assert_no_pickle_files(whole)
+    for checkpoint in ("round_1", "round_2"):
+        keys = adapter_keys(whole / "checkpoints" / checkpoint)
+        # q, k, v and o projections of 2 layers, an A and a B matrix each: the adapter and nothing else.
+        assert len(keys) == 4 * 2 * 2 and all(".lora_A." in k or ".lora_B." in k for k in keys), keys
+    if script == "main_sequential.py":
+        vocabulary = len(AutoTokenizer.from_pretrained(tied_model_dir))
+        token_ids = json.loads((whole / "checkpoints" / "round_2" / "tool_memory.json").read_text())["tool_token_ids"]
+        assert min(token_ids) >= vocabulary, "the tools should have new tokens on a tokenizer without reserved ones"
+
+    resumed = tmp_path / "resumed"
+    rewind_to_first_round(whole, resumed)
+    result = fork_server.run(script, tied_args(tied_model_dir, two_round_data, resumed, extra) + ["--resume"],
+                             tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = json.loads((whole / "summary.json").read_text())
+    again = json.loads((resumed / "summary.json").read_text())
+    assert numbers(again) == numbers(reference)
+    assert all(value is not None for value in again["matrix"]["avg_tool_f1_score"][-1])
+
+
+def test_an_untied_resized_backbone_saves_no_embedding_layers(tmp_path):
+    from conftest import build_qwen_style_backbone
+    from model import FunctionCallingModel, LoraSettings
+
+    model_dir = build_qwen_style_backbone(tmp_path / "untied", tied=False)
+    model = FunctionCallingModel(str(model_dir), 3, ROUND_1, device="cpu", lora_config=LoraSettings(r=2))
+    assert model.causal_lm.get_output_embeddings().weight is not model.causal_lm.get_input_embeddings().weight
+    model.save(tmp_path / "checkpoint")
+    keys = adapter_keys(tmp_path / "checkpoint")
+    assert len(keys) == 16 and not [k for k in keys if "embed_tokens" in k or "lm_head" in k], keys
