@@ -851,3 +851,133 @@ def test_an_untied_resized_backbone_saves_no_embedding_layers(tmp_path):
     model.save(tmp_path / "checkpoint")
     keys = adapter_keys(tmp_path / "checkpoint")
     assert len(keys) == 16 and not [k for k in keys if "embed_tokens" in k or "lm_head" in k], keys
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run directories: claimed exclusively; --resume of the same configuration written differently
+
+
+def test_default_run_directories_are_claimed_exclusively(tmp_path, monkeypatch):
+    """Runs started in the same second never share a directory, nor take an earlier run's."""
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import datetime
+
+    import experiment
+
+    class SameSecond(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2024, 5, 1, 12, 0, 0)
+
+    monkeypatch.setattr(experiment, "datetime", SameSecond)
+    root = tmp_path / "runs"
+    earlier = root / "tokmem_20240501_120000"
+    earlier.mkdir(parents=True)
+    (earlier / "config.json").write_text("{}")
+    with ThreadPoolExecutor(8) as pool:
+        claimed = list(pool.map(lambda _: experiment.claim_default_run_dir("tokmem", root), range(8)))
+    assert sorted(p.name for p in claimed) == sorted(f"tokmem_20240501_120000_{n}" for n in range(2, 10))
+    assert all(p.is_dir() and not any(p.iterdir()) for p in claimed)
+    assert (earlier / "config.json").read_text() == "{}"
+
+
+def test_resume_accepts_the_same_configuration_written_differently_and_leaves_a_finished_run_alone(
+        fork_server, tiny_model_dir, tmp_path):
+    import torch
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    write_round_files(data, 1, 3, ROUND_1, n_train=6, n_test=2)
+    write_round_files(data, 4, 6, ROUND_2, n_train=6, n_test=2)
+    common = ["--output_dir", str(out), "--batch_size", "4", "--max_new_tokens", "4", "--use_lora"]
+    first = fork_server.run("main_sequential.py", common + [
+        "--model_name", str(tiny_model_dir), "--data_dir", str(data), "--training_rounds", "1-3:1,4-6:2",
+        "--lora_target_modules", "q_proj,v_proj", "--device", "cpu"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())["args"]
+    assert (config["device"], config["dtype"]) == ("cpu", "float32"), "the config records what auto resolved to"
+    finished = {name: (out / name).read_bytes() for name in ("summary.json", "state.json", "metrics.jsonl")}
+
+    resumed = fork_server.run("main_sequential.py", common + [
+        "--model_name", f"{tiny_model_dir}/", "--data_dir", f"{data}/", "--training_rounds", " 1-3 : 1, 4-6:2",
+        "--lora_target_modules", "q_proj, v_proj", "--device", "cpu" if torch.cuda.is_available() else "auto",
+        "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{out} already finished its 2 round(s); nothing to train" in resumed.stderr
+    assert {name: (out / name).read_bytes() for name in finished} == finished, "a finished run changed on --resume"
+    assert f"resuming {out} after 2 finished round(s)" in (out / "train.log").read_text()
+
+
+@pytest.mark.parametrize("output, expect", [
+    ("{tmp}/taken/cmp.png", "--output {tmp}/taken/cmp.png: {tmp}/taken is a file"),
+    ("{tmp}/folder.png", "--output {tmp}/folder.png is a directory, not a file"),
+    (UNWRITABLE + "/cmp.png", f"--output {UNWRITABLE}/cmp.png: cannot write in /sys"),
+], ids=["under-a-file", "a-directory", "not-writable"])
+def test_compare_runs_refuses_an_output_it_cannot_write_before_reading_runs(output, expect, tmp_path):
+    import compare_runs
+    from common import UserError
+
+    (tmp_path / "taken").write_text("x")
+    (tmp_path / "folder.png").mkdir()
+    before = tree_state(tmp_path)
+    with pytest.raises(UserError) as error:
+        compare_runs.main([str(tmp_path / "no_such_run"), "--output", output.format(tmp=tmp_path)])
+    assert str(error.value).startswith(expect.format(tmp=tmp_path)), str(error.value)
+    assert tree_state(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Over-long samples keep their answer
+
+
+def _tool_encoder(tokenizer):
+    token = tokenizer.convert_tokens_to_ids("<|reserved_special_token_0|>")
+    return lambda tool: [token]
+
+
+def _long_sample(words: int) -> dict:
+    from conftest import make_sample
+
+    return make_sample(["get_weather"], [{"city": "Paris", "date": "2024-05-01"}],
+                       " ".join(f"w{i}" for i in range(words)) + " weather in Paris on 2024-05-01")
+
+
+def test_an_over_long_query_loses_its_head_not_the_answer_nor_the_template(tiny_tokenizer):
+    from dataset import IGNORE_INDEX, build_answer_ids, build_prompt_ids, encode_sample
+
+    encode = _tool_encoder(tiny_tokenizer)
+    sample = _long_sample(200)
+    answer = build_answer_ids(tiny_tokenizer, sample["tools"], sample["function_calls"], encode)
+    full = build_prompt_ids(tiny_tokenizer, sample["user_input"])
+    max_length = len(answer) + len(full) // 2
+    item = encode_sample(sample, tiny_tokenizer, encode, max_length, "train")
+    assert item["truncated"] and len(item["input_ids"]) <= max_length
+    prompt = item["input_ids"][:-len(answer)]
+    assert item["input_ids"][-len(answer):] == answer
+    assert item["labels"] == [IGNORE_INDEX] * len(prompt) + answer
+    # The prompt is the template around the longest tail of the query (whole words) that fits.
+    words = sample["user_input"].split(" ")
+    tails = [build_prompt_ids(tiny_tokenizer, " ".join(words[k:])) for k in range(1, len(words))]
+    assert prompt == next(ids for ids in tails if len(ids) <= max_length - len(answer))
+    assert prompt[:4] == full[:4] and prompt[-4:] == full[-4:]
+
+    evaluated = encode_sample(sample, tiny_tokenizer, encode, len(full) // 2, "eval")
+    assert evaluated["truncated"] and evaluated["input_ids"] == next(ids for ids in tails if len(ids) <= len(full) // 2)
+
+
+def test_samples_whose_answer_fills_max_length_are_left_out_and_counted(tiny_tokenizer, caplog):
+    from common import UserError
+    from dataset import NativeFunctionCallingDataset, build_answer_ids, build_prompt_ids
+
+    encode = _tool_encoder(tiny_tokenizer)
+    short, long_query = _long_sample(0), _long_sample(60)
+    no_room = dict(short, function_calls=[json.dumps({"notes": "w " * 200})])
+    answer = build_answer_ids(tiny_tokenizer, short["tools"], short["function_calls"], encode)
+    max_length = len(build_prompt_ids(tiny_tokenizer, short["user_input"])) + len(answer)
+    with caplog.at_level(logging.WARNING):
+        dataset = NativeFunctionCallingDataset([short, long_query, no_room], tiny_tokenizer, encode, max_length)
+    assert [item["user_input"] for item in dataset.items] == [short["user_input"], long_query["user_input"]]
+    assert all(item["input_ids"][-len(answer):] == answer for item in dataset.items)
+    assert "1 of 3 samples are longer than --max_length" in caplog.text
+    assert "1 of 3 training samples left out: their answer alone fills --max_length" in caplog.text
+    with pytest.raises(UserError, match="every one of the 2 training samples has an answer longer than --max_length"):
+        NativeFunctionCallingDataset([no_room, no_room], tiny_tokenizer, encode, max_length)
