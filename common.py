@@ -29,6 +29,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if "default" in text.lower():
             return text
+        if action.nargs == 0 and action.default is False:
+            return f"{text} (default: off)"
         return super()._get_help_string(action)
 
 

@@ -158,7 +158,7 @@ def plot_comparison(labels: Sequence[str], summaries: Sequence[dict], columns: S
 def build_parser() -> CliParser:
     parser = CliParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (or their summary.json files)")
-    parser.add_argument("--output", type=Path, default=Path("runs/comparison.png"), help="the plot (PNG)")
+    parser.add_argument("--output", type=Path, default=Path("runs/comparison.png"), help="the comparison plot (a .png file)")
     return parser
 
 

@@ -340,22 +340,27 @@ def refuse_if_too_long(limit: int | None, prompts: Sequence[list[int]], max_new_
 def build_parser() -> CliParser:
     parser = CliParser(description=__doc__.splitlines()[0])
     parser.add_argument("--test_data", action="append", required=True,
-                        help="test file(s); repeat the flag or give a comma list to score several rounds at once")
+                        help="test file(s); repeat the flag or give a comma list to score several rounds at once "
+                             "(required, no default)")
     parser.add_argument("--tool_descriptions", action="append", default=None,
                         help="descriptions file(s), repeatable or a comma list (default: the ones the test files pair "
                              "with: data/tool_descriptions_tools{range}.json)")
-    parser.add_argument("--model_name", default=None, help="HF id or local dir (default: the embedded tiny backbone)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--max_samples", type=positive_int, default=None, help="score a seeded subset of this size")
-    parser.add_argument("--batch_size", type=positive_int, default=8)
-    parser.add_argument("--max_new_tokens", type=positive_int, default=256)
+    parser.add_argument("--model_name", default=None,
+                        help="HF id or local model directory (default: the embedded tiny backbone, built on first use)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="backbone dtype; auto is bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--max_samples", type=positive_int, default=None,
+                        help="score a seeded subset of this size (default: every test sample)")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="prompts per generation batch")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=256, help="most tokens generated per answer")
     parser.add_argument("--output", default=None,
                         help="a run directory, or a results file when it ends in .json (default: runs/<method>_<time>)")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="seed of the --max_samples subset (decoding is greedy)")
     parser.add_argument("--use_rag", action="store_true", help="list only the top --retrieval_k retrieved tools")
-    parser.add_argument("--retrieval_k", type=positive_int, default=5)
-    parser.add_argument("--retriever_model", default=DEFAULT_ENCODER, help="sentence-transformers encoder for RAG")
+    parser.add_argument("--retrieval_k", type=positive_int, default=5, help="tools listed per query with --use_rag")
+    parser.add_argument("--retriever_model", default=DEFAULT_ENCODER,
+                        help="sentence-transformers encoder for --use_rag")
     return parser
 
 

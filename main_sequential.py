@@ -22,13 +22,19 @@ logger = logging.getLogger("main_sequential")
 def build_parser() -> CliParser:
     parser = CliParser(description=__doc__.splitlines()[0])
     add_common_flags(parser)
-    parser.add_argument("--lora_lr", type=positive_float, default=5e-4)
-    parser.add_argument("--use_lora", action="store_true")
-    parser.add_argument("--freeze_lora_after_first", action="store_true")
-    parser.add_argument("--lora_layer_indices", default=None, help="comma list, negative counts from the end")
-    parser.add_argument("--decouple_embeddings", action="store_true", help="separate input and output tool rows")
-    parser.add_argument("--renorm_active_tools", action="store_true")
-    parser.add_argument("--use_ground_truth_tools", action="store_true", help="also score with the gold tools forced")
+    parser.add_argument("--lora_lr", type=positive_float, default=5e-4, help="learning rate of LoRA (with --use_lora)")
+    parser.add_argument("--use_lora", action="store_true", help="also train a LoRA adapter on the backbone")
+    parser.add_argument("--freeze_lora_after_first", action="store_true",
+                        help="train LoRA in the first round only (needs --use_lora)")
+    parser.add_argument("--lora_layer_indices", default=None,
+                        help="comma list of decoder layers to adapt, negative counts from the end (default: all)")
+    parser.add_argument("--decouple_embeddings", action="store_true",
+                        help="separate input and output rows per tool (default: one row for both)")
+    parser.add_argument("--renorm_active_tools", action="store_true",
+                        help="after each step scale the round's rows to the mean norm of the learned ones "
+                             "(run_n_rounds_main.sh turns this on)")
+    parser.add_argument("--use_ground_truth_tools", action="store_true",
+                        help="also score with the gold tools forced at each tool position")
     parser.add_argument("--unconstrained_decoding", action="store_true",
                         help="let a tool token come anywhere, also inside a call's unfinished JSON")
     return parser

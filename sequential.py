@@ -34,35 +34,62 @@ LoaderFactory = Callable[[int, NativeFunctionCallingDataset, bool, int], DataLoa
 
 def add_common_flags(parser: CliParser) -> None:
     """Flags the TokMem and LoRA-baseline CLIs share."""
-    parser.add_argument("--model_name", default=None, help="HF id or local dir (default: the embedded tiny backbone)")
-    parser.add_argument("--training_rounds", required=True, help="START-END:EPOCHS,... e.g. 1-50:1,51-100:3")
-    parser.add_argument("--data_dir", default="data")
-    parser.add_argument("--batch_size", type=positive_int, default=8)
-    parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-    parser.add_argument("--lr", type=positive_float, default=5e-3)
-    parser.add_argument("--eval_after_each_round", action="store_true")
-    parser.add_argument("--eval_all_previous", action="store_true", help="after each round also test earlier rounds")
-    parser.add_argument("--eval_batch_size", type=positive_int, default=16)
-    parser.add_argument("--max_new_tokens", type=positive_int, default=256)
-    parser.add_argument("--demo", type=non_negative_int, default=0, metavar="N", help="print N example predictions per evaluation")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--max_length", type=positive_int, default=512)
-    parser.add_argument("--lora_r", type=positive_int, default=8)
-    parser.add_argument("--lora_alpha", type=positive_int, default=32)
-    parser.add_argument("--lora_dropout", type=float, default=0.1)
-    parser.add_argument("--lora_target_modules", default="q_proj,k_proj,v_proj,o_proj")
-    parser.add_argument("--train_max_function_calls", type=positive_int, default=4)
-    parser.add_argument("--train_max_function_calls_per_round", default=None, help="comma list, one per round")
-    parser.add_argument("--test_max_function_calls", type=positive_int, default=4)
-    parser.add_argument("--test_max_function_calls_per_round", default=None, help="comma list, one per round")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--save_checkpoints", action="store_true", help="keep every round's checkpoint (not just the last)")
-    parser.add_argument("--checkpoint_dir", default=None, help="default: <output_dir>/checkpoints")
-    parser.add_argument("--log_file", default=None, help="default: <output_dir>/train.log")
-    parser.add_argument("--curriculum_learning", action="store_true", help="fewest calls first within a round")
-    parser.add_argument("--output_dir", default=None, help="run directory (default: runs/<method>_<timestamp>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output_dir after its last round")
+    parser.add_argument("--model_name", default=None,
+                        help="HF id or local model directory (default: the embedded tiny backbone, built on first use)")
+    parser.add_argument("--training_rounds", required=True,
+                        help="rounds as START-END:EPOCHS, comma-separated, e.g. 1-50:1,51-100:3 (tool ranks, "
+                             "1-based inclusive; at most 100 epochs); required, no default")
+    parser.add_argument("--data_dir", default="data", help="where the per-round training/, test/ and descriptions are")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="training samples per batch")
+    parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
+                        help="batches per optimizer step")
+    parser.add_argument("--lr", type=positive_float, default=5e-3,
+                        help="learning rate: of the tool rows (TokMem) or of the adapter (LoRA baseline); "
+                             "run_n_rounds_main.sh uses 1e-2, run_n_rounds_lora.sh 3e-3 on the tiny backbone")
+    parser.add_argument("--eval_after_each_round", action="store_true",
+                        help="score each round's own test set after it (the last round is always scored; "
+                             "the scripts turn this on)")
+    parser.add_argument("--eval_all_previous", action="store_true",
+                        help="after each round also score every earlier round's test set, for the forgetting matrix "
+                             "(the scripts turn this on)")
+    parser.add_argument("--eval_batch_size", type=positive_int, default=16, help="test samples per generation batch")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=256, help="most tokens generated per answer")
+    parser.add_argument("--demo", type=non_negative_int, default=0, metavar="N",
+                        help="log N example predictions per evaluation (the scripts use 2)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="backbone dtype; auto is bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--max_length", type=positive_int, default=512,
+                        help="most tokens of prompt + answer; a longer query loses its head, never the answer "
+                             "(at most the model's positions)")
+    parser.add_argument("--lora_r", type=positive_int, default=8, help="LoRA rank")
+    parser.add_argument("--lora_alpha", type=positive_int, default=32, help="LoRA scaling numerator (alpha / r)")
+    parser.add_argument("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA input, in [0, 1)")
+    parser.add_argument("--lora_target_modules", default="q_proj,k_proj,v_proj,o_proj",
+                        help="comma list of module names to adapt (run_n_rounds_lora.sh adds gate_proj,up_proj,"
+                             "down_proj on the tiny backbone)")
+    parser.add_argument("--train_max_function_calls", type=positive_int, default=4,
+                        help="the k of the training files' _{k}calls names (the scripts use 3)")
+    parser.add_argument("--train_max_function_calls_per_round", default=None,
+                        help="one k per round, comma-separated, instead of --train_max_function_calls "
+                             "(default: that value for every round)")
+    parser.add_argument("--test_max_function_calls", type=positive_int, default=4,
+                        help="the k of the test files' _{k}calls names (the scripts use 3)")
+    parser.add_argument("--test_max_function_calls_per_round", default=None,
+                        help="one k per round, comma-separated, instead of --test_max_function_calls "
+                             "(default: that value for every round)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of initialisation, shuffling and dropout")
+    parser.add_argument("--save_checkpoints", action="store_true",
+                        help="keep every round's checkpoint (by default only the last finished round's)")
+    parser.add_argument("--checkpoint_dir", default=None,
+                        help="where checkpoints go (default: <output_dir>/checkpoints)")
+    parser.add_argument("--log_file", default=None, help="the log (default: <output_dir>/train.log)")
+    parser.add_argument("--curriculum_learning", action="store_true",
+                        help="within a round, train on samples with fewer calls first")
+    parser.add_argument("--output_dir", default=None,
+                        help="run directory (default: runs/<method>_<timestamp>, a new one per run)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output_dir after its last finished round (same configuration)")
 
 
 def resolve_model_name(name: str | None) -> str:

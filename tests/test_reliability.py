@@ -981,3 +981,59 @@ def test_samples_whose_answer_fills_max_length_are_left_out_and_counted(tiny_tok
     assert "1 of 3 training samples left out: their answer alone fills --max_length" in caplog.text
     with pytest.raises(UserError, match="every one of the 2 training samples has an answer longer than --max_length"):
         NativeFunctionCallingDataset([no_room, no_room], tiny_tokenizer, encode, max_length)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --help: every flag explained, with its default in sight, and the scripts' other defaults named
+
+HELP_PARSERS = [("main_sequential", "build_parser"), ("lora_sequential", "build_parser"),
+                ("icl_baseline", "build_parser"), ("xlam_datasets", "_parser"), ("compare_runs", "build_parser"),
+                ("eval", "build_parser")]
+
+
+def help_entry(parser, flag: str) -> str:
+    """The --help text of one flag, whitespace collapsed."""
+    action = parser._option_string_actions[flag]
+    return " ".join(parser._get_formatter()._format_action(action).split())
+
+
+@pytest.mark.parametrize("module, factory", HELP_PARSERS, ids=[m for m, _ in HELP_PARSERS])
+def test_every_flag_has_help_text_and_a_visible_default(module, factory):
+    import importlib
+
+    parser = getattr(importlib.import_module(module), factory)()
+    flags = [action for action in parser._actions if action.option_strings and action.dest != "help"]
+    assert flags
+    for action in flags:
+        flag = action.option_strings[0]
+        entry = help_entry(parser, flag)
+        assert action.help and "default" in entry, f"{module} {flag}: {entry}"
+        if action.default not in (None, False) and action.nargs != 0:
+            shown = "".join(entry.split())  # argparse may wrap a long default at a hyphen
+            assert str(action.default) in shown, f"{module} {flag} does not show {action.default!r}: {entry}"
+
+
+def script_default(script: str, variable: str) -> str:
+    """The default a shell script gives a variable: `NAME=${NAME:-value}`."""
+    import re
+
+    match = re.search(rf"^{variable}=\$\{{{variable}:-([^}}]*)\}}", (REPO_ROOT / script).read_text(), re.M)
+    assert match, f"{script} sets no default for {variable}"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("module, factory, flag, script, variable", [
+    ("main_sequential", "build_parser", "--lr", "run_n_rounds_main.sh", "LR"),
+    ("main_sequential", "build_parser", "--train_max_function_calls", "run_n_rounds_main.sh", "TRAIN_MAX_CALLS"),
+    ("lora_sequential", "build_parser", "--test_max_function_calls", "run_n_rounds_lora.sh", "TEST_MAX_CALLS"),
+    ("xlam_datasets", "_parser", "--max_samples_per_tool", "run_n_rounds_main.sh", "SAMPLES_PER_TOOL"),
+    ("xlam_datasets", "_parser", "--train_size", "run_n_rounds_main.sh", "TRAIN_SIZE"),
+    ("xlam_datasets", "_parser", "--test_size", "icl_baseline.sh", "TEST_SIZE"),
+], ids=lambda value: value if isinstance(value, str) and value.startswith("--") else None)
+def test_help_names_the_scripts_default_where_it_differs(module, factory, flag, script, variable):
+    import importlib
+
+    parser = getattr(importlib.import_module(module), factory)()
+    value = script_default(script, variable)
+    assert float(value) != float(parser._option_string_actions[flag].default)
+    assert value in help_entry(parser, flag)
