@@ -173,7 +173,9 @@ def prepare_run(args, method: str) -> RunPlan:
     """Check what can be checked before the model is built, and write nothing: the output places, every round's
     data, the model directory and --max_length against its positions, the device, and with --resume the run to
     continue. `args.device` and `args.dtype` become what `auto` resolves to, so the config (and --resume) records
-    what ran. Seeds the run."""
+    what ran. Seeds the run. Logs go to stderr until the run directory exists (building the default backbone
+    reports its progress there)."""
+    setup_logging()
     check_output_flags(args)
     rounds, data = load_rounds(args)
     model_name = resolve_model_name(args.model_name)
