@@ -835,6 +835,7 @@ def test_lora_on_a_tied_backbone_without_reserved_tokens_saves_resumes_and_evalu
     result = fork_server.run(script, tied_args(tied_model_dir, two_round_data, resumed, extra) + ["--resume"],
                              tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming {resumed} after 1 finished round(s)" in (resumed / "train.log").read_text()
     reference = json.loads((whole / "summary.json").read_text())
     again = json.loads((resumed / "summary.json").read_text())
     assert numbers(again) == numbers(reference)
