@@ -22,8 +22,24 @@ class UserError(Exception):
     """Bad input from the user (a flag, a file, a field): reported as one line and exit status 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default, unless its help text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower():
+            return text
+        if action.nargs == 0 and action.default is False:
+            return f"{text} (default: off)"
+        return super()._get_help_string(action)
+
+
 class CliParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (no usage block) and exits with status 2."""
+    """argparse that reports a bad flag as one line (no usage block) and exits with status 2; --help shows defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -58,6 +74,28 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_writable(path: str | os.PathLike, flag: str, kind: str = "dir") -> None:
+    """Refuse, before any work, an output place that cannot be written: `kind` "dir" (a directory to create or fill)
+    or "file" (a file to create or replace). A file where a directory goes (or the reverse), a file among the parents
+    or a place without write permission is a UserError naming the flag; nothing is created."""
+    path = Path(path)
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a directory")
+    if kind == "file" and path.is_dir():
+        raise UserError(f"{flag} {path} is a directory, not a file")
+    place = path if kind == "dir" else path.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise UserError(f"{flag} {path}: {place} is a file, so nothing can be created under it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write_check.", suffix=".tmp", dir=place)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write in {place} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -167,6 +205,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 

@@ -17,7 +17,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
-from common import CliParser, UserError, atomic_write_json, atomic_write_with, read_json, run_cli, setup_logging
+from common import (CliParser, UserError, atomic_write_json, atomic_write_with, check_writable, read_json, run_cli,
+                    setup_logging)
 from experiment import average_after_last, backward_transfer
 
 logger = logging.getLogger("compare_runs")
@@ -219,7 +220,8 @@ def write_output(flag: str, path: Path, write: Callable[[], None]) -> None:
 def build_parser() -> CliParser:
     parser = CliParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (or their summary.json files)")
-    parser.add_argument("--output", type=Path, default=Path("runs/comparison.png"), help="the plot (PNG)")
+    parser.add_argument("--output", type=Path, default=Path("runs/comparison.png"),
+                        help="the comparison plot (a .png file)")
     parser.add_argument("--json", type=Path, default=None,
                         help="the table's numbers as JSON (default: the --output path with .json)")
     return parser
@@ -233,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_path = args.json or args.output.with_suffix(".json")
     if json_path.suffix.lower() != ".json" or json_path == args.output:
         raise UserError(f"--json must name a .json file other than --output, got {json_path}")
+    check_writable(args.output, "--output", "file")
+    check_writable(json_path, "--json", "file")
     summaries = [load_run(path) for path in args.runs]
     labels = run_labels(args.runs, summaries)
     columns = column_names(summaries)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -166,8 +167,53 @@ def discover_available_tools(sample_lists: Iterable[Sequence[dict]]) -> list[str
     return names
 
 
+def fit_prompt_ids(build: Callable[[str], list[int]], user_input: str, room: int) -> tuple[list[int], bool] | None:
+    """`build(query)`'s prompt ids within `room` tokens and whether the query was cut: a prompt over its room keeps
+    its template whole and loses the head of the query, at a word boundary (as little as fits); None when not even
+    the query's last word fits."""
+    prompt = build(user_input)
+    if len(prompt) <= room:
+        return prompt, False
+    starts = [match.start() for match in re.finditer(r"\S+", user_input)]
+    low, high, best = 1, len(starts) - 1, None
+    while low <= high:
+        middle = (low + high) // 2
+        ids = build(user_input[starts[middle]:])
+        if len(ids) <= room:
+            best, high = ids, middle - 1
+        else:
+            low = middle + 1
+    return None if best is None else (best, True)
+
+
+def encode_sample(sample: dict, tokenizer, encode_tool: ToolEncoder, max_length: int, mode: str,
+                  system_prompt: str | None = None, prompt_format: str = "chat") -> dict | None:
+    """One sample's ids within `max_length`. Train mode: prompt + answer, labels on the answer only; the answer is
+    never cut, the query is (`fit_prompt_ids`), and a sample whose answer leaves no room for its prompt is refused
+    (None). Eval mode: the prompt alone, its query cut the same way (its end kept if even the template is over)."""
+    def build(text: str) -> list[int]:
+        return build_prompt_ids(tokenizer, text, system_prompt, prompt_format)
+
+    item = {"gold_tools": list(sample["tools"]), "gold_calls": list(sample["function_calls"]),
+            "user_input": sample["user_input"]}
+    if mode == "eval":
+        fitted = fit_prompt_ids(build, sample["user_input"], max_length)
+        if fitted is None:
+            fitted = (build(sample["user_input"])[-max_length:], True)
+        item.update(input_ids=fitted[0], labels=None, truncated=fitted[1])
+        return item
+    answer = build_answer_ids(tokenizer, sample["tools"], sample["function_calls"], encode_tool)
+    fitted = fit_prompt_ids(build, sample["user_input"], max_length - len(answer))
+    if fitted is None:
+        return None
+    prompt, cut = fitted
+    item.update(input_ids=prompt + answer, labels=[IGNORE_INDEX] * len(prompt) + answer, truncated=cut)
+    return item
+
+
 class NativeFunctionCallingDataset(Dataset):
-    """Tokenized samples. Train mode: prompt + answer, labels on the answer only. Eval mode: the prompt alone."""
+    """Tokenized samples (`encode_sample`). Train mode: prompt + answer, labels on the answer only. Eval mode: the
+    prompt alone. Samples over --max_length are counted in the log: queries cut, training samples refused."""
 
     def __init__(
         self,
@@ -181,26 +227,22 @@ class NativeFunctionCallingDataset(Dataset):
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
-        self.samples = list(samples)
         self.mode = mode
-        self.prompt_format = prompt_format
-        self.items = [self._encode(s, tokenizer, encode_tool, max_length, system_prompt) for s in self.samples]
-        truncated = sum(item["truncated"] for item in self.items)
-        if truncated:
-            logger.warning("%d of %d samples exceed --max_length %d and were truncated", truncated, len(self), max_length)
-
-    def _encode(self, sample: dict, tokenizer, encode_tool: ToolEncoder, max_length: int, system_prompt: str | None):
-        prompt = build_prompt_ids(tokenizer, sample["user_input"], system_prompt, self.prompt_format)
-        item = {"gold_tools": list(sample["tools"]), "gold_calls": list(sample["function_calls"]),
-                "user_input": sample["user_input"]}
-        if self.mode == "eval":
-            item.update(input_ids=prompt[-max_length:], labels=None, truncated=len(prompt) > max_length)
-            return item
-        answer = build_answer_ids(tokenizer, sample["tools"], sample["function_calls"], encode_tool)
-        input_ids = (prompt + answer)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
-        item.update(input_ids=input_ids, labels=labels, truncated=len(prompt) + len(answer) > max_length)
-        return item
+        encoded = [encode_sample(s, tokenizer, encode_tool, max_length, mode, system_prompt,
+                                 prompt_format) for s in samples]
+        self.samples = [sample for sample, item in zip(samples, encoded) if item is not None]
+        self.items = [item for item in encoded if item is not None]
+        cut = sum(item["truncated"] for item in self.items)
+        if cut:
+            logger.warning("%d of %d samples are longer than --max_length %d: the head of their query was cut, "
+                           "the answer kept", cut, len(encoded), max_length)
+        refused = len(encoded) - len(self.items)
+        if refused:
+            logger.warning("%d of %d training samples left out: their answer alone fills --max_length %d",
+                           refused, len(encoded), max_length)
+        if encoded and not self.items:
+            raise UserError(f"every one of the {len(encoded)} training samples has an answer longer than "
+                            f"--max_length {max_length}; raise --max_length")
 
     def __len__(self) -> int:
         return len(self.items)

@@ -573,13 +573,17 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
 # CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Score a JSON list of predictions; print the table and optionally write the metrics as JSON."""
+def build_parser() -> CliParser:
     parser = CliParser(description="Score generated function calls against gold calls (metrics of DESIGN.md).")
     parser.add_argument("--predictions", required=True, help="JSON list of {predicted_tools, function_calls, "
-                        "gold_tools, gold_calls}")
-    parser.add_argument("--output", help="where to write the metrics JSON")
-    args = parser.parse_args(argv)
+                        "gold_tools, gold_calls} (required, no default)")
+    parser.add_argument("--output", help="where to write the metrics JSON (default: none, the table is printed only)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Score a JSON list of predictions; print the table and optionally write the metrics as JSON."""
+    args = build_parser().parse_args(argv)
     setup_logging()
     predictions = read_json(args.predictions, what="predictions file")
     if not isinstance(predictions, list):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import itertools
 import json
 import logging
+import os
 import platform
 import re
 import time
@@ -34,6 +36,10 @@ SUMMARY_TABLES = (
     ("paper_avg_f1_score", "call F1, paper scoring (sets, arguments only, exact numbers)"),
 )
 ROUND_PATTERN = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*:\s*(\d+)\s*$")
+# A round's few hundred samples are learned in 1-10 epochs (the paper uses 1-3); far more only overfits them for hours.
+MAX_EPOCHS = 100
+# Flags whose values are paths: `data/` and `data` name the same place.
+PATH_FLAGS = {"data_dir", "model_name"}
 # Flags that may differ between a run and its --resume without changing its numbers.
 RESUME_FREE_FLAGS = {"resume", "output_dir", "log_file", "demo", "checkpoint_dir", "eval_batch_size"}
 
@@ -65,6 +71,9 @@ def parse_training_rounds(text: str) -> list[RoundSpec]:
             raise UserError(f"--training_rounds: range {start}-{end} must satisfy 1 <= start <= end")
         if epochs < 1:
             raise UserError(f"--training_rounds: round {start}-{end} needs at least 1 epoch, got {epochs}")
+        if epochs > MAX_EPOCHS:
+            raise UserError(f"--training_rounds: round {start}-{end} asks for {epochs} epochs; at most {MAX_EPOCHS} "
+                            "are accepted (a round's samples are learned in a few epochs, more only overfit them)")
         rounds.append(RoundSpec(start, end, epochs))
     ordered = sorted(rounds, key=lambda r: r.start)
     for before, after in zip(ordered, ordered[1:]):
@@ -156,8 +165,48 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def default_output_dir(method: str) -> Path:
-    return Path("runs") / f"{method}_{datetime.now().strftime('%Y%m%d_%H%M%S')}"
+DEFAULT_RUNS_ROOT = Path("runs")
+
+
+def claim_default_run_dir(method: str, root: Path = DEFAULT_RUNS_ROOT) -> Path:
+    """Create `runs/<method>_<timestamp>` exclusively and return it: a run started in the same second as another
+    gets `_2`, `_3`, ... so two runs never share a directory."""
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = f"{method}_{datetime.now().strftime('%Y%m%d_%H%M%S')}"
+    for number in itertools.count(1):
+        path = root / (stamp if number == 1 else f"{stamp}_{number}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
+
+
+def refuse_existing_run(path: Path) -> None:
+    """A new run must not overwrite a run already in its directory."""
+    if (path / "state.json").exists():
+        raise UserError(f"--output_dir {path} already holds a run; pass --resume or another --output_dir")
+
+
+def comparable_flags(values: dict) -> dict:
+    """Flag values as --resume compares them: spaces around list separators and round specs, a path's trailing
+    slash, and `cuda` for `cuda:0` make no difference."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, str):
+            if key in PATH_FLAGS:
+                value = os.path.normpath(value) if value else value
+            else:
+                value = re.sub(r"\s*([,:-])\s*", r"\1", value.strip())
+            if key == "device" and value == "cuda":
+                value = "cuda:0"
+        out[key] = value
+    return out
+
+
+def _describe_change(key: str, old: object, new: object) -> str:
+    return f"--{key} {json.dumps(old)} then, {json.dumps(new)} now"
 
 
 class RunDirectory:
@@ -177,8 +226,7 @@ class RunDirectory:
         if resume:
             self._load_for_resume()
         else:
-            if (self.path / "state.json").exists():
-                raise UserError(f"--output_dir {self.path} already holds a run; pass --resume or another --output_dir")
+            refuse_existing_run(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.path / "config.json", self.config)
 
@@ -190,11 +238,12 @@ class RunDirectory:
         if "prompt_sample" in stored:
             self.config["prompt_sample"] = stored["prompt_sample"]
         mine, theirs = self.config["args"], stored.get("args", {})
-        differing = sorted(
-            k for k in set(mine) | set(theirs) if k not in RESUME_FREE_FLAGS and mine.get(k) != theirs.get(k)
-        )
+        same_mine, same_theirs = comparable_flags(mine), comparable_flags(theirs)
+        differing = sorted(k for k in set(mine) | set(theirs)
+                           if k not in RESUME_FREE_FLAGS and same_mine.get(k) != same_theirs.get(k))
         if stored.get("method") != self.method or differing:
-            what = ", ".join(f"--{k}" for k in differing) or "the method"
+            what = "; ".join(_describe_change(k, theirs.get(k), mine.get(k)) for k in differing)
+            what = what or f"method {stored.get('method')} then, {self.method} now"
             raise UserError(f"--resume: {self.path} was run with a different configuration ({what})")
         state_path = self.path / "state.json"
         if state_path.is_file():
@@ -211,21 +260,24 @@ class RunDirectory:
             lines = metrics_path.read_text(encoding="utf-8").splitlines()
             self.records = [json.loads(line) for line in lines if line.strip()]
             self.records = [r for r in self.records if r["round"] < self.completed_rounds]
-        logger.info("resuming %s after %d finished round(s)", self.path, self.completed_rounds)
 
     def record_data(self, data: Sequence["RoundData"]) -> None:
         """Keep where each round's files came from (their manifest's settings, and whether the files still match)."""
         self.config["data"] = {d.spec.name: d.provenance for d in data}
         atomic_write_json(self.path / "config.json", self.config)
 
-    def record_prompt(self, prompt: str) -> None:
-        """Keep the exact prompt text of the first test sample in config.json; a resumed run must build the same."""
+    def check_prompt(self, prompt: str) -> None:
+        """A resumed run must build the prompt its config.json recorded for the first test sample."""
         stored = self.config.get("prompt_sample")
         if stored is not None and stored != prompt:
             at = next((i for i, (a, b) in enumerate(zip(stored, prompt)) if a != b), min(len(stored), len(prompt)))
             raise UserError(f"--resume: {self.path} was run with another prompt (first test sample, from character "
                             f"{at}: was {stored[at:at + 60]!r}, now {prompt[at:at + 60]!r})")
-        if stored is None:
+
+    def record_prompt(self, prompt: str) -> None:
+        """Keep the exact prompt text of the first test sample in config.json (checked first, see check_prompt)."""
+        self.check_prompt(prompt)
+        if self.config.get("prompt_sample") is None:
             self.config["prompt_sample"] = prompt
             atomic_write_json(self.path / "config.json", self.config)
 

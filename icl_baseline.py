@@ -34,6 +34,7 @@ from common import (
     UserError,
     atomic_write_json,
     atomic_write_text,
+    check_writable,
     positive_int,
     read_json,
     run_cli,
@@ -42,8 +43,8 @@ from common import (
 )
 from dataset import build_prompt_ids, end_of_turn_id, left_pad_collate, load_samples, tool_system_prompt
 from eval import format_metrics_table, parse_function_call, score_predictions
-from experiment import RunDirectory, default_output_dir
-from model import load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from experiment import DEFAULT_RUNS_ROOT, RunDirectory, claim_default_run_dir
+from model import load_base_model, load_tokenizer, model_positions, resolve_device, resolve_dtype
 import round_files
 from tool_retrieval import DEFAULT_ENCODER, RETRIEVAL_TEXTS, ToolRetriever, parameter_names, recall_at_k
 
@@ -544,15 +545,15 @@ def generate_answers(model, tokenizer, prompts: Sequence[list[int]], samples: Se
     return answers
 
 
-def warn_if_too_long(model, prompts: Sequence[list[int]], max_new_tokens: int) -> None:
-    """Log when prompts plus answers exceed the positions the model was built for."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+def refuse_if_too_long(limit: int | None, prompts: Sequence[list[int]], max_new_tokens: int) -> None:
+    """Prompts plus answers must fit the positions the model was built for (`limit`; None: no limit known)."""
     if not limit:
         return
     over = sum(len(ids) + max_new_tokens > limit for ids in prompts)
     if over:
-        logger.warning("%d of %d prompts plus --max_new_tokens %d exceed the model's %d positions",
-                       over, len(prompts), max_new_tokens, limit)
+        raise UserError(f"{over} of {len(prompts)} prompts (the longest {max(map(len, prompts))} tokens) plus "
+                        f"--max_new_tokens {max_new_tokens} exceed the model's {limit} positions; offer fewer tools "
+                        "(--use_rag) or lower --max_new_tokens")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -563,23 +564,26 @@ def build_parser() -> CliParser:
     parser = CliParser(description=__doc__.splitlines()[0])
     parser.add_argument("--test_data", action="append", required=True,
                         help="test file(s); repeat the flag or give a comma list: each file is scored as its own set "
-                             "(named by its tool range, else its file stem), and all of them pooled")
+                             "(named by its tool range, else its file stem), and all of them pooled (required)")
     parser.add_argument("--tool_descriptions", action="append", default=None,
                         help="descriptions file(s), repeatable or a comma list (default: the ones the test files pair "
                              "with: data/tool_descriptions_tools{range}.json)")
-    parser.add_argument("--model_name", default=None, help="HF id or local dir (default: the embedded tiny backbone)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--model_name", default=None,
+                        help="HF id or local model directory (default: the embedded tiny backbone, built on first use)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="backbone dtype; auto is bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--max_samples", type=positive_int, default=None,
                         help="score a seeded subset of this size of each test file (default: every sample)")
-    parser.add_argument("--batch_size", type=positive_int, default=8)
-    parser.add_argument("--max_new_tokens", type=positive_int, default=256)
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="prompts per generation batch")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=256, help="most tokens generated per answer")
     parser.add_argument("--output", default=None,
                         help="a run directory, or a results file when it ends in .json (default: runs/<method>_<time>)")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="seed of the --max_samples subset (decoding is greedy)")
     parser.add_argument("--use_rag", action="store_true", help="list only the top --retrieval_k retrieved tools")
-    parser.add_argument("--retrieval_k", type=positive_int, default=5)
-    parser.add_argument("--retriever_model", default=DEFAULT_ENCODER, help="sentence-transformers encoder for RAG")
+    parser.add_argument("--retrieval_k", type=positive_int, default=5, help="tools listed per query with --use_rag")
+    parser.add_argument("--retriever_model", default=DEFAULT_ENCODER,
+                        help="sentence-transformers encoder for --use_rag")
     parser.add_argument("--retrieval_text", choices=tuple(RETRIEVAL_TEXTS), default="toolkit",
                         help="text embedded per tool for RAG: toolkit (readable name, description, parameters with "
                              "their descriptions) or original ('name description Parameters: a, b a: about-a') "
@@ -671,12 +675,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     setup_logging()
     method = "icl_rag" if args.use_rag else "icl"
-    output = Path(args.output) if args.output else default_output_dir(method)
-    check_output(output)
+    output = Path(args.output) if args.output else None
+    if output is None:
+        check_writable(DEFAULT_RUNS_ROOT, "--output (default: runs/<method>_<timestamp>)")
+    else:
+        check_output(output)
+        check_writable(output, "--output", "file" if output.suffix == ".json" else "dir")
     set_seed(args.seed)
     test_paths = split_paths(args.test_data)
     if not test_paths:
         raise UserError("--test_data names no file")
+    for path in test_paths:
+        require_file(path, "data file", path)
     description_paths = split_paths(args.tool_descriptions)
     if not description_paths:
         for path in test_paths:
@@ -689,15 +699,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sequential import resolve_model_name
 
     model_name = resolve_model_name(args.model_name)
+    positions = model_positions(model_name)
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(model_name)
     check_icl_prompt(tokenizer, args.icl_prompt)
-    model = load_base_model(model_name, device, resolve_dtype(args.dtype, device))
-    if output.suffix != ".json":
-        setup_logging(output / "icl_baseline.log")
-    logger.info("%s on %d test samples, %d described tools, model %s", method, len(samples), len(descriptions),
-                model_name)
-
     retriever = None
     if args.use_rag:
         retriever = ToolRetriever(descriptions, args.retriever_model, device=device.type,
@@ -705,7 +710,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     offered = offered_tools(samples, descriptions, retriever, args.retrieval_k)
     prompts = [icl_prompt_ids(tokenizer, sample["user_input"], [descriptions[name] for name in names], args.icl_prompt)
                for sample, names in zip(samples, offered)]
-    warn_if_too_long(model, prompts, args.max_new_tokens)
+    refuse_if_too_long(positions, prompts, args.max_new_tokens)
+    model = load_base_model(model_name, device, resolve_dtype(args.dtype, device))
+    if output is None:
+        output = claim_default_run_dir(method)
+    if output.suffix != ".json":
+        setup_logging(output / "icl_baseline.log")
+    logger.info("%s on %d test samples, %d described tools, model %s", method, len(samples), len(descriptions),
+                model_name)
     generation_start = time.time()
     answers = generate_answers(model, tokenizer, prompts, samples, args.batch_size, args.max_new_tokens)
     generation_seconds = time.time() - generation_start

@@ -31,7 +31,7 @@ from model import (CallingOutput, GeneratedCalls, LoraSettings, attach_lora, bac
                    resolve_dtype, save_lora_adapter, set_lora_requires_grad, trainable_lora_parameters)
 from replay_buffer import (REPLAY_POLICIES, DisplacingBatchSampler, ReservoirBuffer, check_replay_settings,
                            mixed_dataloader, original_round_subset, sampled_dataloader)
-from sequential import add_common_flags, lora_settings_from, open_run, resolve_model_name, run_rounds
+from sequential import add_common_flags, lora_settings_from, prepare_run, run_rounds, start_run
 
 logger = logging.getLogger("lora_sequential")
 
@@ -282,7 +282,8 @@ class BaselineRounds:
             return make_dataloader(train_set, self.args.batch_size, pad_id, shuffle, seed)
         self.fill_buffer(index)
         replay_set = NativeFunctionCallingDataset(self.buffer.items, self.model.tokenizer, self.model.encode_tool,
-                                                  self.args.max_length, "train")
+                                                  self.args.max_length, "train",
+                                                  prompt_format=self.args.prompt_format)
         logger.info("round %d: %d replay samples per batch of %d (%s policy), from a buffer of %d (of %d offered)",
                     index + 1, self.replay_per_batch, self.args.batch_size, self.policy, len(self.buffer),
                     self.buffer.seen)
@@ -319,9 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.use_replay_buffer:
         check_replay_settings(args.batch_size, args.replay_ratio, args.replay_policy)
     method = "lora_replay" if args.use_replay_buffer else "lora"
-    run, data, tool_names = open_run(args, method)
-    model = MarkerLoRAModel(resolve_model_name(args.model_name), tool_names, lora_settings_from(args),
-                            device=args.device, dtype=args.dtype, marker_style=args.marker_style)
+    lora = lora_settings_from(args)
+    plan = prepare_run(args, method)
+    data, tool_names = plan.data, plan.tool_names
+    model = MarkerLoRAModel(plan.model_name, tool_names, lora, device=args.device, dtype=args.dtype,
+                            marker_style=args.marker_style)
+    run = start_run(args, plan, model)
     hooks = BaselineRounds(args, model, data)
     logger.info("run directory %s; %d tools over %d rounds, markers %s ... %s; parameters %s", run.path,
                 len(tool_names), len(data), model.markers.marker(tool_names[0]), model.markers.marker(tool_names[-1]),

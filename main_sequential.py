@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from common import CliParser, positive_float, positive_int, run_cli
+from common import CliParser, UserError, positive_float, positive_int, run_cli
 from experiment import print_final_report
 from model import GROUND_TRUTH_STYLES, MEMORY_DTYPES, TOOL_INIT_NORMS, FunctionCallingModel
-from sequential import add_common_flags, lora_settings_from, open_run, resolve_model_name, run_rounds
+from sequential import add_common_flags, lora_settings_from, prepare_run, run_rounds, start_run
 from training import RENORM_ROWS
 
 logger = logging.getLogger("main_sequential")
@@ -23,13 +23,17 @@ logger = logging.getLogger("main_sequential")
 def build_parser() -> CliParser:
     parser = CliParser(description=__doc__.splitlines()[0])
     add_common_flags(parser)
-    parser.add_argument("--lora_lr", type=positive_float, default=5e-4)
-    parser.add_argument("--use_lora", action="store_true")
-    parser.add_argument("--freeze_lora_after_first", action="store_true")
-    parser.add_argument("--lora_layer_indices", default=None, help="comma list, negative counts from the end")
-    parser.add_argument("--decouple_embeddings", action="store_true", help="separate input and output tool rows")
+    parser.add_argument("--lora_lr", type=positive_float, default=5e-4, help="learning rate of LoRA (with --use_lora)")
+    parser.add_argument("--use_lora", action="store_true", help="also train a LoRA adapter on the backbone")
+    parser.add_argument("--freeze_lora_after_first", action="store_true",
+                        help="train LoRA in the first round only (needs --use_lora)")
+    parser.add_argument("--lora_layer_indices", default=None,
+                        help="comma list of decoder layers to adapt, negative counts from the end (default: all)")
+    parser.add_argument("--decouple_embeddings", action="store_true",
+                        help="separate input and output rows per tool (default: one row for both)")
     parser.add_argument("--renorm_active_tools", action="store_true",
-                        help="after each step scale the round's rows to the mean norm of the other rows")
+                        help="after each step scale the round's rows to the mean norm of the learned ones "
+                             "(run_n_rounds_main.sh turns this on)")
     parser.add_argument("--renorm_rows", default="all", choices=RENORM_ROWS,
                         help="which rows --renorm_active_tools scales: all (input and output rows) or output only "
                              "(the original's way)")
@@ -40,7 +44,8 @@ def build_parser() -> CliParser:
                              "(the original's)")
     parser.add_argument("--memory_dtype", default="float32", choices=MEMORY_DTYPES,
                         help="precision of the tool rows: float32, or the backbone's dtype (model; the original's)")
-    parser.add_argument("--use_ground_truth_tools", action="store_true", help="also score with the gold tools forced")
+    parser.add_argument("--use_ground_truth_tools", action="store_true",
+                        help="also score with the gold tools at the tool positions (see --ground_truth_style)")
     parser.add_argument("--ground_truth_style", default="forced", choices=GROUND_TRUTH_STYLES,
                         help="forced: the gold tools take every tool position (first step, tool or end-of-turn "
                              "choices at call boundaries); replace: only tool tokens the model emits are replaced "
@@ -55,21 +60,26 @@ def build_parser() -> CliParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run, data, tool_names = open_run(args, "tokmem")
+    if args.freeze_lora_after_first and not args.use_lora:
+        raise UserError("--freeze_lora_after_first needs --use_lora (without it there is no LoRA to freeze)")
+    lora = lora_settings_from(args) if args.use_lora else None
+    plan = prepare_run(args, "tokmem")
     model = FunctionCallingModel(
-        resolve_model_name(args.model_name),
-        len(tool_names),
-        tool_names,
+        plan.model_name,
+        len(plan.tool_names),
+        plan.tool_names,
         device=args.device,
         dtype=args.dtype,
         decouple_embeddings=args.decouple_embeddings,
-        lora_config=lora_settings_from(args) if args.use_lora else None,
+        lora_config=lora,
         memory_dtype=args.memory_dtype,
     )
     model.initialize_tool_embeddings(seed=args.seed, norm=args.tool_init_norm)
     model.constrain_calls = not args.unconstrained_decoding
+    run = start_run(args, plan, model)
+    data = plan.data
     logger.info("run directory %s; %d tools over %d rounds; parameters %s",
-                run.path, len(tool_names), len(data), model.parameter_breakdown())
+                run.path, len(plan.tool_names), len(data), model.parameter_breakdown())
     summary = run_rounds(
         args, model, data, run,
         prepare_round=lambda i: data[i].train,

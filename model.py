@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 from transformers.utils import logging as hf_logging
 
 from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with
@@ -92,6 +92,28 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in DTYPES:
         raise UserError(f"--dtype: expected one of auto, {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def check_model_name(model_name: str) -> None:
+    """A --model_name that names a local place must be a model directory: a missing one is reported as missing (not
+    as the hub's repo-id format error it would otherwise give). `org/name` with no such local directory is a hub id."""
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise UserError(f"--model_name {model_name!r} is a file, not a model directory")
+    if path.is_absolute() or model_name.startswith((".", "~")) or len(path.parts) > 2 or model_name.endswith("/"):
+        raise UserError(f"--model_name {model_name!r}: the directory does not exist")
+
+
+def model_positions(model_name: str) -> int | None:
+    """The number of positions the model was built for (None when its config does not say), from its config alone."""
+    check_model_name(model_name)
+    try:
+        config = AutoConfig.from_pretrained(model_name)
+    except Exception as err:  # noqa: BLE001 - any loader failure is reported as one line naming the model
+        raise UserError(f"cannot load --model_name {model_name!r}: {_first_line(err)}") from None
+    return getattr(config, "max_position_embeddings", None)
 
 
 def load_tokenizer(model_name: str):
@@ -192,11 +214,20 @@ def attach_lora(base, settings: LoraSettings):
         with _quiet_loading():
             peft_model = get_peft_model(base, config)
     except ValueError as err:
-        raise UserError(f"--lora_target_modules: {_first_line(err)}") from None
+        raise UserError(f"--lora_target_modules: {_first_line(err).rstrip('.')}; the model's modules LoRA can adapt: "
+                        f"{', '.join(lora_capable_modules(base))}") from None
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()
     return peft_model
+
+
+def lora_capable_modules(model: nn.Module) -> list[str]:
+    """The distinct last names of the model's layers that LoRA can adapt (linear, embedding, convolution)."""
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, Conv1D)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, kinds)})
 
 
 def trainable_lora_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -223,7 +254,10 @@ def save_lora_adapter(peft_model, checkpoint: Path) -> None:
     from peft import get_peft_model_state_dict
 
     lora_dir = checkpoint / LORA_DIR
-    lora_state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    # Never the embedding layers: peft would add them (tied ones twice, so safetensors refuses) whenever the
+    # vocabulary was resized for new tool tokens, and the backbone's weights stay out of a checkpoint.
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    lora_state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     lora_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_with(lora_dir / "adapter_model.safetensors", lambda tmp: save_file(lora_state, tmp))
     config = peft_model.peft_config["default"].to_dict()

@@ -833,26 +833,32 @@ def round_settings(args: argparse.Namespace, start: int, end: int, source: dict[
 def _parser() -> argparse.ArgumentParser:
     parser = CliParser(description="Re-cut xLAM rows into per-round train/test/tool-description files.")
     parser.add_argument("--top_k", default="50",
-                        help="tool ranks: N (= 1-N) or START-END, 1-based inclusive; several with commas (default 50)")
+                        help="tool ranks: N (= 1-N) or START-END, 1-based inclusive; several with commas "
+                             "(default 50; the scripts write one range per round)")
     parser.add_argument("--max_samples_per_tool", type=positive_int, default=50,
-                        help="single-tool samples kept per tool before the train/test split (default 50)")
+                        help="single-tool samples kept per tool before the train/test split "
+                             "(default 50; the scripts use SAMPLES_PER_TOOL=30)")
     parser.add_argument("--train_size", type=positive_int, default=5000,
-                        help="train samples in all; multi-tool ones fill up to it (default 5000)")
-    parser.add_argument("--test_size", type=positive_int, default=500, help="multi-tool test samples (default 500)")
+                        help="train samples in all; multi-tool ones fill up to it "
+                             "(default 5000; the scripts use TRAIN_SIZE=600)")
+    parser.add_argument("--test_size", type=positive_int, default=500,
+                        help="multi-tool test samples (default 500; the scripts use TEST_SIZE=60)")
     parser.add_argument("--train_max_function_calls", type=positive_int, default=4,
-                        help="most calls in a train sample (default 4)")
+                        help="most calls in a train sample (default 4; the scripts use 3)")
     parser.add_argument("--test_max_function_calls", type=positive_int, default=4,
-                        help="most calls in a test sample (default 4)")
+                        help="most calls in a test sample (default 4; the scripts use 3)")
     parser.add_argument("--train_multi_tool_ratios", default="0.5,0.5",
                         help="shares of 2-tool and 3-tool train samples, summing to 1 (default 0.5,0.5)")
     parser.add_argument("--test_multi_tool_ratios", default="0.5,0.5",
                         help="shares of 2-tool and 3-tool test samples, summing to 1 (default 0.5,0.5)")
-    parser.add_argument("--output_dir", default="data", help="where training/, test/ and descriptions go")
+    parser.add_argument("--output_dir", default="data",
+                        help="where training/, test/ and descriptions go (default data)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the split and the synthesis (default 42)")
     parser.add_argument("--source", choices=("synthetic", "xlam"), default="synthetic",
                         help="synthetic rows (offline) or the real xLAM corpus (default synthetic)")
     parser.add_argument("--xlam_path", default=None,
-                        help=f"local copy of {HUB_FILENAME} (JSON list or JSON lines) for --source xlam")
+                        help=f"local copy of {HUB_FILENAME} (JSON list or JSON lines) for --source xlam "
+                             "(default: none, download it from the hub)")
     parser.add_argument("--recut", choices=tuple(RECUTS), default="toolkit",
                         help="toolkit: this toolkit's sampling, split and synthesis; original: the original "
                              "toolkit's (first rows per tool, its split formula, lower-cased joins, 'type' in the "

@@ -52,6 +52,42 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return path
 
 
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_qwen_style_backbone(path: Path, tied: bool = True) -> Path:
+    """A random tiny Qwen2 (2 layers, hidden 32, 1024 positions) and a byte-level BPE tokenizer with a ChatML template
+    and no reserved special tokens, so tool tokens must be added and the vocabulary resized (small Qwen / GPT-2
+    style; `tied`: one matrix for input embeddings and lm head)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(TRAINING_TEXTS, trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    backend.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tied_model_dir(tmp_path_factory) -> Path:
+    """A tied-embedding Qwen2-style backbone whose tokenizer has no reserved special tokens."""
+    return build_qwen_style_backbone(tmp_path_factory.mktemp("tied_qwen"), tied=True)
+
+
 def make_sample(tools: list[str], values: list[dict], query: str | None = None) -> dict:
     """A sample in the per-round file format."""
     return {

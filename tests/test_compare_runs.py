@@ -88,7 +88,7 @@ def test_paper_rows_absent_parse_error_rates_and_the_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--json", "numbers.txt"], "--json must name a .json file"),
-    (["--output", "a_file/cmp.png"], "cannot be written"),
+    (["--output", "a_file/cmp.png"], "a_file is a file, so nothing can be created under it"),
 ])
 def test_bad_outputs_are_one_line_errors(tmp_path, capsys, monkeypatch, flags, message):
     run = write_summary(tmp_path / "run", "tokmem", ["1-2"], [[0.5]])

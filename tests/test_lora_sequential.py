@@ -156,7 +156,7 @@ def replay_rounds(tokenizer, policy: str, capacity: int, sizes: list[int], batch
                       [], [TOOL_NAMES[r]]) for r, n in enumerate(sizes)]
     args = SimpleNamespace(replay_policy=policy, replay_buffer_size=capacity, seed=7, use_replay_buffer=True,
                            batch_size=batch_size, replay_ratio=ratio, reinit_lora_after_each_round=False,
-                           max_length=128)
+                           max_length=128, prompt_format="chat")
     return BaselineRounds(args, TokenizerOnly(tokenizer), data), data
 
 

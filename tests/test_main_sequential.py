@@ -97,5 +97,5 @@ def test_two_tiny_rounds_write_the_run_directory(tiny_model_dir, tmp_path):
     changed = [a if a != "4" else "2" for a in args]
     refused = run_cli(*changed, "--resume", cwd=tmp_path)
     assert refused.returncode == 2
-    assert "different configuration (--batch_size)" in refused.stderr
+    assert "different configuration (--batch_size 4 then, 2 now)" in refused.stderr
     assert "Traceback" not in refused.stderr

@@ -30,6 +30,7 @@ ROUND_2 = ["calculate_bmi", "book_table", "translate_text"]
 TRAIN_1 = "training/function_calling_train_tools1-3_4calls.json"
 TEST_1 = "test/function_calling_test_tools1-3_4calls.json"
 TEST_2 = "test/function_calling_test_tools4-6_4calls.json"
+TRAIN_2 = "training/function_calling_train_tools4-6_4calls.json"
 DESCRIPTIONS_1 = "tool_descriptions_tools1-3.json"
 HEAVY_MODULES = ("main_sequential", "lora_sequential", "icl_baseline")
 CASE_TIMEOUT = 120
@@ -219,6 +220,33 @@ def earlier_icl_run(ctx: Context) -> None:
     (ctx.out / "results.json").write_text("{}")
 
 
+def a_file(name: str) -> Setup:
+    """{tmp}/<name> is a plain file (where a directory, or the parent of one, is expected)."""
+
+    def apply(ctx: Context) -> None:
+        (ctx.tmp / name).write_text("not a directory")
+
+    return apply
+
+
+def a_dir(name: str) -> Setup:
+    def apply(ctx: Context) -> None:
+        (ctx.tmp / name).mkdir()
+
+    return apply
+
+
+def long_answers(relative: str) -> Setup:
+    """Every training sample of a file gets an answer of about 300 tokens."""
+
+    def edit(rows: list[dict]) -> list[dict]:
+        for row in rows:
+            row["function_calls"] = [json.dumps({"notes": "word " * 300})]
+        return rows
+
+    return edit_rows(relative, edit)
+
+
 def remove_checkpoints(ctx: Context) -> None:
     shutil.rmtree(ctx.out / "checkpoints")
 
@@ -229,6 +257,8 @@ def break_state(ctx: Context) -> None:
 
 MISSING_MODEL = ["--model_name", "{tmp}/no_such_model"]
 ONE_ROUND = ["--training_rounds", "1-3:1"]
+UNWRITABLE = "/sys/tokmem_run"  # /sys refuses new entries, to root as well
+NO_CUDA = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 
 # What both sequential CLIs (TokMem and the LoRA baseline) must refuse; they read rounds and data the same way.
 SEQUENTIAL_CASES = [
@@ -274,11 +304,40 @@ SEQUENTIAL_CASES = [
     case("data-empty", [], ["{data}/" + TEST_2, "holds no samples"], write_text(TEST_2, "[]")),
     case("descriptions-not-object", [], ["{data}/" + DESCRIPTIONS_1, "expected an object"],
          write_text(DESCRIPTIONS_1, "[]")),
-    case("model-dir-missing", MISSING_MODEL, "--model_name '{tmp}/no_such_model'"),
+    case("model-dir-missing", MISSING_MODEL, "--model_name '{tmp}/no_such_model': the directory does not exist"),
     case("model-dir-empty", ["--model_name", "{tmp}/empty_model"], "--model_name '{tmp}/empty_model'",
          empty_model_dir),
     case("model-weights-unreadable", ["--model_name", "{tmp}/broken_model"],
          "cannot load --model_name '{tmp}/broken_model'", corrupt_model_weights),
+    case("model-name-a-file", ["--model_name", "{tmp}/weights"], "--model_name '{tmp}/weights' is a file",
+         a_file("weights")),
+    case("output-dir-a-file", ["--output_dir", "{tmp}/taken"], "--output_dir {tmp}/taken is a file, not a directory",
+         a_file("taken")),
+    case("output-dir-under-a-file", ["--output_dir", "{tmp}/taken/run"],
+         "--output_dir {tmp}/taken/run: {tmp}/taken is a file", a_file("taken")),
+    case("output-dir-not-writable", ["--output_dir", UNWRITABLE], f"--output_dir {UNWRITABLE}: cannot write in /sys"),
+    case("default-runs-dir-a-file", ["--output_dir", ""], "--output_dir (default: runs/<method>_<timestamp>) runs is a file",
+         a_file("runs")),
+    case("log-file-a-directory", ["--log_file", "{tmp}/logs"], "--log_file {tmp}/logs is a directory", a_dir("logs")),
+    case("log-file-under-a-file", ["--log_file", "{tmp}/taken/train.log"],
+         "--log_file {tmp}/taken/train.log: {tmp}/taken is a file", a_file("taken")),
+    case("log-file-not-writable", ["--log_file", UNWRITABLE + "/train.log"], "--log_file /sys/tokmem_run/train.log"),
+    case("checkpoint-dir-a-file", ["--checkpoint_dir", "{tmp}/taken"], "--checkpoint_dir {tmp}/taken is a file",
+         a_file("taken")),
+    case("checkpoint-dir-under-a-file", ["--checkpoint_dir", "{tmp}/taken/ckpt"], "--checkpoint_dir {tmp}/taken/ckpt: ",
+         a_file("taken")),
+    case("checkpoint-dir-not-writable", ["--checkpoint_dir", UNWRITABLE], "--checkpoint_dir /sys/tokmem_run: cannot write"),
+    case("max-length-beyond-positions", ["--max_length", "4096"],
+         "--max_length 4096 is beyond the 1024 positions of --model_name {model}"),
+    case("test-prompt-plus-answer-beyond-positions", ["--max_new_tokens", "1020"],
+         ["round 1-3: a test prompt of", "--max_new_tokens 1020 passes the model's 1024 positions"]),
+    case("every-answer-too-long", ["--max_length", "256"], ["round 4-6: the answer of every one of its 12 training samples fills "
+                                       "--max_length 256"], long_answers(TRAIN_2)),
+    pytest.param(Case("cuda-missing", ("--device", "cuda"), ("--device cuda: CUDA is not available",)),
+                 id="cuda-missing", marks=NO_CUDA),
+    case("demo-negative", ["--demo", "-1"], "argument --demo: expected an integer >= 0, got '-1'"),
+    case("epochs-absurd", ["--training_rounds", "1-3:1,4-6:100000"],
+         ["round 4-6 asks for 100000 epochs; at most 100 are accepted", "more only overfit"]),
     case("resume-no-output-dir", ["--resume", "--output_dir", ""], "--resume needs --output_dir"),
     case("resume-no-run", ["--resume"], ["--resume", "{out}", "holds no run"]),
     case("batch-size-zero", ["--batch_size", "0"], "argument --batch_size: expected a positive integer, got '0'"),
@@ -301,12 +360,15 @@ MAIN_CASES = SEQUENTIAL_CASES + [
          ["249 tools", "only 248 reserved special tokens"], many_tools),
     case("lora-lr-zero", ["--lora_lr", "0"], "argument --lora_lr: expected a positive number"),
     case("lora-dropout-one", ["--use_lora", "--lora_dropout", "1"], "--lora_dropout: expected a number in [0, 1)"),
-    case("lora-target-unknown", ["--use_lora", "--lora_target_modules", "no_such_proj"], "--lora_target_modules"),
+    case("lora-target-unknown", ["--use_lora", "--lora_target_modules", "no_such_proj"],
+         ["--lora_target_modules: ", "no_such_proj", "the model's modules LoRA can adapt: down_proj, embed_tokens, "
+          "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"]),
+    case("freeze-lora-without-lora", ["--freeze_lora_after_first"], "--freeze_lora_after_first needs --use_lora"),
     case("lora-layer-outside", ["--use_lora", "--lora_layer_indices", "5"], "--lora_layer_indices: 5 is outside"),
     case("lora-layers-not-integers", ["--use_lora", "--lora_layer_indices", "last"],
          "--lora_layer_indices: expected comma-separated integers"),
     case("resume-different-configuration", ONE_ROUND + ["--batch_size", "2", "--resume"],
-         ["--resume", "{out}", "different configuration (--batch_size)"], earlier_run(ONE_ROUND)),
+         ["--resume", "{out}", "different configuration (--batch_size 4 then, 2 now)"], earlier_run(ONE_ROUND)),
     case("resume-checkpoint-missing", ONE_ROUND + ["--resume"], ["--resume", "{out}/checkpoints/round_1", "missing"],
          earlier_run(ONE_ROUND), remove_checkpoints),
     case("resume-state-corrupt", ONE_ROUND + ["--resume"], "run state {out}/state.json is not valid JSON",
@@ -324,10 +386,11 @@ LORA_CASES = SEQUENTIAL_CASES + [
     case("replay-buffer-size-zero", ["--replay_buffer_size", "0"], "argument --replay_buffer_size"),
     case("marker-style-unknown", ["--marker_style", "emoji"], "argument --marker_style"),
     case("lora-dropout-negative", ["--lora_dropout", "-0.5"], "--lora_dropout: expected a number in [0, 1)"),
-    case("lora-target-unknown", ["--lora_target_modules", "no_such_proj"], "--lora_target_modules"),
+    case("lora-target-unknown", ["--lora_target_modules", "no_such_proj"],
+         ["--lora_target_modules: ", "no_such_proj", "the model's modules LoRA can adapt: ", "q_proj, up_proj"]),
     case("lora-targets-empty", ["--lora_target_modules", ","], "--lora_target_modules is empty"),
     case("resume-different-configuration", ONE_ROUND + ["--lora_r", "4", "--resume"],
-         ["--resume", "{out}", "different configuration (--lora_r)"], earlier_run(ONE_ROUND)),
+         ["--resume", "{out}", "different configuration (--lora_r 2 then, 4 now)"], earlier_run(ONE_ROUND)),
     case("resume-checkpoint-missing", ONE_ROUND + ["--resume"], ["--resume", "{out}/checkpoints/round_1", "missing"],
          earlier_run(ONE_ROUND), remove_checkpoints),
 ]
@@ -339,7 +402,7 @@ ICL_CASES = [
                                    "make it with: python xlam_datasets.py --top_k 1-3 --test_max_function_calls 4"],
          remove(TEST_1)),
     case("second-round-files-missing", ["--test_data", "{data}/test/function_calling_test_tools7-9_2calls.json"],
-         ["tool descriptions file not found: {data}/tool_descriptions_tools7-9.json",
+         ["data file not found: {data}/test/function_calling_test_tools7-9_2calls.json",
           "make it with: python xlam_datasets.py --top_k 7-9 --test_max_function_calls 2 --output_dir {data}"]),
     case("descriptions-missing", [], ["tool descriptions file not found: {data}/" + DESCRIPTIONS_1,
                                       "python xlam_datasets.py --top_k 1-3"], remove(DESCRIPTIONS_1)),
@@ -361,7 +424,7 @@ ICL_CASES = [
     case("tool-outside-round", [], ["{data}/" + TEST_1, "row 0", "'book_table' has no description"],
          edit_rows(TEST_1, foreign_tool)),
     case("data-empty", [], ["{data}/" + TEST_1, "holds no samples"], write_text(TEST_1, "[]")),
-    case("model-dir-missing", MISSING_MODEL, "--model_name '{tmp}/no_such_model'"),
+    case("model-dir-missing", MISSING_MODEL, "--model_name '{tmp}/no_such_model': the directory does not exist"),
     case("model-dir-empty", ["--model_name", "{tmp}/empty_model"], "--model_name '{tmp}/empty_model'",
          empty_model_dir),
     case("model-weights-unreadable", ["--model_name", "{tmp}/broken_model"],
@@ -375,19 +438,46 @@ ICL_CASES = [
     case("output-is-a-file", ["--output", "{tmp}/results.txt"], "--output {tmp}/results.txt exists",
          lambda ctx: (ctx.tmp / "results.txt").write_text("x")),
     case("output-holds-a-run", [], "--output {out} already holds a run", earlier_icl_run),
+    case("test-file-and-descriptions-missing", [], "data file not found: {data}/" + TEST_1,
+         remove(TEST_1), remove(DESCRIPTIONS_1)),
+    case("test-file-of-another-name-missing", ["--test_data", "{tmp}/mine.json"], "data file not found: {tmp}/mine.json"),
+    case("model-name-a-file", ["--model_name", "{tmp}/weights"], "--model_name '{tmp}/weights' is a file",
+         a_file("weights")),
+    case("output-dir-under-a-file", ["--output", "{tmp}/taken/run"], "--output {tmp}/taken/run: {tmp}/taken is a file",
+         a_file("taken")),
+    case("output-file-under-a-file", ["--output", "{tmp}/taken/results.json"],
+         "--output {tmp}/taken/results.json: {tmp}/taken is a file", a_file("taken")),
+    case("output-not-writable", ["--output", UNWRITABLE + "/results.json"], f"--output {UNWRITABLE}/results.json: "),
+    case("default-runs-dir-a-file", ["--output", ""], "--output (default: runs/<method>_<timestamp>) runs is a file",
+         a_file("runs")),
+    case("prompts-beyond-positions", ["--max_new_tokens", "1000"],
+         ["4 of 4 prompts (the longest", "plus --max_new_tokens 1000 exceed the model's 1024 positions"]),
+    pytest.param(Case("cuda-missing", ("--device", "cuda"), ("--device cuda: CUDA is not available",)),
+                 id="cuda-missing", marks=NO_CUDA),
 ]
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every path under `root`: (size, modification time) of a file, None for a directory."""
+    state: dict[str, tuple[int, int] | None] = {}
+    for path in root.rglob("*"):
+        info = path.lstat()
+        state[str(path.relative_to(root))] = None if path.is_dir() else (info.st_size, info.st_mtime_ns)
+    return state
 
 
 def check_case(ctx: Context, script: str, item: Case, round_files: bool = True) -> None:
     """Write two good rounds of data (tools 1-3 and 4-6) unless told not to, apply the case's setup, run the CLI and
-    check its one error line."""
+    check its one error line, and that the refusal wrote nothing and kept what was there (an earlier run included)."""
     if round_files:
         write_round_files(ctx.data, 1, 3, ROUND_1)
         write_round_files(ctx.data, 4, 6, ROUND_2)
     for step in item.setup:
         step(ctx)
+    before = tree_state(ctx.tmp)
     result = ctx.run(list(item.argv))
     assert_one_line_error(result, script, tuple(ctx.fill(e) for e in item.expect))
+    assert tree_state(ctx.tmp) == before, "the refused run created, changed or removed files"
 
 
 def forked(server: ForkServer, script: str) -> Callable[[list[str], Path], subprocess.CompletedProcess]:
@@ -686,3 +776,263 @@ def test_a_finished_run_directory_holds_only_safetensors_json_and_text(fork_serv
     assert suffixes <= {".json", ".jsonl", ".safetensors", ".png", ".log"}, suffixes
     assert (out / "checkpoints" / "round_1" / "tool_memory.safetensors").is_file()
     assert (out / "checkpoints" / "round_1" / "lora" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA on a backbone without reserved tokens and with tied embeddings (small Qwen / GPT-2 style)
+
+TIED_CLIS = [("main_sequential.py", ["--use_lora"]), ("lora_sequential.py", ["--lora_r", "2"])]
+
+
+def tied_args(model_dir: Path, data: Path, out: Path, extra: list[str]) -> list[str]:
+    return ["--model_name", str(model_dir), "--training_rounds", "1-3:1,4-6:2", "--data_dir", str(data),
+            "--output_dir", str(out), "--device", "cpu", "--batch_size", "4", "--max_new_tokens", "6", "--seed", "3",
+            "--eval_all_previous", "--save_checkpoints", *extra]
+
+
+def rewind_to_first_round(finished: Path, target: Path) -> None:
+    """A copy of a finished two-round run as it stood once round 1 was done: round 2's record and files removed."""
+    shutil.copytree(finished, target)
+    state = json.loads((target / "state.json").read_text())
+    state.update(completed_rounds=1, round_stats=state["round_stats"][:1])
+    (target / "state.json").write_text(json.dumps(state))
+    lines = (target / "metrics.jsonl").read_text().splitlines()
+    (target / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["round"] == 0))
+    (target / "summary.json").unlink()
+    shutil.rmtree(target / "checkpoints" / "round_2")
+
+
+def adapter_keys(checkpoint: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "lora" / "adapter_model.safetensors"), framework="pt") as tensors:
+        return list(tensors.keys())
+
+
+@pytest.mark.parametrize("script, extra", TIED_CLIS, ids=["tokmem", "lora_baseline"])
+def test_lora_on_a_tied_backbone_without_reserved_tokens_saves_resumes_and_evaluates(
+        script, extra, fork_server, tied_model_dir, two_round_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    whole = tmp_path / "whole"
+    result = fork_server.run(script, tied_args(tied_model_dir, two_round_data, whole, extra), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_files_complete(whole)
+    assert_no_pickle_files(whole)
+    for checkpoint in ("round_1", "round_2"):
+        keys = adapter_keys(whole / "checkpoints" / checkpoint)
+        # q, k, v and o projections of 2 layers, an A and a B matrix each: the adapter and nothing else.
+        assert len(keys) == 4 * 2 * 2 and all(".lora_A." in k or ".lora_B." in k for k in keys), keys
+    if script == "main_sequential.py":
+        vocabulary = len(AutoTokenizer.from_pretrained(tied_model_dir))
+        token_ids = json.loads((whole / "checkpoints" / "round_2" / "tool_memory.json").read_text())["tool_token_ids"]
+        assert min(token_ids) >= vocabulary, "the tools should have new tokens on a tokenizer without reserved ones"
+
+    resumed = tmp_path / "resumed"
+    rewind_to_first_round(whole, resumed)
+    result = fork_server.run(script, tied_args(tied_model_dir, two_round_data, resumed, extra) + ["--resume"],
+                             tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming {resumed} after 1 finished round(s)" in (resumed / "train.log").read_text()
+    reference = json.loads((whole / "summary.json").read_text())
+    again = json.loads((resumed / "summary.json").read_text())
+    assert numbers(again) == numbers(reference)
+    assert all(value is not None for value in again["matrix"]["avg_tool_f1_score"][-1])
+
+
+def test_an_untied_resized_backbone_saves_no_embedding_layers(tmp_path):
+    from conftest import build_qwen_style_backbone
+    from model import FunctionCallingModel, LoraSettings
+
+    model_dir = build_qwen_style_backbone(tmp_path / "untied", tied=False)
+    model = FunctionCallingModel(str(model_dir), 3, ROUND_1, device="cpu", lora_config=LoraSettings(r=2))
+    assert model.causal_lm.get_output_embeddings().weight is not model.causal_lm.get_input_embeddings().weight
+    model.save(tmp_path / "checkpoint")
+    keys = adapter_keys(tmp_path / "checkpoint")
+    assert len(keys) == 16 and not [k for k in keys if "embed_tokens" in k or "lm_head" in k], keys
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run directories: claimed exclusively; --resume of the same configuration written differently
+
+
+def test_default_run_directories_are_claimed_exclusively(tmp_path, monkeypatch):
+    """Runs started in the same second never share a directory, nor take an earlier run's."""
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import datetime
+
+    import experiment
+
+    class SameSecond(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2024, 5, 1, 12, 0, 0)
+
+    monkeypatch.setattr(experiment, "datetime", SameSecond)
+    root = tmp_path / "runs"
+    earlier = root / "tokmem_20240501_120000"
+    earlier.mkdir(parents=True)
+    (earlier / "config.json").write_text("{}")
+    with ThreadPoolExecutor(8) as pool:
+        claimed = list(pool.map(lambda _: experiment.claim_default_run_dir("tokmem", root), range(8)))
+    assert sorted(p.name for p in claimed) == sorted(f"tokmem_20240501_120000_{n}" for n in range(2, 10))
+    assert all(p.is_dir() and not any(p.iterdir()) for p in claimed)
+    assert (earlier / "config.json").read_text() == "{}"
+
+
+def test_resume_accepts_the_same_configuration_written_differently_and_leaves_a_finished_run_alone(
+        fork_server, tiny_model_dir, tmp_path):
+    import torch
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    write_round_files(data, 1, 3, ROUND_1, n_train=6, n_test=2)
+    write_round_files(data, 4, 6, ROUND_2, n_train=6, n_test=2)
+    common = ["--output_dir", str(out), "--batch_size", "4", "--max_new_tokens", "4", "--use_lora"]
+    first = fork_server.run("main_sequential.py", common + [
+        "--model_name", str(tiny_model_dir), "--data_dir", str(data), "--training_rounds", "1-3:1,4-6:2",
+        "--lora_target_modules", "q_proj,v_proj", "--device", "cpu"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())["args"]
+    assert (config["device"], config["dtype"]) == ("cpu", "float32"), "the config records what auto resolved to"
+    finished = {name: (out / name).read_bytes() for name in ("summary.json", "state.json", "metrics.jsonl")}
+
+    resumed = fork_server.run("main_sequential.py", common + [
+        "--model_name", f"{tiny_model_dir}/", "--data_dir", f"{data}/", "--training_rounds", " 1-3 : 1, 4-6:2",
+        "--lora_target_modules", "q_proj, v_proj", "--device", "cpu" if torch.cuda.is_available() else "auto",
+        "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{out} already finished its 2 round(s); nothing to train" in resumed.stderr
+    assert {name: (out / name).read_bytes() for name in finished} == finished, "a finished run changed on --resume"
+    assert f"resuming {out} after 2 finished round(s)" in (out / "train.log").read_text()
+
+
+@pytest.mark.parametrize("output, expect", [
+    ("{tmp}/taken/cmp.png", "--output {tmp}/taken/cmp.png: {tmp}/taken is a file"),
+    ("{tmp}/folder.png", "--output {tmp}/folder.png is a directory, not a file"),
+    (UNWRITABLE + "/cmp.png", f"--output {UNWRITABLE}/cmp.png: cannot write in /sys"),
+], ids=["under-a-file", "a-directory", "not-writable"])
+def test_compare_runs_refuses_an_output_it_cannot_write_before_reading_runs(output, expect, tmp_path):
+    import compare_runs
+    from common import UserError
+
+    (tmp_path / "taken").write_text("x")
+    (tmp_path / "folder.png").mkdir()
+    before = tree_state(tmp_path)
+    with pytest.raises(UserError) as error:
+        compare_runs.main([str(tmp_path / "no_such_run"), "--output", output.format(tmp=tmp_path)])
+    assert str(error.value).startswith(expect.format(tmp=tmp_path)), str(error.value)
+    assert tree_state(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Over-long samples keep their answer
+
+
+def _tool_encoder(tokenizer):
+    token = tokenizer.convert_tokens_to_ids("<|reserved_special_token_0|>")
+    return lambda tool: [token]
+
+
+def _long_sample(words: int) -> dict:
+    from conftest import make_sample
+
+    return make_sample(["get_weather"], [{"city": "Paris", "date": "2024-05-01"}],
+                       " ".join(f"w{i}" for i in range(words)) + " weather in Paris on 2024-05-01")
+
+
+def test_an_over_long_query_loses_its_head_not_the_answer_nor_the_template(tiny_tokenizer):
+    from dataset import IGNORE_INDEX, build_answer_ids, build_prompt_ids, encode_sample
+
+    encode = _tool_encoder(tiny_tokenizer)
+    sample = _long_sample(200)
+    answer = build_answer_ids(tiny_tokenizer, sample["tools"], sample["function_calls"], encode)
+    full = build_prompt_ids(tiny_tokenizer, sample["user_input"])
+    max_length = len(answer) + len(full) // 2
+    item = encode_sample(sample, tiny_tokenizer, encode, max_length, "train")
+    assert item["truncated"] and len(item["input_ids"]) <= max_length
+    prompt = item["input_ids"][:-len(answer)]
+    assert item["input_ids"][-len(answer):] == answer
+    assert item["labels"] == [IGNORE_INDEX] * len(prompt) + answer
+    # The prompt is the template around the longest tail of the query (whole words) that fits.
+    words = sample["user_input"].split(" ")
+    tails = [build_prompt_ids(tiny_tokenizer, " ".join(words[k:])) for k in range(1, len(words))]
+    assert prompt == next(ids for ids in tails if len(ids) <= max_length - len(answer))
+    assert prompt[:4] == full[:4] and prompt[-4:] == full[-4:]
+
+    evaluated = encode_sample(sample, tiny_tokenizer, encode, len(full) // 2, "eval")
+    assert evaluated["truncated"] and evaluated["input_ids"] == next(ids for ids in tails if len(ids) <= len(full) // 2)
+
+
+def test_samples_whose_answer_fills_max_length_are_left_out_and_counted(tiny_tokenizer, caplog):
+    from common import UserError
+    from dataset import NativeFunctionCallingDataset, build_answer_ids, build_prompt_ids
+
+    encode = _tool_encoder(tiny_tokenizer)
+    short, long_query = _long_sample(0), _long_sample(60)
+    no_room = dict(short, function_calls=[json.dumps({"notes": "w " * 200})])
+    answer = build_answer_ids(tiny_tokenizer, short["tools"], short["function_calls"], encode)
+    max_length = len(build_prompt_ids(tiny_tokenizer, short["user_input"])) + len(answer)
+    with caplog.at_level(logging.WARNING):
+        dataset = NativeFunctionCallingDataset([short, long_query, no_room], tiny_tokenizer, encode, max_length)
+    assert [item["user_input"] for item in dataset.items] == [short["user_input"], long_query["user_input"]]
+    assert all(item["input_ids"][-len(answer):] == answer for item in dataset.items)
+    assert "1 of 3 samples are longer than --max_length" in caplog.text
+    assert "1 of 3 training samples left out: their answer alone fills --max_length" in caplog.text
+    with pytest.raises(UserError, match="every one of the 2 training samples has an answer longer than --max_length"):
+        NativeFunctionCallingDataset([no_room, no_room], tiny_tokenizer, encode, max_length)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --help: every flag explained, with its default in sight, and the scripts' other defaults named
+
+HELP_PARSERS = [("main_sequential", "build_parser"), ("lora_sequential", "build_parser"),
+                ("icl_baseline", "build_parser"), ("xlam_datasets", "_parser"), ("compare_runs", "build_parser"),
+                ("eval", "build_parser")]
+
+
+def help_entry(parser, flag: str) -> str:
+    """The --help text of one flag, whitespace collapsed."""
+    action = parser._option_string_actions[flag]
+    return " ".join(parser._get_formatter()._format_action(action).split())
+
+
+@pytest.mark.parametrize("module, factory", HELP_PARSERS, ids=[m for m, _ in HELP_PARSERS])
+def test_every_flag_has_help_text_and_a_visible_default(module, factory):
+    import importlib
+
+    parser = getattr(importlib.import_module(module), factory)()
+    flags = [action for action in parser._actions if action.option_strings and action.dest != "help"]
+    assert flags
+    for action in flags:
+        flag = action.option_strings[0]
+        entry = help_entry(parser, flag)
+        assert action.help and "default" in entry, f"{module} {flag}: {entry}"
+        if action.default not in (None, False) and action.nargs != 0:
+            shown = "".join(entry.split())  # argparse may wrap a long default at a hyphen
+            assert str(action.default) in shown, f"{module} {flag} does not show {action.default!r}: {entry}"
+
+
+def script_default(script: str, variable: str) -> str:
+    """The default a shell script gives a variable: `NAME=${NAME:-value}`."""
+    import re
+
+    match = re.search(rf"^{variable}=\$\{{{variable}:-([^}}]*)\}}", (REPO_ROOT / script).read_text(), re.M)
+    assert match, f"{script} sets no default for {variable}"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("module, factory, flag, script, variable", [
+    ("main_sequential", "build_parser", "--lr", "run_n_rounds_main.sh", "LR"),
+    ("main_sequential", "build_parser", "--train_max_function_calls", "run_n_rounds_main.sh", "TRAIN_MAX_CALLS"),
+    ("lora_sequential", "build_parser", "--test_max_function_calls", "run_n_rounds_lora.sh", "TEST_MAX_CALLS"),
+    ("xlam_datasets", "_parser", "--max_samples_per_tool", "run_n_rounds_main.sh", "SAMPLES_PER_TOOL"),
+    ("xlam_datasets", "_parser", "--train_size", "run_n_rounds_main.sh", "TRAIN_SIZE"),
+    ("xlam_datasets", "_parser", "--test_size", "icl_baseline.sh", "TEST_SIZE"),
+], ids=lambda value: value if isinstance(value, str) and value.startswith("--") else None)
+def test_help_names_the_scripts_default_where_it_differs(module, factory, flag, script, variable):
+    import importlib
+
+    parser = getattr(importlib.import_module(module), factory)()
+    value = script_default(script, variable)
+    assert float(value) != float(parser._option_string_actions[flag].default)
+    assert value in help_entry(parser, flag)
