@@ -30,6 +30,9 @@ MAX_SAMPLES=${MAX_SAMPLES:-}                       # empty: the whole test set
 RUN_ALL_TOOLS=${RUN_ALL_TOOLS:-true}               # true: ICL with every tool of TOOLS in the prompt
 USE_RAG=${USE_RAG:-true}                           # true: then RAG with the top RETRIEVAL_K retrieved tools
 RETRIEVAL_K=${RETRIEVAL_K:-5}
+RETRIEVAL_TEXT=${RETRIEVAL_TEXT:-toolkit}          # toolkit | original: the text each tool is embedded from
+ICL_PROMPT=${ICL_PROMPT:-toolkit}                  # toolkit | original: the original's hand-written prompt
+ICL_ANSWER=${ICL_ANSWER:-toolkit}                  # toolkit | original: how an answer is read into calls
 # ---- model, data, device ----------------------------------------------------------------------------------------
 MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
 DTYPE=${DTYPE:-auto}                               # auto: bfloat16 on CUDA, float32 on CPU
@@ -61,7 +64,8 @@ generate_round_data
 # Step 2: ICL, then RAG.
 args=(--test_data "$DATA_DIR/test/function_calling_test_tools${TOOLS}_${TEST_MAX_CALLS}calls.json"
       --tool_descriptions "$DATA_DIR/tool_descriptions_tools${TOOLS}.json"
-      --batch_size "$BATCH_SIZE" --max_new_tokens "$MAX_NEW_TOKENS" --device "$DEVICE" --dtype "$DTYPE" --seed "$SEED")
+      --batch_size "$BATCH_SIZE" --max_new_tokens "$MAX_NEW_TOKENS" --device "$DEVICE" --dtype "$DTYPE" --seed "$SEED"
+      --icl_prompt "$ICL_PROMPT" --icl_answer "$ICL_ANSWER")
 [[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")
 [[ -n "$MAX_SAMPLES" ]] && args+=(--max_samples "$MAX_SAMPLES")
 
@@ -72,5 +76,5 @@ if [[ "$RUN_ALL_TOOLS" == true ]]; then
 fi
 if [[ "$USE_RAG" == true ]]; then
     [[ "$dry" == true ]] || echo "RAG: the top $RETRIEVAL_K retrieved tools of $TOOLS in the prompt"
-    run_step "$PYTHON" icl_baseline.py "${args[@]}" --use_rag --retrieval_k "$RETRIEVAL_K" "$@"
+    run_step "$PYTHON" icl_baseline.py "${args[@]}" --use_rag --retrieval_k "$RETRIEVAL_K" --retrieval_text "$RETRIEVAL_TEXT" "$@"
 fi

@@ -43,7 +43,7 @@ apply_preset() {
             ;;
         icl)
             : "${TOOLS=51-100}" "${BATCH_SIZE=16}" "${USE_RAG=true}" "${RUN_ALL_TOOLS=false}" "${RETRIEVAL_K=5}"
-            : "${ICL_PROMPT=original}" "${RETRIEVAL_TEXT=original}"
+            : "${ICL_PROMPT=original}" "${ICL_ANSWER=original}" "${RETRIEVAL_TEXT=original}"
             ;;
         *) echo "error: apply_preset: unknown script $1" >&2; exit 2 ;;
     esac

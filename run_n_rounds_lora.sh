@@ -43,6 +43,7 @@ REINIT_LORA=${REINIT_LORA:-false}                  # true: a fresh adapter at th
 USE_REPLAY_BUFFER=${USE_REPLAY_BUFFER:-false}
 REPLAY_BUFFER_SIZE=${REPLAY_BUFFER_SIZE:-1000}     # reservoir capacity (samples)
 REPLAY_RATIO=${REPLAY_RATIO:-0.2}                  # share of every training batch replayed (rounds after the first)
+REPLAY_POLICY=${REPLAY_POLICY:-reservoir}          # reservoir | original (min(n/2, 500) per round, displacing rows)
 # ---- prompt, evaluation and output ------------------------------------------------------------------------------
 PROMPT_FORMAT=${PROMPT_FORMAT:-chat}               # chat (fixed date) | original (hand-written Llama-3 turns)
 EVAL_ALL_PREVIOUS=${EVAL_ALL_PREVIOUS:-true}
@@ -92,7 +93,7 @@ args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "
 [[ "$EVAL_ALL_PREVIOUS" == true ]] && args+=(--eval_all_previous)
 [[ "$REINIT_LORA" == true ]] && args+=(--reinit_lora_after_each_round)
 [[ "$USE_REPLAY_BUFFER" == true ]] && args+=(--use_replay_buffer --replay_buffer_size "$REPLAY_BUFFER_SIZE"
-                                             --replay_ratio "$REPLAY_RATIO")
+                                             --replay_ratio "$REPLAY_RATIO" --replay_policy "$REPLAY_POLICY")
 [[ "$SAVE_CHECKPOINTS" == true ]] && args+=(--save_checkpoints)
 
 [[ "${DRY_RUN:-false}" == true ]] ||

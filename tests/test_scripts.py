@@ -78,6 +78,7 @@ def test_paper_preset_prints_the_originals_settings(tmp_path):
     assert [c[0] for c in icl] == ["xlam_datasets.py", "icl_baseline.py"]  # RAG only, as the original
     assert icl[1][1]["--retrieval_k"] == "5" and icl[1][1]["--batch_size"] == "16" and "--use_rag" in icl[1][2]
     assert icl[1][1]["--test_data"].endswith("tools51-100_4calls.json")
+    assert [icl[1][1][f] for f in ("--icl_prompt", "--icl_answer", "--retrieval_text")] == ["original"] * 3
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
 
