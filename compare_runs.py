@@ -23,7 +23,7 @@ from experiment import average_after_last, backward_transfer
 
 logger = logging.getLogger("compare_runs")
 
-# Every summary has these (DESIGN.md); they are plotted.
+# Every summary has these (docs/DESIGN.md); they are plotted.
 METRICS = (("avg_tool_f1_score", "tool F1"), ("avg_f1_score", "call F1"), ("exact_accuracy", "exact"))
 # Tabled and written to the JSON when a summary has them (older summaries lack the paper_ ones).
 OPTIONAL_METRICS = (
@@ -42,7 +42,7 @@ def summary_path(path: Path) -> Path:
 
 
 def validate_summary(summary: object, where: Path) -> dict:
-    """Check the DESIGN.md summary shape this command relies on; anything else is a UserError naming the file."""
+    """Check the docs/DESIGN.md summary shape this command relies on; anything else is a UserError naming the file."""
     if not isinstance(summary, dict):
         raise UserError(f"{where}: expected a JSON object")
     rounds = summary.get("rounds")

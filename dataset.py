@@ -77,7 +77,8 @@ def build_prompt_text(tokenizer, user_input: str, system_prompt: str | None = No
     return (tokenizer.bos_token or "") + text
 
 
-def build_prompt_ids(tokenizer, user_input: str, system_prompt: str | None = None, prompt_format: str = "chat") -> list[int]:
+def build_prompt_ids(tokenizer, user_input: str, system_prompt: str | None = None,
+                     prompt_format: str = "chat") -> list[int]:
     """Token ids of the prompt: [system turn], the user turn, then the assistant header."""
     return tokenizer(build_prompt_text(tokenizer, user_input, system_prompt, prompt_format),
                      add_special_tokens=False)["input_ids"]

@@ -1,4 +1,4 @@
-"""Scoring of generated function calls: parsing, normalization and the multiset scores of DESIGN.md.
+"""Scoring of generated function calls: parsing, normalization and the multiset scores of docs/DESIGN.md.
 
 A call in this toolkit is a tool name plus an arguments object. The generator emits the tool (as a tool token) and
 then the arguments as text; this module parses that text, puts it in a canonical form, and compares the multiset of
@@ -502,7 +502,7 @@ def _mean(values: list[float]) -> float:
 
 
 def _aggregate(samples: list[dict[str, float | int]]) -> dict[str, float | int | None]:
-    """The metric dict of DESIGN.md and its paper_ counterparts (without the breakdown) over per-sample scores.
+    """The metric dict of docs/DESIGN.md and its paper_ counterparts (without the breakdown) over per-sample scores.
 
     Both parse-error rates are None (absent, not perfect) for a group in which no call was predicted.
     """
@@ -519,7 +519,7 @@ def _aggregate(samples: list[dict[str, float | int]]) -> dict[str, float | int |
 
 
 def score_predictions(predictions: Sequence[dict]) -> dict[str, Any]:
-    """Score a list of predictions into the metric dict of DESIGN.md, overall and per number of gold calls.
+    """Score a list of predictions into the metric dict of docs/DESIGN.md, overall and per number of gold calls.
 
     Each prediction is {"predicted_tools": [name, ...], "function_calls": [raw arguments text, ...],
     "gold_tools": [name, ...], "gold_calls": [arguments JSON, ...]}. A call is the pair (tool, normalized arguments).
@@ -574,7 +574,7 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
 
 
 def build_parser() -> CliParser:
-    parser = CliParser(description="Score generated function calls against gold calls (metrics of DESIGN.md).")
+    parser = CliParser(description="Score generated function calls against gold calls (metrics of docs/DESIGN.md).")
     parser.add_argument("--predictions", required=True, help="JSON list of {predicted_tools, function_calls, "
                         "gold_tools, gold_calls} (required, no default)")
     parser.add_argument("--output", help="where to write the metrics JSON (default: none, the table is printed only)")

@@ -92,7 +92,7 @@ def split_paths(values: Sequence[str] | None) -> list[Path]:
 
 
 def descriptions_path_for(test_path: Path) -> Path:
-    """The descriptions file DESIGN.md pairs with a test file (data/test/…tools1-20_3calls.json -> data/…tools1-20.json)."""
+    """The descriptions file paired with a test file (data/test/…tools1-20_3calls.json -> data/…tools1-20.json)."""
     parsed = round_files.parse_test_path(test_path)
     if parsed is None:
         raise UserError(f"cannot tell which tool descriptions go with {test_path}; pass --tool_descriptions")
@@ -101,7 +101,7 @@ def descriptions_path_for(test_path: Path) -> Path:
 
 
 def data_command_for(test_path: Path) -> str | None:
-    """The xlam_datasets.py command that writes a DESIGN.md test file and its descriptions; None for other names."""
+    """The xlam_datasets.py command that writes a round's test file and its descriptions; None for other names."""
     parsed = round_files.parse_test_path(test_path)
     if parsed is None:
         return None
@@ -110,7 +110,7 @@ def data_command_for(test_path: Path) -> str | None:
 
 
 def require_file(path: Path, what: str, test_path: Path) -> None:
-    """A missing input file is a one-line error that names it and, for DESIGN.md names, the command that makes it."""
+    """A missing input file is a one-line error naming it and, for round file names, the command that makes it."""
     if path.is_file():
         return
     command = data_command_for(test_path)
@@ -158,7 +158,7 @@ def load_test_sets(paths: Sequence[Path], descriptions: Mapping[str, dict], max_
 
 
 def set_names(paths: Sequence[Path]) -> list[str]:
-    """Each test file's set name: `1-20` for a DESIGN.md test file (its tool range), else the file stem; files whose
+    """Each test file's set name: `1-20` for a round's test file (its tool range), else the file stem; files whose
     ranges coincide are named by their stems, and names that still coincide are a UserError."""
     parsed = [round_files.parse_test_path(path) for path in paths]
     ranges = [round_files.range_name(*p[1:3]) if p else path.stem for p, path in zip(parsed, paths)]
@@ -650,7 +650,7 @@ def format_prompt_table(stats: dict, num_tools: int, k: int | None) -> str:
 
 def write_run_directory(output: Path, method: str, args, started: float, results: dict,
                         predictions: Sequence[dict], num_parameters: int) -> None:
-    """config.json, metrics.jsonl, predictions.jsonl, results.json and summary.json (DESIGN.md shape): each test set
+    """config.json, metrics.jsonl, predictions.jsonl, results.json and summary.json (docs/DESIGN.md): each test set
     is a column of the matrices, scored in their last row (a frozen model has no rounds to forget across)."""
     names = list(results["sets"])
     run = RunDirectory(output, method, args, [EvaluatedSet(name) for name in names], resume=False)

@@ -51,7 +51,8 @@ def build_parser() -> CliParser:
                              "choices at call boundaries); replace: only tool tokens the model emits are replaced "
                              "(the original's way)")
     parser.add_argument("--unconstrained_decoding", action="store_true",
-                        help="let a tool token come anywhere, also inside a call's unfinished JSON (the original's way)")
+                        help="let a tool token come anywhere, also inside a call's unfinished JSON "
+                             "(the original's way)")
     parser.add_argument("--offer_all_tools", action="store_true",
                         help="let generation emit every tool row, also later rounds' untrained ones (the original's "
                              "way); by default only the tools learned so far are offered")

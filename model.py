@@ -443,7 +443,7 @@ class FunctionCallingModel(nn.Module):
 
         hidden = self.causal_lm.get_input_embeddings().weight.shape[1]
         # The rows are kept in float32 (the optimizer's precision) and cast to the backbone's dtype where used, unless
-        # `memory_dtype` is `model`: the backbone's dtype, as the original keeps them (bfloat16 rows lose small updates).
+        # `memory_dtype` is `model`: the backbone's dtype, as the original keeps them (bf16 rows lose small updates).
         if memory_dtype not in MEMORY_DTYPES:
             raise UserError(f"--memory_dtype: expected one of {', '.join(MEMORY_DTYPES)}, got {memory_dtype!r}")
         self.memory_dtype = memory_dtype
@@ -693,7 +693,7 @@ class FunctionCallingModel(nn.Module):
         max_new_tokens: int = 256,
         style: str = "forced",
     ) -> list[GeneratedCalls]:
-        """The gold tool sequence takes the tool positions (see ToolForcingProcessor); the model writes the arguments."""
+        """The gold tools take the tool positions (see ToolForcingProcessor); the model writes the arguments."""
         gold_ids = [[self.get_tool_token_id(t) for t in tools] for tools in gold_tools]
         tracker = self.call_boundary_tracker(input_ids.shape[0])
         processor = ToolForcingProcessor(gold_ids, self.tool_token_ids, self.end_id, tracker, style)

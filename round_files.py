@@ -1,6 +1,6 @@
 """A round's data files in one place: their names, the command that makes them, and where they came from.
 
-Tools `start-end` (1-based, inclusive ranks) have three files under a data directory (the names of DESIGN.md):
+Tools `start-end` (1-based, inclusive ranks) have three files under a data directory (the names of docs/DESIGN.md):
 
     training/function_calling_train_tools{start}-{end}_{k}calls.json
     test/function_calling_test_tools{start}-{end}_{k}calls.json
@@ -62,7 +62,7 @@ def round_paths(data_dir: str | Path, start: int, end: int, train_calls: int, te
 
 
 def parse_test_path(path: str | Path) -> tuple[Path, int, int, int] | None:
-    """(data directory, start, end, call cap) of a test file with the DESIGN.md name; None for any other name."""
+    """(data directory, start, end, call cap) of a test file with the docs/DESIGN.md name; None for any other name."""
     path = Path(path)
     match = TEST_FILE_PATTERN.match(path.name)
     if not match:

@@ -1,4 +1,4 @@
-"""Per-round re-cut of xLAM-format rows into the train, test and tool-description files of DESIGN.md.
+"""Per-round re-cut of xLAM-format rows into the train, test and tool-description files of docs/DESIGN.md.
 
 Tools are ranked by how many single-tool rows call them (a row calling one tool several times counts once; the
 generic `search` tool is left out; equal counts keep the order of each tool's first single-tool row, the original's
@@ -740,7 +740,7 @@ RECUTS = {"toolkit": build_round, "original": build_round_original}
 
 def round_file_paths(output_dir: str | Path, start: int, end: int, train_max_calls: int,
                      test_max_calls: int) -> round_files.RoundPaths:
-    """(train, test, tool descriptions) paths with exactly the names of DESIGN.md."""
+    """(train, test, tool descriptions) paths with exactly the names of docs/DESIGN.md."""
     return round_files.round_paths(output_dir, start, end, train_max_calls, test_max_calls)
 
 
