@@ -6,7 +6,7 @@ predicted calls with the multiset of gold calls (a call made twice counts twice;
 whitespace do not matter).
 
 Beside these, `score_predictions` reports the original toolkit's way of scoring under the same names prefixed
-`paper_` (ORIGINAL.md, "Scores"): sets instead of multisets, calls compared as argument JSON without the tool and
+`paper_` (README, "Scores" and the departures table): sets instead of multisets, calls compared as argument JSON without the tool and
 without number canonicalisation, parse errors counted over samples. Those are the numbers the paper's tables hold.
 
 Run as a script to score a JSON list of predictions:
@@ -356,7 +356,7 @@ def _paper_json_key(value: dict) -> PaperKey:
 
 
 def paper_call_key(call: Any) -> PaperKey:
-    """One call as the original toolkit scores it (ORIGINAL.md, "Scores").
+    """One call as the original toolkit scores it (README, "Scores").
 
     A dict is taken as is. Text is read as one JSON object, else as the JSON between its first `{` and its last `}`;
     text opening with `name(...)` counts as parsed but matches no arguments object; anything else (empty text, JSON

@@ -99,7 +99,7 @@ def make_sample(tools: list[str], values: list[dict], query: str | None = None) 
 
 def write_round_files(data_dir: Path, start: int, end: int, tools: list[str], train_calls: int = 4,
                       test_calls: int = 4, n_train: int = 12, n_test: int = 4) -> None:
-    """Tiny per-round files with the DESIGN.md names, for CLI tests."""
+    """Tiny per-round files with the docs/DESIGN.md names, for CLI tests."""
     train, test = [], []
     for i in range(n_train):
         tool = tools[i % len(tools)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 
 from conftest import REPO_ROOT
 
-# The original toolkit's settings (ORIGINAL.md: script defaults and method), as flags of the training step.
+# The original toolkit's settings (its scripts and code; README: Departures from the original), as flags of the training step.
 PAPER_MAIN = {
     "--training_rounds": "1-50:1,51-100:3", "--batch_size": "2", "--lr": "5e-3", "--lora_lr": "5e-5",
     "--max_grad_norm": "0", "--max_length": "512", "--dtype": "bfloat16", "--seed": "42", "--eval_batch_size": "16",
@@ -148,3 +149,16 @@ def test_data_step_asks_for_every_round_and_pads_per_round_lists(tmp_path):
         ("1-10", "4"), ("11-20", "2"), ("21-30", "2")]
     assert all("--reuse_if_unchanged" in c[2] and c[1]["--recut"] == "toolkit" for c in calls)
     assert "ROUNDS 1-10:1,11-20:3,21-30:3 3,3,3 4,2,2" in result.stdout
+
+
+def test_every_cited_document_exists():
+    """A `*.md` named in code, scripts or docs is a file of the repository (relative to it, or to the citing file)."""
+    pattern = re.compile(r"(?<![\w/.-])([\w./-]+\.md)\b")
+    missing = []
+    for path in REPO_ROOT.rglob("*"):
+        if path.suffix not in (".py", ".sh", ".md") or ".git" in path.parts or not path.is_file():
+            continue
+        for cited in pattern.findall(path.read_text(encoding="utf-8")):
+            if not ((REPO_ROOT / cited).is_file() or (path.parent / cited).is_file()):
+                missing.append(f"{path.relative_to(REPO_ROOT)} cites {cited}")
+    assert not missing
