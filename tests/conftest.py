@@ -91,6 +91,26 @@ def two_round_data(tmp_path_factory) -> Path:
     return data
 
 
+def digest(value) -> str:
+    """SHA-256 of a JSON-serialisable value."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def digest_in_fresh_interpreter(imports: str, expression: str, hash_seed: str = "12345") -> str:
+    """`digest(expression)` computed by a new interpreter with its own string-hash seed: a result that depends on
+    set or dict-of-set iteration order (or on state left by earlier calls) differs from this process's."""
+    import os
+
+    code = f"import hashlib, json; {imports}; print(hashlib.sha256(json.dumps({expression}, sort_keys=True).encode())" \
+           ".hexdigest())"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONHASHSEED": hash_seed})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
 def output_dir_of(args: list[str]) -> Path:
     return Path(args[args.index("--output_dir") + 1])
 
