@@ -2,10 +2,12 @@
 
     python compare_runs.py runs/tokmem_A runs/lora_B runs/lora_replay_C runs/icl_D [--output runs/comparison.png]
 
-For every run it reads summary.json and reports tool F1, call F1 and exact match on each round's test set after the
-last round, their average, backward transfer, trainable parameters and wall time. Test sets are matched by name
-(`1-20`, ...), so a one-round in-context run lands in the column of the test set it scored; cells a run did not
-evaluate show as `-`.
+For every run it reads summary.json and reports tool F1, call F1, exact match and parse-error rate on each round's
+test set after the last round, their average, backward transfer, trainable parameters and wall time, in this
+toolkit's scoring and in the original toolkit's ("paper" rows, the numbers to put beside the paper's tables). The
+same numbers go to a JSON file beside the plot. Test sets are matched by name (`1-20`, ...), so a one-round
+in-context run lands in the column of the test set it scored; cells a run did not evaluate show as `-`, a
+parse-error rate with no predicted call to rate as `n/a`, and a metric an older summary lacks as `-`.
 """
 
 from __future__ import annotations
@@ -13,14 +15,24 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from common import CliParser, UserError, atomic_write_with, read_json, run_cli, setup_logging
+from common import CliParser, UserError, atomic_write_json, atomic_write_with, read_json, run_cli, setup_logging
 from experiment import average_after_last, backward_transfer
 
 logger = logging.getLogger("compare_runs")
 
+# Every summary has these (DESIGN.md); they are plotted.
 METRICS = (("avg_tool_f1_score", "tool F1"), ("avg_f1_score", "call F1"), ("exact_accuracy", "exact"))
+# Tabled and written to the JSON when a summary has them (older summaries lack the paper_ ones).
+OPTIONAL_METRICS = (
+    ("parse_error_rate", "parse err"),
+    ("paper_avg_tool_f1_score", "paper tool F1"),
+    ("paper_avg_f1_score", "paper call F1"),
+    ("paper_exact_accuracy", "paper exact"),
+    ("paper_parse_error_rate", "paper parse err"),
+)
+TABLE_METRICS = METRICS + OPTIONAL_METRICS
 
 
 def summary_path(path: Path) -> Path:
@@ -38,7 +50,10 @@ def validate_summary(summary: object, where: Path) -> dict:
     matrix = summary.get("matrix")
     if not isinstance(matrix, dict):
         raise UserError(f"{where}: missing the 'matrix' object")
-    for metric, _ in METRICS:
+    required = {metric for metric, _ in METRICS}
+    for metric, _ in TABLE_METRICS:
+        if metric not in matrix and metric not in required:
+            continue
         grid = matrix.get(metric)
         square = isinstance(grid, list) and len(grid) == len(rounds) and all(
             isinstance(row, list) and len(row) == len(rounds) for row in grid)
@@ -72,10 +87,13 @@ def column_names(summaries: Sequence[dict]) -> list[str]:
 
 
 def comparison_rows(summary: dict, columns: Sequence[str]) -> dict[str, dict]:
-    """Per metric: the last row of the matrix by test-set name, the average after the last round, and BWT."""
+    """Per metric the summary has: the last row of the matrix by test-set name, the average after the last round,
+    and BWT."""
     rows = {}
-    for metric, _ in METRICS:
-        grid = summary["matrix"][metric]
+    for metric, _ in TABLE_METRICS:
+        grid = summary["matrix"].get(metric)
+        if grid is None:
+            continue
         last = dict(zip(summary["rounds"], grid[-1]))
         rows[metric] = {
             "after_last": [last.get(name) for name in columns],
@@ -85,37 +103,72 @@ def comparison_rows(summary: dict, columns: Sequence[str]) -> dict[str, dict]:
     return rows
 
 
+def evaluated_columns(summary: dict, columns: Sequence[str]) -> list[bool]:
+    """Per column: whether the run scored that test set after its last round (its tool F1 cell is a number)."""
+    last = dict(zip(summary["rounds"], summary["matrix"]["avg_tool_f1_score"][-1]))
+    return [last.get(name) is not None for name in columns]
+
+
 def _trainable(summary: dict) -> int | None:
     """Trainable parameters from the summary's parameter breakdown, when it has one."""
     parameters = summary.get("parameters")
     return parameters.get("trainable") if isinstance(parameters, dict) else None
 
 
-def _cell(value: float | int | None, fmt: str = "{:.3f}") -> str:
-    return "-" if value is None else fmt.format(value)
+def _cell(value: float | int | None, fmt: str = "{:.3f}", absent: str = "-") -> str:
+    """A number, or `absent` for None."""
+    return absent if value is None else fmt.format(value)
 
 
 def format_table(labels: Sequence[str], summaries: Sequence[dict], columns: Sequence[str]) -> str:
     """One table: a row per method and metric, a column per test set, then average, BWT, parameters, wall time."""
     label_width = max(12, *(len(label) for label in labels)) + 2
+    title_width = max(len(title) for _, title in TABLE_METRICS) + 2
     widths = [max(8, len(name) + 2) for name in columns]
-    header = ("method".ljust(label_width) + "metric".ljust(10) + "".join(n.rjust(w) for n, w in zip(columns, widths))
+    header = ("method".ljust(label_width) + "metric".ljust(title_width)
+              + "".join(n.rjust(w) for n, w in zip(columns, widths))
               + "average".rjust(10) + "BWT".rjust(9) + "trainable".rjust(12) + "wall s".rjust(9))
-    lines = ["after the last round, on each round's test set", header, "-" * len(header)]
+    lines = ["after the last round, on each round's test set (paper rows: the original toolkit's scoring)",
+             header, "-" * len(header)]
     for label, summary in zip(labels, summaries):
         rows = comparison_rows(summary, columns)
+        evaluated = evaluated_columns(summary, columns)
         trainable = _trainable(summary)
-        for index, (metric, title) in enumerate(METRICS):
-            row = rows[metric]
+        for index, (metric, title) in enumerate(TABLE_METRICS):
+            row = rows.get(metric)
             first = index == 0
+            if row is None:
+                cells = ["-"] * len(columns) + ["-", "-"]
+            else:
+                cells = [_cell(v, absent="n/a" if scored else "-") for v, scored in zip(row["after_last"], evaluated)]
+                cells += [_cell(row["average"], absent="n/a" if any(evaluated) else "-"),
+                          _cell(row["backward_transfer"], "{:+.3f}")]
             lines.append(
-                (label if first else "").ljust(label_width) + title.ljust(10)
-                + "".join(_cell(v).rjust(w) for v, w in zip(row["after_last"], widths))
-                + _cell(row["average"]).rjust(10) + _cell(row["backward_transfer"], "{:+.3f}").rjust(9)
+                (label if first else "").ljust(label_width) + title.ljust(title_width)
+                + "".join(c.rjust(w) for c, w in zip(cells, widths + [10, 9]))
                 + (_cell(trainable, "{:,}") if first else "").rjust(12)
                 + (_cell(summary.get("wall_seconds"), "{:.1f}") if first else "").rjust(9)
             )
     return "\n".join(lines)
+
+
+def comparison_json(paths: Sequence[Path], labels: Sequence[str], summaries: Sequence[dict],
+                    columns: Sequence[str]) -> dict:
+    """The table's numbers as JSON: per run, per metric it has, the after-last-round cells by test set (null where
+    not evaluated or absent), the average and BWT."""
+    runs = []
+    for path, label, summary in zip(paths, labels, summaries):
+        rows = comparison_rows(summary, columns)
+        runs.append({
+            "label": label,
+            "method": summary["method"],
+            "summary": str(summary_path(path)),
+            "trainable": _trainable(summary),
+            "wall_seconds": summary.get("wall_seconds"),
+            "metrics": {metric: {"after_last": dict(zip(columns, row["after_last"])), "average": row["average"],
+                                 "backward_transfer": row["backward_transfer"]} for metric, row in rows.items()},
+        })
+    return {"columns": list(columns), "runs": runs}
 
 
 def plot_comparison(labels: Sequence[str], summaries: Sequence[dict], columns: Sequence[str], path: Path) -> None:
@@ -155,10 +208,20 @@ def plot_comparison(labels: Sequence[str], summaries: Sequence[dict], columns: S
     plt.close(fig)
 
 
+def write_output(flag: str, path: Path, write: Callable[[], None]) -> None:
+    """Run `write`; a path that cannot be written is a one-line error naming the flag."""
+    try:
+        write()
+    except OSError as err:
+        raise UserError(f"{flag} {path} cannot be written: {err.strerror or err}") from None
+
+
 def build_parser() -> CliParser:
     parser = CliParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (or their summary.json files)")
     parser.add_argument("--output", type=Path, default=Path("runs/comparison.png"), help="the plot (PNG)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="the table's numbers as JSON (default: the --output path with .json)")
     return parser
 
 
@@ -167,12 +230,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     if args.output.suffix.lower() != ".png":
         raise UserError(f"--output must name a .png file, got {args.output}")
+    json_path = args.json or args.output.with_suffix(".json")
+    if json_path.suffix.lower() != ".json" or json_path == args.output:
+        raise UserError(f"--json must name a .json file other than --output, got {json_path}")
     summaries = [load_run(path) for path in args.runs]
     labels = run_labels(args.runs, summaries)
     columns = column_names(summaries)
-    plot_comparison(labels, summaries, columns, args.output)
+    numbers = comparison_json(args.runs, labels, summaries, columns)
+    write_output("--json", json_path, lambda: atomic_write_json(json_path, numbers))
+    write_output("--output", args.output, lambda: plot_comparison(labels, summaries, columns, args.output))
     print(format_table(labels, summaries, columns))
-    print(f"plot: {args.output}")
+    print(f"plot: {args.output}\nnumbers: {json_path}")
     return 0
 
 

@@ -2,22 +2,27 @@
 #
 # generate_round_data reads NUM_ROUNDS, TOOLS_PER_ROUND, START_TOOL, SAMPLES_PER_TOOL, TRAIN_SIZE, TEST_SIZE,
 # EPOCHS_PER_ROUND (one value or one per round), TRAIN_MAX_CALLS / TEST_MAX_CALLS and the optional per-round lists
-# TRAIN_MAX_CALLS_PER_ROUND / TEST_MAX_CALLS_PER_ROUND, DATA_SOURCE, XLAM_PATH, DATA_DIR and PYTHON. For every round
-# whose train, test or description file is missing it runs xlam_datasets.py, and it sets
+# TRAIN_MAX_CALLS_PER_ROUND / TEST_MAX_CALLS_PER_ROUND, the multi-tool ratios, RECUT, DATA_SOURCE, XLAM_PATH, SEED,
+# DATA_DIR and PYTHON. For every round it runs xlam_datasets.py --reuse_if_unchanged, which keeps a round's files
+# when the manifest beside them says they were made with the same settings and remakes them otherwise; it sets
 #   TRAINING_ROUNDS   e.g. "1-20:3,21-40:3,41-60:3"
 #   TRAIN_CALLS_LIST  e.g. "3,3,3"   (one call cap per round)
 #   TEST_CALLS_LIST   e.g. "3,3,3"
 
-# per_round_list NAME VALUE_OR_LIST DEFAULT: print a comma list of NUM_ROUNDS values (one value is repeated).
+source "$(dirname "${BASH_SOURCE[0]}")/presets.sh"
+
+# per_round_list NAME VALUE_OR_LIST DEFAULT: print a comma list of NUM_ROUNDS values; a shorter list is padded with
+# its last value (as the original's scripts do), a longer one is an error.
 per_round_list() {
     local name=$1 text=${2:-$3}
     local -a values
     IFS=',' read -r -a values <<< "$text"
-    if [[ ${#values[@]} -eq 1 ]]; then
-        values=()
-        for ((i = 0; i < NUM_ROUNDS; i++)); do values+=("${text// /}"); done
+    if [[ ${#values[@]} -eq 0 ]]; then
+        echo "error: $name is empty" >&2
+        return 2
     fi
-    if [[ ${#values[@]} -ne $NUM_ROUNDS ]]; then
+    while [[ ${#values[@]} -lt $NUM_ROUNDS ]]; do values+=("${values[-1]}"); done
+    if [[ ${#values[@]} -gt $NUM_ROUNDS ]]; then
         echo "error: $name has ${#values[@]} values for NUM_ROUNDS=$NUM_ROUNDS rounds: $text" >&2
         return 2
     fi
@@ -51,19 +56,15 @@ generate_round_data() {
         train_k=${train_list[$round]}
         test_k=${test_list[$round]}
         specs+=("$range:${epoch_list[$round]}")
-        if [[ -f "$DATA_DIR/training/function_calling_train_tools${range}_${train_k}calls.json" &&
-              -f "$DATA_DIR/test/function_calling_test_tools${range}_${test_k}calls.json" &&
-              -f "$DATA_DIR/tool_descriptions_tools${range}.json" ]]; then
-            echo "round $((round + 1)): data for tools $range present in $DATA_DIR"
-            continue
-        fi
-        echo "round $((round + 1)): generating data for tools $range ($DATA_SOURCE)"
         local -a cmd=("$python" xlam_datasets.py --top_k "$range" --max_samples_per_tool "$SAMPLES_PER_TOOL"
                       --train_size "$TRAIN_SIZE" --test_size "$TEST_SIZE"
                       --train_max_function_calls "$train_k" --test_max_function_calls "$test_k"
-                      --output_dir "$DATA_DIR" --source "$DATA_SOURCE")
+                      --train_multi_tool_ratios "${TRAIN_MULTI_TOOL_RATIOS:-0.5,0.5}"
+                      --test_multi_tool_ratios "${TEST_MULTI_TOOL_RATIOS:-0.5,0.5}"
+                      --recut "${RECUT:-toolkit}" --output_dir "$DATA_DIR" --source "$DATA_SOURCE"
+                      --seed "${SEED:-42}" --reuse_if_unchanged)
         [[ "$DATA_SOURCE" == xlam && -n "${XLAM_PATH:-}" ]] && cmd+=(--xlam_path "$XLAM_PATH")
-        "${cmd[@]}" || return $?
+        run_step "${cmd[@]}" || return $?
     done
 
     local IFS=','

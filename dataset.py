@@ -37,19 +37,49 @@ def end_of_turn_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def build_prompt_ids(tokenizer, user_input: str, system_prompt: str | None = None) -> list[int]:
-    """Token ids of the chat-template prompt: [system turn], the user turn, then the assistant header."""
+# The chat-template path fixes the date that Llama-3.x templates write into the system block ("Today Date: ..."),
+# so a prompt never depends on the calendar: a run resumed or evaluated another day sees the same tokens. This is the
+# value those templates fall back to when no clock is available.
+CHAT_DATE_STRING = "26 Jul 2024"
+PROMPT_FORMATS = ("chat", "original")
+# The original toolkit's hand-written Llama-3 turns: no system turn, no date, nothing after the assistant header.
+ORIGINAL_PROMPT = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n{query}<|eot_id|>"
+                   "<|start_header_id|>assistant<|end_header_id|>")
+ORIGINAL_PROMPT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def check_prompt_format(tokenizer, prompt_format: str) -> None:
+    """`original` needs the Llama-3 header tokens; an unknown format or a tokenizer without them is a UserError."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise UserError(f"--prompt_format: expected one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    if prompt_format == "original":
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in ORIGINAL_PROMPT_TOKENS if t not in vocab]
+        if missing:
+            raise UserError(f"--prompt_format original needs a Llama-3 tokenizer; this one lacks {', '.join(missing)}")
+
+
+def build_prompt_text(tokenizer, user_input: str, system_prompt: str | None = None, prompt_format: str = "chat") -> str:
+    """The prompt as text: the chat template (fixed date) or the original's hand-written turns."""
+    if prompt_format == "original":
+        if system_prompt:
+            raise UserError("--prompt_format original has no system turn; use the chat format for tool lists")
+        return ORIGINAL_PROMPT.format(query=user_input)
     messages = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
     messages.append({"role": "user", "content": user_input})
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        bos = tokenizer.bos_token or ""
-        text = bos + text
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             date_string=CHAT_DATE_STRING)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    return (tokenizer.bos_token or "") + text
+
+
+def build_prompt_ids(tokenizer, user_input: str, system_prompt: str | None = None, prompt_format: str = "chat") -> list[int]:
+    """Token ids of the prompt: [system turn], the user turn, then the assistant header."""
+    return tokenizer(build_prompt_text(tokenizer, user_input, system_prompt, prompt_format),
+                     add_special_tokens=False)["input_ids"]
 
 
 def build_answer_ids(
@@ -147,18 +177,20 @@ class NativeFunctionCallingDataset(Dataset):
         max_length: int = 512,
         mode: str = "train",
         system_prompt: str | None = None,
+        prompt_format: str = "chat",
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         self.samples = list(samples)
         self.mode = mode
+        self.prompt_format = prompt_format
         self.items = [self._encode(s, tokenizer, encode_tool, max_length, system_prompt) for s in self.samples]
         truncated = sum(item["truncated"] for item in self.items)
         if truncated:
             logger.warning("%d of %d samples exceed --max_length %d and were truncated", truncated, len(self), max_length)
 
     def _encode(self, sample: dict, tokenizer, encode_tool: ToolEncoder, max_length: int, system_prompt: str | None):
-        prompt = build_prompt_ids(tokenizer, sample["user_input"], system_prompt)
+        prompt = build_prompt_ids(tokenizer, sample["user_input"], system_prompt, self.prompt_format)
         item = {"gold_tools": list(sample["tools"]), "gold_calls": list(sample["function_calls"]),
                 "user_input": sample["user_input"]}
         if self.mode == "eval":

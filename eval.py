@@ -5,6 +5,10 @@ then the arguments as text; this module parses that text, puts it in a canonical
 predicted calls with the multiset of gold calls (a call made twice counts twice; `3` equals `3.0`; key order and
 whitespace do not matter).
 
+Beside these, `score_predictions` reports the original toolkit's way of scoring under the same names prefixed
+`paper_` (ORIGINAL.md, "Scores"): sets instead of multisets, calls compared as argument JSON without the tool and
+without number canonicalisation, parse errors counted over samples. Those are the numbers the paper's tables hold.
+
 Run as a script to score a JSON list of predictions:
 
     python eval.py --predictions preds.json [--output metrics.json]
@@ -40,10 +44,22 @@ TABLE_ROWS = (
     "avg_recall",
     "parse_error_rate",
 )
+PAPER_PREFIX = "paper_"
+PAPER_METRICS = tuple(PAPER_PREFIX + name for name in (
+    "exact_accuracy",
+    "avg_tool_f1_score",
+    "avg_tool_precision",
+    "avg_tool_recall",
+    "avg_f1_score",
+    "avg_precision",
+    "avg_recall",
+    "parse_error_rate",
+))
 
 _CODE_FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*\n?(.*?)\n?```$", re.DOTALL)
 _CALL_START = re.compile(r"(?<![\w.])([A-Za-z_][\w.]*)\s*\(")
 _JSON_LITERAL_NAMES = {"true": True, "false": False, "null": None, "none": None}
+_PAPER_CALL_FORM = re.compile(r"\w+\(.*\)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -319,6 +335,89 @@ def compare_function_calls_advanced(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The original toolkit's scores (the paper_ metrics)
+
+# How the original identifies a call: ("json", sorted-key JSON text), ("call", text of a `name(...)` form) or
+# ("raw", whitespace-collapsed text of an unparseable call).
+PaperKey = tuple[str, str]
+
+
+def _collapsed(text: Any) -> str:
+    """Text with runs of whitespace made one space; None is the empty text."""
+    return "" if text is None else " ".join(str(text).split())
+
+
+def _paper_json_key(value: dict) -> PaperKey:
+    """An arguments object as the original compares it: keys sorted, values exactly as parsed (`3.0` != `3`)."""
+    try:
+        return ("json", json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")))
+    except (TypeError, ValueError):
+        return ("raw", _collapsed(repr(value)))
+
+
+def paper_call_key(call: Any) -> PaperKey:
+    """One call as the original toolkit scores it (ORIGINAL.md, "Scores").
+
+    A dict is taken as is. Text is read as one JSON object, else as the JSON between its first `{` and its last `}`;
+    text opening with `name(...)` counts as parsed but matches no arguments object; anything else (empty text, JSON
+    that is not an object) is a parse error. Nothing is canonicalised: `3.0` != `3` and `" x"` != `"x"`.
+    """
+    if isinstance(call, dict):
+        return _paper_json_key(call)
+    if not isinstance(call, str) or not call.strip():
+        return ("raw", _collapsed(call))
+    text = call.strip()
+    try:
+        whole = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        first, last = text.find("{"), text.rfind("}")
+        if first != -1 and last > first:
+            try:
+                return _paper_json_key(json.loads(text[first:last + 1]))
+            except (json.JSONDecodeError, RecursionError):
+                pass
+        return ("call" if _PAPER_CALL_FORM.match(text) else "raw", _collapsed(text))
+    return _paper_json_key(whole) if isinstance(whole, dict) else ("raw", _collapsed(text))
+
+
+def _paper_gold_key(call: Any, where: str) -> PaperKey:
+    """A gold call as the original reads it, falling back to this toolkit's parser for non-JSON gold text."""
+    key = paper_call_key(call)
+    if key[0] == "json":
+        return key
+    parsed = parse_function_call(call)
+    if parsed is None:
+        raise UserError(f"{where}: gold call {call!r} is not a JSON object of arguments")
+    return _paper_json_key(parsed)
+
+
+def calculate_set_f1_score(outputs: Iterable[Hashable], targets: Iterable[Hashable]) -> dict[str, float]:
+    """F1, precision and recall of `outputs` against `targets` taken as SETS (the original's rule: duplicates count
+    once); the empty-side conventions are those of `calculate_f1_score`."""
+    output_set, target_set = set(outputs), set(targets)
+    return _prf(len(output_set & target_set), len(output_set), len(target_set))
+
+
+def _paper_sample_scores(predicted_tools: list[str], predicted_calls: list[Any], gold_tools: list[str],
+                         gold_calls: list[Any], where: str) -> dict[str, float | int]:
+    """Per-sample scores under the original's rules: the paper_ counterparts of `_sample_scores`."""
+    predicted = [paper_call_key(call) for call in predicted_calls]
+    gold = [_paper_gold_key(call, f"{where}, gold call {position}") for position, call in enumerate(gold_calls)]
+    calls = calculate_set_f1_score(predicted, gold)
+    tools = calculate_set_f1_score(predicted_tools, gold_tools)
+    return {
+        "paper_exact": float(sorted(predicted) == sorted(gold)),
+        "paper_f1_score": calls["f1_score"],
+        "paper_precision": calls["precision"],
+        "paper_recall": calls["recall"],
+        "paper_tool_f1_score": tools["f1_score"],
+        "paper_tool_precision": tools["precision"],
+        "paper_tool_recall": tools["recall"],
+        "n_paper_parse_errors": sum(kind == "raw" for kind, _ in predicted),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Scoring a list of predictions
 
 
@@ -373,7 +472,28 @@ def _sample_scores(prediction: Any, index: int) -> dict[str, float | int]:
         "tool_recall": tool_scores["recall"],
         "n_predicted_calls": len(predicted_keys),
         "n_parse_errors": sum(isinstance(key, _Unparseable) for _, key in predicted_keys),
+        **_paper_sample_scores(predicted_tools, [call for _, call in predicted], gold_tools, gold_calls, where),
     }
+
+
+# metric name -> per-sample key whose mean it is
+_AVERAGED = {
+    "exact_accuracy": "exact",
+    "tool_accuracy": "tool_exact",
+    "avg_f1_score": "f1_score",
+    "avg_precision": "precision",
+    "avg_recall": "recall",
+    "avg_tool_f1_score": "tool_f1_score",
+    "avg_tool_precision": "tool_precision",
+    "avg_tool_recall": "tool_recall",
+    "paper_exact_accuracy": "paper_exact",
+    "paper_avg_f1_score": "paper_f1_score",
+    "paper_avg_precision": "paper_precision",
+    "paper_avg_recall": "paper_recall",
+    "paper_avg_tool_f1_score": "paper_tool_f1_score",
+    "paper_avg_tool_precision": "paper_tool_precision",
+    "paper_avg_tool_recall": "paper_tool_recall",
+}
 
 
 def _mean(values: list[float]) -> float:
@@ -381,22 +501,21 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def _aggregate(samples: list[dict[str, float | int]]) -> dict[str, float | int]:
-    """The metric dict of DESIGN.md (without the breakdown) over per-sample scores."""
+def _aggregate(samples: list[dict[str, float | int]]) -> dict[str, float | int | None]:
+    """The metric dict of DESIGN.md and its paper_ counterparts (without the breakdown) over per-sample scores.
+
+    Both parse-error rates are None (absent, not perfect) for a group in which no call was predicted.
+    """
     n_predicted = sum(sample["n_predicted_calls"] for sample in samples)
     n_errors = sum(sample["n_parse_errors"] for sample in samples)
-    return {
-        "exact_accuracy": _mean([s["exact"] for s in samples]),
-        "tool_accuracy": _mean([s["tool_exact"] for s in samples]),
-        "avg_f1_score": _mean([s["f1_score"] for s in samples]),
-        "avg_precision": _mean([s["precision"] for s in samples]),
-        "avg_recall": _mean([s["recall"] for s in samples]),
-        "avg_tool_f1_score": _mean([s["tool_f1_score"] for s in samples]),
-        "avg_tool_precision": _mean([s["tool_precision"] for s in samples]),
-        "avg_tool_recall": _mean([s["tool_recall"] for s in samples]),
-        "parse_error_rate": n_errors / n_predicted if n_predicted else 0.0,
-        "total_examples": len(samples),
+    n_paper_errors = sum(sample["n_paper_parse_errors"] for sample in samples)
+    metrics: dict[str, float | int | None] = {
+        name: _mean([s[key] for s in samples]) for name, key in _AVERAGED.items()
     }
+    metrics["parse_error_rate"] = n_errors / n_predicted if n_predicted else None
+    metrics["paper_parse_error_rate"] = n_paper_errors / len(samples) if n_predicted else None
+    metrics["total_examples"] = len(samples)
+    return metrics
 
 
 def score_predictions(predictions: Sequence[dict]) -> dict[str, Any]:
@@ -405,7 +524,9 @@ def score_predictions(predictions: Sequence[dict]) -> dict[str, Any]:
     Each prediction is {"predicted_tools": [name, ...], "function_calls": [raw arguments text, ...],
     "gold_tools": [name, ...], "gold_calls": [arguments JSON, ...]}. A call is the pair (tool, normalized arguments).
     Every avg_* is a mean of per-sample values; parse_error_rate is unparseable predicted calls over all predicted
-    calls (0 when none were predicted). An empty list, a missing field or an unparseable gold call is a UserError.
+    calls. The paper_* metrics score the same predictions by the original toolkit's rules (`paper_call_key`, sets;
+    paper_parse_error_rate is over samples). A group with no predicted call has both parse-error rates None.
+    An empty list, a missing field or an unparseable gold call is a UserError.
     """
     if not isinstance(predictions, (list, tuple)):
         raise UserError(f"predictions must be a list, got {type(predictions).__name__}")
@@ -420,25 +541,31 @@ def score_predictions(predictions: Sequence[dict]) -> dict[str, Any]:
     return metrics
 
 
+def _table_cell(values: dict[str, Any], row: str) -> str:
+    """One cell: `-` for a metric the dict lacks, `n/a` for one reported as absent (None), else the number."""
+    if row not in values:
+        return "-"
+    value = values[row]
+    if value is None:
+        return "n/a"
+    return f"{int(value)}" if row == "total_examples" else f"{value:.4f}"
+
+
 def format_metrics_table(metrics: dict[str, Any]) -> str:
-    """A plain-text table: one row per metric, one column overall and one per number of gold calls."""
+    """A plain-text table: one row per metric, one column overall and one per number of gold calls; the paper_ rows
+    (the original toolkit's scoring) follow under their own heading."""
     breakdown = metrics.get("call_count_breakdown", {})
     columns = [("overall", metrics)] + [(f"{count} call{'s' if count != '1' else ''}", breakdown[count])
                                          for count in breakdown]
-    width = max(len(row) for row in TABLE_ROWS) + 2
+    width = max(len(row) for row in TABLE_ROWS + PAPER_METRICS) + 2
     header = "metric".ljust(width) + "".join(name.rjust(12) for name, _ in columns)
     lines = [header, "-" * len(header)]
     for row in TABLE_ROWS:
-        cells = []
-        for _, values in columns:
-            value = values.get(row)
-            if value is None:
-                cells.append("-".rjust(12))
-            elif row == "total_examples":
-                cells.append(f"{int(value)}".rjust(12))
-            else:
-                cells.append(f"{value:.4f}".rjust(12))
-        lines.append(row.ljust(width) + "".join(cells))
+        lines.append(row.ljust(width) + "".join(_table_cell(values, row).rjust(12) for _, values in columns))
+    if any(row in metrics for row in PAPER_METRICS):
+        lines.append("paper scoring (the original toolkit's rules: sets, arguments only, exact numbers)")
+        for row in PAPER_METRICS:
+            lines.append(row.ljust(width) + "".join(_table_cell(values, row).rjust(12) for _, values in columns))
     return "\n".join(lines)
 
 

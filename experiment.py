@@ -15,12 +15,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
+import round_files
 from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with, read_json
 from dataset import load_samples
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_METRICS = ("avg_tool_f1_score", "avg_f1_score", "exact_accuracy", "tool_accuracy", "parse_error_rate")
+SUMMARY_METRICS = (
+    "avg_tool_f1_score", "avg_f1_score", "exact_accuracy", "tool_accuracy", "parse_error_rate",
+    "paper_avg_tool_f1_score", "paper_avg_f1_score", "paper_exact_accuracy", "paper_parse_error_rate",
+)
+# (metric, title) of the forgetting tables printed at the end of a run
+SUMMARY_TABLES = (
+    ("avg_tool_f1_score", "tool F1"),
+    ("avg_f1_score", "call F1"),
+    ("exact_accuracy", "exact match"),
+    ("paper_avg_tool_f1_score", "tool F1, paper scoring (sets)"),
+    ("paper_avg_f1_score", "call F1, paper scoring (sets, arguments only, exact numbers)"),
+)
 ROUND_PATTERN = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*:\s*(\d+)\s*$")
 # Flags that may differ between a run and its --resume without changing its numbers.
 RESUME_FREE_FLAGS = {"resume", "output_dir", "log_file", "demo", "checkpoint_dir", "eval_batch_size"}
@@ -62,7 +74,10 @@ def parse_training_rounds(text: str) -> list[RoundSpec]:
 
 
 def per_round_values(flag: str, text: str | None, default: int, num_rounds: int) -> list[int]:
-    """A per-round list of positive ints (`4,4,3`), or the single default for every round."""
+    """A per-round list of positive ints (`4,4,3`), or the single default for every round.
+
+    A list shorter than the rounds is padded with its last value (as the original does); a longer one is an error.
+    """
     if text is None or text == "":
         return [default] * num_rounds
     parts = [p.strip() for p in text.split(",")]
@@ -70,30 +85,27 @@ def per_round_values(flag: str, text: str | None, default: int, num_rounds: int)
         values = [int(p) for p in parts]
     except ValueError:
         raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
-    if len(values) != num_rounds:
+    if len(values) > num_rounds:
         raise UserError(f"{flag}: {len(values)} values for {num_rounds} rounds")
     if any(v < 1 for v in values):
         raise UserError(f"{flag}: every value must be >= 1, got {text!r}")
-    return values
+    return values + [values[-1]] * (num_rounds - len(values))
 
 
 def train_file(data_dir: str | Path, spec: RoundSpec, max_calls: int) -> Path:
-    return Path(data_dir) / "training" / f"function_calling_train_tools{spec.name}_{max_calls}calls.json"
+    return round_files.train_path(data_dir, spec.start, spec.end, max_calls)
 
 
 def test_file(data_dir: str | Path, spec: RoundSpec, max_calls: int) -> Path:
-    return Path(data_dir) / "test" / f"function_calling_test_tools{spec.name}_{max_calls}calls.json"
+    return round_files.test_path(data_dir, spec.start, spec.end, max_calls)
 
 
 def descriptions_file(data_dir: str | Path, spec: RoundSpec) -> Path:
-    return Path(data_dir) / f"tool_descriptions_tools{spec.name}.json"
+    return round_files.descriptions_path(data_dir, spec.start, spec.end)
 
 
 def make_data_command(data_dir: str | Path, spec: RoundSpec, train_calls: int, test_calls: int) -> str:
-    return (
-        f"python xlam_datasets.py --top_k {spec.name} --train_max_function_calls {train_calls} "
-        f"--test_max_function_calls {test_calls} --output_dir {data_dir}"
-    )
+    return round_files.data_command(data_dir, spec.start, spec.end, train_calls, test_calls)
 
 
 @dataclass
@@ -104,6 +116,7 @@ class RoundData:
     train: list[dict]
     test: list[dict]
     tools: list[str]
+    provenance: dict | None = None  # round_files.read_provenance: the settings that made the files
 
 
 def load_round_data(data_dir: str | Path, spec: RoundSpec, train_calls: int, test_calls: int) -> RoundData:
@@ -125,7 +138,12 @@ def load_round_data(data_dir: str | Path, spec: RoundSpec, train_calls: int, tes
     train = load_samples(paths[0], allowed)
     tools = sorted({t for s in train for t in s["tools"]})
     test = load_samples(paths[1], allowed if allowed is not None else set(tools))
-    return RoundData(spec, train, test, tools)
+    untrained = sorted({t for s in test for t in s["tools"]} - set(tools))
+    if untrained:
+        raise UserError(f"round {spec.name}: test file {paths[1]} names tool(s) with no training sample in {paths[0]}: "
+                        f"{', '.join(untrained[:5])}")
+    provenance = round_files.read_provenance(data_dir, spec.start, spec.end, train_calls, test_calls)
+    return RoundData(spec, train, test, tools, provenance)
 
 
 def library_versions() -> dict[str, str]:
@@ -169,6 +187,8 @@ class RunDirectory:
         if not config_path.is_file():
             raise UserError(f"--resume: {self.path} holds no run (no config.json)")
         stored = read_json(config_path, "run config")
+        if "prompt_sample" in stored:
+            self.config["prompt_sample"] = stored["prompt_sample"]
         mine, theirs = self.config["args"], stored.get("args", {})
         differing = sorted(
             k for k in set(mine) | set(theirs) if k not in RESUME_FREE_FLAGS and mine.get(k) != theirs.get(k)
@@ -192,6 +212,22 @@ class RunDirectory:
             self.records = [json.loads(line) for line in lines if line.strip()]
             self.records = [r for r in self.records if r["round"] < self.completed_rounds]
         logger.info("resuming %s after %d finished round(s)", self.path, self.completed_rounds)
+
+    def record_data(self, data: Sequence["RoundData"]) -> None:
+        """Keep where each round's files came from (their manifest's settings, and whether the files still match)."""
+        self.config["data"] = {d.spec.name: d.provenance for d in data}
+        atomic_write_json(self.path / "config.json", self.config)
+
+    def record_prompt(self, prompt: str) -> None:
+        """Keep the exact prompt text of the first test sample in config.json; a resumed run must build the same."""
+        stored = self.config.get("prompt_sample")
+        if stored is not None and stored != prompt:
+            at = next((i for i, (a, b) in enumerate(zip(stored, prompt)) if a != b), min(len(stored), len(prompt)))
+            raise UserError(f"--resume: {self.path} was run with another prompt (first test sample, from character "
+                            f"{at}: was {stored[at:at + 60]!r}, now {prompt[at:at + 60]!r})")
+        if stored is None:
+            self.config["prompt_sample"] = prompt
+            atomic_write_json(self.path / "config.json", self.config)
 
     @property
     def checkpoint_root(self) -> Path:
@@ -302,16 +338,19 @@ def plot_matrix(summary: dict, path: Path) -> None:
 
 
 def format_summary_table(summary: dict) -> str:
-    """The forgetting matrix of tool F1 / call F1 / exact match, with average and backward transfer."""
+    """The forgetting matrices of tool F1 / call F1 / exact match and of the paper-scoring tool F1 / call F1, each
+    with its average after the last round and backward transfer; a matrix the summary lacks is left out."""
     names = summary["rounds"]
     lines = []
-    for metric in ("avg_tool_f1_score", "avg_f1_score", "exact_accuracy"):
-        lines.append(f"{metric}  (row: after round, column: test set)")
+    for metric, title in SUMMARY_TABLES:
+        if metric not in summary["matrix"]:
+            continue
+        lines.append(f"{metric}: {title}  (row: after round, column: test set)")
         lines.append("after \\ test " + "".join(f"{n:>10}" for n in names))
         for name, row in zip(names, summary["matrix"][metric]):
             cells = "".join(f"{'-':>10}" if v is None else f"{v:>10.3f}" for v in row)
             lines.append(f"{name:>12} {cells}")
-        avg, bwt = summary["average_after_last"][metric], summary["backward_transfer"][metric]
+        avg, bwt = summary["average_after_last"].get(metric), summary["backward_transfer"].get(metric)
         lines.append(f"  average after last round: {_fmt(avg)}   backward transfer: {_fmt(bwt)}")
         lines.append("")
     lines.append(f"wall time: {summary['wall_seconds']:.1f} s")

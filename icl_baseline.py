@@ -39,13 +39,13 @@ from dataset import build_prompt_ids, end_of_turn_id, left_pad_collate, load_sam
 from eval import format_metrics_table, parse_function_call, score_predictions
 from experiment import RunDirectory, default_output_dir
 from model import load_base_model, load_tokenizer, resolve_device, resolve_dtype
+import round_files
 from tool_retrieval import DEFAULT_ENCODER, ToolRetriever, parameter_names, recall_at_k
 
 logger = logging.getLogger("icl_baseline")
 
 UNKNOWN_TOOL = "<unknown>"
 ARGUMENT_FIELDS = ("arguments", "parameters")
-TEST_FILE_PATTERN = re.compile(r"^function_calling_test_tools(\d+-\d+)_(\d+)calls$")
 _OPENING = re.compile(r"[\[{]")
 _DECODER = json.JSONDecoder()
 
@@ -73,19 +73,20 @@ def split_paths(values: Sequence[str] | None) -> list[Path]:
 
 def descriptions_path_for(test_path: Path) -> Path:
     """The descriptions file DESIGN.md pairs with a test file (data/test/…tools1-20_3calls.json -> data/…tools1-20.json)."""
-    match = TEST_FILE_PATTERN.match(test_path.stem)
-    if not match:
+    parsed = round_files.parse_test_path(test_path)
+    if parsed is None:
         raise UserError(f"cannot tell which tool descriptions go with {test_path}; pass --tool_descriptions")
-    return test_path.parent.parent / f"tool_descriptions_tools{match.group(1)}.json"
+    data_dir, start, end, _ = parsed
+    return round_files.descriptions_path(data_dir, start, end)
 
 
 def data_command_for(test_path: Path) -> str | None:
     """The xlam_datasets.py command that writes a DESIGN.md test file and its descriptions; None for other names."""
-    match = TEST_FILE_PATTERN.match(test_path.stem)
-    if not match or test_path.suffix != ".json":
+    parsed = round_files.parse_test_path(test_path)
+    if parsed is None:
         return None
-    return (f"python xlam_datasets.py --top_k {match.group(1)} --test_max_function_calls {match.group(2)} "
-            f"--output_dir {test_path.parent.parent}")
+    data_dir, start, end, calls = parsed
+    return round_files.data_command(data_dir, start, end, test_calls=calls)
 
 
 def require_file(path: Path, what: str, test_path: Path) -> None:
@@ -138,8 +139,8 @@ def evaluated_set_name(paths: Sequence[Path]) -> str:
     """`1-20` for a DESIGN.md test file (its tool range), else the file stem; several are joined with `+`."""
     names = []
     for path in paths:
-        match = TEST_FILE_PATTERN.match(path.stem)
-        names.append(match.group(1) if match else path.stem)
+        parsed = round_files.parse_test_path(path)
+        names.append(round_files.range_name(*parsed[1:3]) if parsed else path.stem)
     return "+".join(names)
 
 

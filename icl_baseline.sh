@@ -5,8 +5,13 @@
 # per query of ICL, RAG and tool memory (TokMem), and writes runs/icl_<timestamp> or runs/icl_rag_<timestamp>.
 # For the paper-scale setting: MODEL=meta-llama/Llama-3.2-3B-Instruct DATA_SOURCE=xlam XLAM_PATH=/path/to/xlam.json
 # TOOLS=1-50 SAMPLES_PER_TOOL=50 TRAIN_SIZE=5000 TEST_SIZE=500 BATCH_SIZE=4
+# PRESET=paper: the original's in-context run (tools 51-100, RAG only, k=5, its prompt and retrieval text); any
+# variable set in the environment wins over it. DRY_RUN=true prints the commands and runs nothing.
 set -euo pipefail
 cd "$(dirname "$0")"
+source ./presets.sh
+script_help "$0" "$@"
+apply_preset icl
 
 # ---- experiment -------------------------------------------------------------------------------------------------
 TOOLS=${TOOLS:-1-20}                               # START-END: the tool ranks offered to the model
@@ -15,14 +20,19 @@ TRAIN_SIZE=${TRAIN_SIZE:-600}                      # the data step writes the tr
 TEST_SIZE=${TEST_SIZE:-60}
 TRAIN_MAX_CALLS=${TRAIN_MAX_CALLS:-3}
 TEST_MAX_CALLS=${TEST_MAX_CALLS:-3}
+TRAIN_MULTI_TOOL_RATIOS=${TRAIN_MULTI_TOOL_RATIOS:-0.5,0.5}  # shares of 2- and 3-tool samples synthesized
+TEST_MULTI_TOOL_RATIOS=${TEST_MULTI_TOOL_RATIOS:-0.5,0.5}
+RECUT=${RECUT:-toolkit}                            # toolkit | original: how xlam_datasets.py cuts the rows
 # ---- generation and retrieval -----------------------------------------------------------------------------------
 BATCH_SIZE=${BATCH_SIZE:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}
 MAX_SAMPLES=${MAX_SAMPLES:-}                       # empty: the whole test set
-USE_RAG=${USE_RAG:-true}                           # true: after ICL, also run RAG
+RUN_ALL_TOOLS=${RUN_ALL_TOOLS:-true}               # true: ICL with every tool of TOOLS in the prompt
+USE_RAG=${USE_RAG:-true}                           # true: then RAG with the top RETRIEVAL_K retrieved tools
 RETRIEVAL_K=${RETRIEVAL_K:-5}
 # ---- model, data, device ----------------------------------------------------------------------------------------
 MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
+DTYPE=${DTYPE:-auto}                               # auto: bfloat16 on CUDA, float32 on CPU
 DATA_SOURCE=${DATA_SOURCE:-synthetic}              # synthetic | xlam
 XLAM_PATH=${XLAM_PATH:-}                           # local copy of xlam_function_calling_60k.json
 DATA_DIR=${DATA_DIR:-data}
@@ -30,6 +40,8 @@ DEVICE=${DEVICE:-auto}
 GPU=${GPU:-0}                                      # used only when CUDA_VISIBLE_DEVICES is not already set
 SEED=${SEED:-42}
 
+int_var SAMPLES_PER_TOOL TRAIN_SIZE TEST_SIZE TRAIN_MAX_CALLS TEST_MAX_CALLS BATCH_SIZE MAX_NEW_TOKENS RETRIEVAL_K
+bool_var RUN_ALL_TOOLS USE_RAG
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
 PYTHON=${PYTHON:-python3}
 
@@ -49,13 +61,16 @@ generate_round_data
 # Step 2: ICL, then RAG.
 args=(--test_data "$DATA_DIR/test/function_calling_test_tools${TOOLS}_${TEST_MAX_CALLS}calls.json"
       --tool_descriptions "$DATA_DIR/tool_descriptions_tools${TOOLS}.json"
-      --batch_size "$BATCH_SIZE" --max_new_tokens "$MAX_NEW_TOKENS" --device "$DEVICE" --seed "$SEED")
+      --batch_size "$BATCH_SIZE" --max_new_tokens "$MAX_NEW_TOKENS" --device "$DEVICE" --dtype "$DTYPE" --seed "$SEED")
 [[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")
 [[ -n "$MAX_SAMPLES" ]] && args+=(--max_samples "$MAX_SAMPLES")
 
-echo "ICL: all tools $TOOLS in the prompt"
-"$PYTHON" icl_baseline.py "${args[@]}" "$@"
+dry=${DRY_RUN:-false}
+if [[ "$RUN_ALL_TOOLS" == true ]]; then
+    [[ "$dry" == true ]] || echo "ICL: all tools $TOOLS in the prompt"
+    run_step "$PYTHON" icl_baseline.py "${args[@]}" "$@"
+fi
 if [[ "$USE_RAG" == true ]]; then
-    echo "RAG: the top $RETRIEVAL_K retrieved tools of $TOOLS in the prompt"
-    "$PYTHON" icl_baseline.py "${args[@]}" --use_rag --retrieval_k "$RETRIEVAL_K" "$@"
+    [[ "$dry" == true ]] || echo "RAG: the top $RETRIEVAL_K retrieved tools of $TOOLS in the prompt"
+    run_step "$PYTHON" icl_baseline.py "${args[@]}" --use_rag --retrieval_k "$RETRIEVAL_K" "$@"
 fi

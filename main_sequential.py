@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from common import CliParser, positive_float, run_cli
+from common import CliParser, positive_float, positive_int, run_cli
 from experiment import print_final_report
-from model import FunctionCallingModel
+from model import GROUND_TRUTH_STYLES, MEMORY_DTYPES, TOOL_INIT_NORMS, FunctionCallingModel
 from sequential import add_common_flags, lora_settings_from, open_run, resolve_model_name, run_rounds
+from training import RENORM_ROWS
 
 logger = logging.getLogger("main_sequential")
 
@@ -27,10 +28,28 @@ def build_parser() -> CliParser:
     parser.add_argument("--freeze_lora_after_first", action="store_true")
     parser.add_argument("--lora_layer_indices", default=None, help="comma list, negative counts from the end")
     parser.add_argument("--decouple_embeddings", action="store_true", help="separate input and output tool rows")
-    parser.add_argument("--renorm_active_tools", action="store_true")
+    parser.add_argument("--renorm_active_tools", action="store_true",
+                        help="after each step scale the round's rows to the mean norm of the other rows")
+    parser.add_argument("--renorm_rows", default="all", choices=RENORM_ROWS,
+                        help="which rows --renorm_active_tools scales: all (input and output rows) or output only "
+                             "(the original's way)")
+    parser.add_argument("--renorm_from_round", type=positive_int, default=1,
+                        help="first round (1-based) that --renorm_active_tools applies to (the original: 3)")
+    parser.add_argument("--tool_init_norm", default="embedding", choices=TOOL_INIT_NORMS,
+                        help="norm of the orthogonal initial rows: the backbone's mean embedding norm, or unit "
+                             "(the original's)")
+    parser.add_argument("--memory_dtype", default="float32", choices=MEMORY_DTYPES,
+                        help="precision of the tool rows: float32, or the backbone's dtype (model; the original's)")
     parser.add_argument("--use_ground_truth_tools", action="store_true", help="also score with the gold tools forced")
+    parser.add_argument("--ground_truth_style", default="forced", choices=GROUND_TRUTH_STYLES,
+                        help="forced: the gold tools take every tool position (first step, tool or end-of-turn "
+                             "choices at call boundaries); replace: only tool tokens the model emits are replaced "
+                             "(the original's way)")
     parser.add_argument("--unconstrained_decoding", action="store_true",
-                        help="let a tool token come anywhere, also inside a call's unfinished JSON")
+                        help="let a tool token come anywhere, also inside a call's unfinished JSON (the original's way)")
+    parser.add_argument("--offer_all_tools", action="store_true",
+                        help="let generation emit every tool row, also later rounds' untrained ones (the original's "
+                             "way); by default only the tools learned so far are offered")
     return parser
 
 
@@ -45,8 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype=args.dtype,
         decouple_embeddings=args.decouple_embeddings,
         lora_config=lora_settings_from(args) if args.use_lora else None,
+        memory_dtype=args.memory_dtype,
     )
-    model.initialize_tool_embeddings(seed=args.seed)
+    model.initialize_tool_embeddings(seed=args.seed, norm=args.tool_init_norm)
     model.constrain_calls = not args.unconstrained_decoding
     logger.info("run directory %s; %d tools over %d rounds; parameters %s",
                 run.path, len(tool_names), len(data), model.parameter_breakdown())

@@ -35,6 +35,8 @@ MEMORY_FILE = "tool_memory.safetensors"
 MEMORY_META_FILE = "tool_memory.json"
 LORA_DIR = "lora"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MEMORY_DTYPES = ("float32", "model")
+TOOL_INIT_NORMS = ("embedding", "unit")
 
 
 @dataclass
@@ -256,14 +258,22 @@ def next_token_losses(
     return loss, tool_loss
 
 
-class ToolForcingProcessor(LogitsProcessor):
-    """Ground-truth-tool decoding: at every tool position the next gold tool is forced, batched.
+GROUND_TRUTH_STYLES = ("forced", "replace")
 
-    A tool position is the first answer step and any step where the model would emit a tool token or end the turn.
-    While gold tools remain the next one is forced there; once all are used the turn is ended.
+
+class ToolForcingProcessor(LogitsProcessor):
+    """Ground-truth-tool decoding: the gold tools take the tool positions in order, batched.
+
+    `forced` (this toolkit): a tool position is the first answer step and any step where the model would emit a tool
+    token or end the turn at a call boundary; while gold tools remain the next one is forced there, once all are used
+    the turn is ended. `replace` (the original): only a tool token the model emits itself is replaced by the next gold
+    tool. Either way a tool is never forced inside an unfinished call: `tracker` says where a call boundary is.
     """
 
-    def __init__(self, gold_token_ids: list[list[int]], tool_token_ids: torch.Tensor, end_id: int):
+    def __init__(self, gold_token_ids: list[list[int]], tool_token_ids: torch.Tensor, end_id: int,
+                 tracker: "CallBoundaryTracker", style: str = "forced"):
+        if style not in GROUND_TRUTH_STYLES:
+            raise UserError(f"--ground_truth_style: expected one of {', '.join(GROUND_TRUTH_STYLES)}, got {style!r}")
         device = tool_token_ids.device
         max_gold = max(1, max(len(g) for g in gold_token_ids))
         self.gold = torch.full((len(gold_token_ids), max_gold), end_id, dtype=torch.long, device=device)
@@ -273,15 +283,22 @@ class ToolForcingProcessor(LogitsProcessor):
         self.used = torch.zeros_like(self.num_gold)
         self.tool_token_ids = tool_token_ids
         self.end_id = end_id
+        self.tracker = tracker
+        self.style = style
         self.first_step = True
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         choice = scores.argmax(dim=-1)
-        at_tool = torch.isin(choice, self.tool_token_ids) | (choice == self.end_id)
-        if self.first_step:
-            at_tool = torch.ones_like(at_tool)
-            self.first_step = False
+        emits_tool = torch.isin(choice, self.tool_token_ids)
         remaining = self.used < self.num_gold
+        if self.style == "replace":
+            at_tool = emits_tool & remaining
+        else:
+            at_tool = emits_tool | (choice == self.end_id)
+            if self.first_step:
+                at_tool = torch.ones_like(at_tool)
+        self.first_step = False
+        at_tool &= torch.tensor(self.tracker.allowed(), device=scores.device)
         next_gold = self.gold.gather(1, self.used.clamp(max=self.gold.shape[1] - 1).unsqueeze(1)).squeeze(1)
         forced = torch.where(remaining, next_gold, torch.full_like(next_gold, self.end_id))
         forced_scores = torch.full_like(scores, float("-inf"))
@@ -357,6 +374,7 @@ class FunctionCallingModel(nn.Module):
         dtype: str | torch.dtype | None = None,
         decouple_embeddings: bool = False,
         lora_config: LoraSettings | None = None,
+        memory_dtype: str = "float32",
     ):
         super().__init__()
         if num_tools != len(tool_names) or num_tools <= 0:
@@ -390,10 +408,16 @@ class FunctionCallingModel(nn.Module):
         self._name_to_index = {name: i for i, name in enumerate(self.tool_names)}
 
         hidden = self.causal_lm.get_input_embeddings().weight.shape[1]
-        # The bank is kept in float32 (the optimizer's precision) and cast to the backbone's dtype where used.
-        self.tool_embeddings = nn.Parameter(torch.zeros(num_tools, hidden, device=self.device))
+        # The rows are kept in float32 (the optimizer's precision) and cast to the backbone's dtype where used, unless
+        # `memory_dtype` is `model`: the backbone's dtype, as the original keeps them (bfloat16 rows lose small updates).
+        if memory_dtype not in MEMORY_DTYPES:
+            raise UserError(f"--memory_dtype: expected one of {', '.join(MEMORY_DTYPES)}, got {memory_dtype!r}")
+        self.memory_dtype = memory_dtype
+        row_dtype = torch.float32 if memory_dtype == "float32" else self.dtype
+        self.tool_embeddings = nn.Parameter(torch.zeros(num_tools, hidden, device=self.device, dtype=row_dtype))
         self.output_tool_embeddings = (
-            nn.Parameter(torch.zeros(num_tools, hidden, device=self.device)) if decouple_embeddings else None
+            nn.Parameter(torch.zeros(num_tools, hidden, device=self.device, dtype=row_dtype))
+            if decouple_embeddings else None
         )
         self.initialize_tool_embeddings(seed=0)
         # Generation: tool tokens only at call boundaries (see CallBoundaryTracker), and only of the tools in
@@ -453,10 +477,8 @@ class FunctionCallingModel(nn.Module):
         blocked = [i for i, name in enumerate(self.tool_names) if name not in offered]
         return self.tool_token_ids[torch.tensor(blocked, dtype=torch.long, device=self.device)]
 
-    def call_boundary_tracker(self, batch: int) -> CallBoundaryTracker | None:
-        """A tracker for `batch` answers, or None when `constrain_calls` is off."""
-        if not self.constrain_calls:
-            return None
+    def call_boundary_tracker(self, batch: int) -> CallBoundaryTracker:
+        """A tracker of where the call boundaries of `batch` answers are."""
         if self._json_pieces is None:
             self._json_pieces = CallBoundaryTracker.json_pieces(self.tokenizer)
         return CallBoundaryTracker(self._json_pieces, self.tool_token_ids, batch)
@@ -489,8 +511,11 @@ class FunctionCallingModel(nn.Module):
         return {"backbone": backbone, "tool_memory": bank, "lora": lora, "trainable": trainable}
 
     @torch.no_grad()
-    def initialize_tool_embeddings(self, seed: int = 0) -> None:
-        """Orthogonal rows scaled to the backbone's mean embedding norm (input side) and lm-head norm (output side)."""
+    def initialize_tool_embeddings(self, seed: int = 0, norm: str = "embedding") -> None:
+        """Orthogonal rows, scaled to the backbone's mean embedding norm (input side) and lm-head norm (output side)
+        with `norm="embedding"`, or left at unit norm with `norm="unit"` (the original's initialisation)."""
+        if norm not in TOOL_INIT_NORMS:
+            raise UserError(f"--tool_init_norm: expected one of {', '.join(TOOL_INIT_NORMS)}, got {norm!r}")
         generator = torch.Generator().manual_seed(seed)
         targets = [(self.tool_embeddings, self.causal_lm.get_input_embeddings().weight)]
         if self.decouple_embeddings:
@@ -498,8 +523,10 @@ class FunctionCallingModel(nn.Module):
         for bank, reference in targets:
             rows = torch.empty(bank.shape, dtype=torch.float32)
             nn.init.orthogonal_(rows, generator=generator)
-            rows = F.normalize(rows, dim=-1) * reference.float().norm(dim=-1).mean().item()
-            bank.copy_(rows.to(bank.device))
+            rows = F.normalize(rows, dim=-1)
+            if norm == "embedding":
+                rows = rows * reference.float().norm(dim=-1).mean().item()
+            bank.copy_(rows.to(device=bank.device, dtype=bank.dtype))
 
     # --- forward ---------------------------------------------------------------------------------------------------
 
@@ -512,7 +539,7 @@ class FunctionCallingModel(nn.Module):
 
     def tool_logits_into(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Overwrite the tool columns of `logits` with `hidden . row` (one matmul over all tools)."""
-        tool_logits = hidden.float() @ self.output_rows.t()
+        tool_logits = hidden.float() @ self.output_rows.float().t()
         return logits.float().index_copy(-1, self.tool_token_ids, tool_logits)
 
     def forward(
@@ -559,11 +586,13 @@ class FunctionCallingModel(nn.Module):
         attention_mask: torch.Tensor,
         max_new_tokens: int = 256,
         logits_processor: LogitsProcessor | None = None,
+        tracker: CallBoundaryTracker | None = None,
     ) -> list[list[int]]:
         """Greedy, batched, left-padded decoding with the KV cache; returns each row's new ids up to end-of-turn.
 
         Tools outside `generation_tools` are never emitted, and with `constrain_calls` a tool token comes only
         before the first call or after a call's JSON object has closed; `logits_processor` sees the scores after that.
+        `tracker` (made here when None) follows the call boundaries of the generated ids.
         """
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
@@ -571,17 +600,16 @@ class FunctionCallingModel(nn.Module):
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         generated = []
         blocked = self.blocked_tool_token_ids()
-        tracker = self.call_boundary_tracker(batch)
+        tracker = tracker if tracker is not None else self.call_boundary_tracker(batch)
         out = self.forward(input_ids, attention_mask, use_cache=True, last_position_only=True)
         position = (attention_mask.long().sum(-1) - 1).unsqueeze(1)
         for _ in range(max_new_tokens):
-            scores = self.restrict_tool_scores(out.logits[:, -1, :], blocked, tracker)
+            scores = self.restrict_tool_scores(out.logits[:, -1, :], blocked, tracker if self.constrain_calls else None)
             if logits_processor is not None:
                 scores = logits_processor(input_ids, scores)
             next_ids = scores.argmax(dim=-1)
             next_ids = torch.where(finished, torch.full_like(next_ids, self.end_id), next_ids)
-            if tracker is not None:
-                tracker.update(next_ids.tolist())
+            tracker.update(next_ids.tolist())
             generated.append(next_ids)
             finished |= next_ids == self.end_id
             if finished.all():
@@ -629,16 +657,19 @@ class FunctionCallingModel(nn.Module):
         attention_mask: torch.Tensor,
         gold_tools: Sequence[Sequence[str]],
         max_new_tokens: int = 256,
+        style: str = "forced",
     ) -> list[GeneratedCalls]:
-        """The gold tool sequence is forced at each tool position; the model writes the arguments."""
+        """The gold tool sequence takes the tool positions (see ToolForcingProcessor); the model writes the arguments."""
         gold_ids = [[self.get_tool_token_id(t) for t in tools] for tools in gold_tools]
-        processor = ToolForcingProcessor(gold_ids, self.tool_token_ids, self.end_id)
-        ids = self.generate_ids(input_ids, attention_mask, max_new_tokens, logits_processor=processor)
+        tracker = self.call_boundary_tracker(input_ids.shape[0])
+        processor = ToolForcingProcessor(gold_ids, self.tool_token_ids, self.end_id, tracker, style)
+        ids = self.generate_ids(input_ids, attention_mask, max_new_tokens, logits_processor=processor, tracker=tracker)
         return [self.parse_generated(row) for row in ids]
 
     # --- checkpoints -----------------------------------------------------------------------------------------------
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The rows as float32 tensors (the checkpoint's content beside the LoRA adapter)."""
         state = {"input_rows": self.tool_embeddings.detach().float().cpu().contiguous()}
         if self.decouple_embeddings:
             state["output_rows"] = self.output_tool_embeddings.detach().float().cpu().contiguous()
@@ -654,6 +685,7 @@ class FunctionCallingModel(nn.Module):
             "tool_names": self.tool_names,
             "tool_token_ids": self.tool_token_ids.tolist(),
             "decouple_embeddings": self.decouple_embeddings,
+            "memory_dtype": self.memory_dtype,
             "lora": asdict(self.lora_settings) if self.lora_settings else None,
             "generation_tools": self.generation_tools,
         }
@@ -675,8 +707,8 @@ class FunctionCallingModel(nn.Module):
         self.set_generation_tools(meta.get("generation_tools"))
         state = load_file(str(memory_path))
         with torch.no_grad():
-            self.tool_embeddings.copy_(state["input_rows"].to(self.device))
+            self.tool_embeddings.copy_(state["input_rows"].to(self.device, self.tool_embeddings.dtype))
             if self.decouple_embeddings:
-                self.output_tool_embeddings.copy_(state["output_rows"].to(self.device))
+                self.output_tool_embeddings.copy_(state["output_rows"].to(self.device, self.tool_embeddings.dtype))
         if self.lora_settings:
             load_lora_adapter(self.base_model, directory, self.device)

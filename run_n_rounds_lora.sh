@@ -6,38 +6,52 @@
 # finish in minutes on 2 cores. Compare with TokMem afterwards: python compare_runs.py runs/tokmem_* runs/lora_*
 # For the paper-scale setting: MODEL=meta-llama/Llama-3.2-3B-Instruct DATA_SOURCE=xlam XLAM_PATH=/path/to/xlam.json
 # NUM_ROUNDS=4 TOOLS_PER_ROUND=50 SAMPLES_PER_TOOL=50 TRAIN_SIZE=5000 TEST_SIZE=500 BATCH_SIZE=4 EPOCHS_PER_ROUND=1,3,3,3
+# PRESET=paper: the original toolkit's LoRA-baseline settings; any variable set in the environment wins over it.
+# DRY_RUN=true prints the commands and runs nothing.
 set -euo pipefail
 cd "$(dirname "$0")"
+source ./presets.sh
+script_help "$0" "$@"
+apply_preset lora
 
 # ---- experiment (keep equal to run_n_rounds_main.sh to compare) -------------------------------------------------
 NUM_ROUNDS=${NUM_ROUNDS:-3}
 TOOLS_PER_ROUND=${TOOLS_PER_ROUND:-10}
 START_TOOL=${START_TOOL:-1}
 SAMPLES_PER_TOOL=${SAMPLES_PER_TOOL:-30}
-EPOCHS_PER_ROUND=${EPOCHS_PER_ROUND:-3}          # one value, or one per round: 1,3,3
+EPOCHS_PER_ROUND=${EPOCHS_PER_ROUND:-3}          # one value, or one per round: 1,3,3 (a short list repeats its last)
 TRAIN_SIZE=${TRAIN_SIZE:-600}
 TEST_SIZE=${TEST_SIZE:-60}
 TRAIN_MAX_CALLS=${TRAIN_MAX_CALLS:-3}
 TEST_MAX_CALLS=${TEST_MAX_CALLS:-3}
 TRAIN_MAX_CALLS_PER_ROUND=${TRAIN_MAX_CALLS_PER_ROUND:-}   # e.g. 4,4,2 (overrides TRAIN_MAX_CALLS)
 TEST_MAX_CALLS_PER_ROUND=${TEST_MAX_CALLS_PER_ROUND:-}
+TRAIN_MULTI_TOOL_RATIOS=${TRAIN_MULTI_TOOL_RATIOS:-0.5,0.5}  # shares of 2- and 3-tool samples synthesized
+TEST_MULTI_TOOL_RATIOS=${TEST_MULTI_TOOL_RATIOS:-0.5,0.5}
+RECUT=${RECUT:-toolkit}                            # toolkit | original: how xlam_datasets.py cuts the rows
 # ---- optimisation -----------------------------------------------------------------------------------------------
 BATCH_SIZE=${BATCH_SIZE:-8}
 LR=${LR:-}                                         # LoRA learning rate; empty: 3e-3 on the tiny backbone, else 5e-4
 LORA_R=${LORA_R:-8}
 LORA_ALPHA=${LORA_ALPHA:-32}
+LORA_DROPOUT=${LORA_DROPOUT:-0.1}
+MAX_GRAD_NORM=${MAX_GRAD_NORM:-1.0}                # 0: no clipping (the original)
+MAX_LENGTH=${MAX_LENGTH:-512}
 LORA_TARGET_MODULES=${LORA_TARGET_MODULES:-}       # empty: every linear layer on the tiny backbone, else attention
 MARKER_STYLE=${MARKER_STYLE:-number}               # number: [tool_7] | name: [tool: get_weather]
 REINIT_LORA=${REINIT_LORA:-false}                  # true: a fresh adapter at the start of every round after the first
 USE_REPLAY_BUFFER=${USE_REPLAY_BUFFER:-false}
 REPLAY_BUFFER_SIZE=${REPLAY_BUFFER_SIZE:-1000}     # reservoir capacity (samples)
 REPLAY_RATIO=${REPLAY_RATIO:-0.2}                  # share of every training batch replayed (rounds after the first)
-# ---- evaluation and output --------------------------------------------------------------------------------------
+# ---- prompt, evaluation and output ------------------------------------------------------------------------------
+PROMPT_FORMAT=${PROMPT_FORMAT:-chat}               # chat (fixed date) | original (hand-written Llama-3 turns)
 EVAL_ALL_PREVIOUS=${EVAL_ALL_PREVIOUS:-true}
+EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-16}
 SAVE_CHECKPOINTS=${SAVE_CHECKPOINTS:-false}
 OUTPUT_DIR=${OUTPUT_DIR:-}                         # empty: runs/lora_<timestamp> or runs/lora_replay_<timestamp>
 # ---- model, data, device ----------------------------------------------------------------------------------------
 MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
+DTYPE=${DTYPE:-auto}                               # auto: bfloat16 on CUDA, float32 on CPU
 DATA_SOURCE=${DATA_SOURCE:-synthetic}              # synthetic | xlam
 XLAM_PATH=${XLAM_PATH:-}                           # local copy of xlam_function_calling_60k.json
 DATA_DIR=${DATA_DIR:-data}
@@ -45,6 +59,9 @@ DEVICE=${DEVICE:-auto}
 GPU=${GPU:-0}                                      # used only when CUDA_VISIBLE_DEVICES is not already set
 SEED=${SEED:-42}
 
+int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL SAMPLES_PER_TOOL TRAIN_SIZE TEST_SIZE BATCH_SIZE EVAL_BATCH_SIZE \
+    MAX_LENGTH LORA_R LORA_ALPHA REPLAY_BUFFER_SIZE
+bool_var REINIT_LORA USE_REPLAY_BUFFER EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
 # The tiny backbone (1.6M parameters) learns the markers in a few hundred steps only with a larger rate and adapters on
 # its MLPs too (round 1 tool F1: attention-only at 5e-4 0.000, every linear layer at 3e-3 0.901); a real LLM keeps the
@@ -60,18 +77,17 @@ PYTHON=${PYTHON:-python3}
 
 source ./data_rounds.sh
 
-# Step 1: each round's train/test/description files, generated unless present (the same files TokMem uses).
+# Step 1: each round's train/test/description files (the same files TokMem uses; made again when their settings changed).
 generate_round_data
 
 # Step 2: the rounds.
 args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "$BATCH_SIZE" --lr "$LR"
-      --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_target_modules "$LORA_TARGET_MODULES"
-      --marker_style "$MARKER_STYLE" --device "$DEVICE"
-      --seed "$SEED" --eval_after_each_round --demo 2
-      --train_max_function_calls "$TRAIN_MAX_CALLS" --test_max_function_calls "$TEST_MAX_CALLS")
+      --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
+      --lora_target_modules "$LORA_TARGET_MODULES" --marker_style "$MARKER_STYLE" --max_grad_norm "$MAX_GRAD_NORM"
+      --max_length "$MAX_LENGTH" --prompt_format "$PROMPT_FORMAT" --device "$DEVICE" --dtype "$DTYPE" --seed "$SEED"
+      --eval_after_each_round --eval_batch_size "$EVAL_BATCH_SIZE" --demo 2
+      --train_max_function_calls_per_round "$TRAIN_CALLS_LIST" --test_max_function_calls_per_round "$TEST_CALLS_LIST")
 [[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")
-[[ -n "$TRAIN_MAX_CALLS_PER_ROUND" ]] && args+=(--train_max_function_calls_per_round "$TRAIN_CALLS_LIST")
-[[ -n "$TEST_MAX_CALLS_PER_ROUND" ]] && args+=(--test_max_function_calls_per_round "$TEST_CALLS_LIST")
 [[ -n "$OUTPUT_DIR" ]] && args+=(--output_dir "$OUTPUT_DIR")
 [[ "$EVAL_ALL_PREVIOUS" == true ]] && args+=(--eval_all_previous)
 [[ "$REINIT_LORA" == true ]] && args+=(--reinit_lora_after_each_round)
@@ -79,5 +95,6 @@ args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "
                                              --replay_ratio "$REPLAY_RATIO")
 [[ "$SAVE_CHECKPOINTS" == true ]] && args+=(--save_checkpoints)
 
-echo "Running the LoRA baseline, rounds $TRAINING_ROUNDS (replay: $USE_REPLAY_BUFFER, reinit: $REINIT_LORA)"
-"$PYTHON" lora_sequential.py "${args[@]}" "$@"
+[[ "${DRY_RUN:-false}" == true ]] ||
+    echo "Running the LoRA baseline, rounds $TRAINING_ROUNDS (replay: $USE_REPLAY_BUFFER, reinit: $REINIT_LORA)"
+run_step "$PYTHON" lora_sequential.py "${args[@]}" "$@"

@@ -2,68 +2,101 @@
 # TokMem over sequential rounds: each round learns TOOLS_PER_ROUND new tools as rows of the tool memory.
 # Edit the variables below and run `bash run_n_rounds_main.sh`. The defaults are the embedded default (synthetic
 # xLAM-format data, the tiny backbone built offline, CPU) and finish in minutes on 2 cores.
-# For the paper-scale setting: MODEL=meta-llama/Llama-3.2-3B-Instruct DATA_SOURCE=xlam XLAM_PATH=/path/to/xlam.json
-# NUM_ROUNDS=4 TOOLS_PER_ROUND=50 SAMPLES_PER_TOOL=50 TRAIN_SIZE=5000 TEST_SIZE=500 BATCH_SIZE=4 EPOCHS_PER_ROUND=1,3,3,3
+# PRESET=paper: the original toolkit's settings and behaviour (Llama-3.2-3B-Instruct, the real xLAM file, 2 x 50
+# tools); any variable set in the environment wins over the preset. DRY_RUN=true prints the commands and runs nothing.
 set -euo pipefail
 cd "$(dirname "$0")"
+source ./presets.sh
+script_help "$0" "$@"
+apply_preset main
 
 # ---- experiment -------------------------------------------------------------------------------------------------
 NUM_ROUNDS=${NUM_ROUNDS:-3}
 TOOLS_PER_ROUND=${TOOLS_PER_ROUND:-10}
 START_TOOL=${START_TOOL:-1}
 SAMPLES_PER_TOOL=${SAMPLES_PER_TOOL:-30}
-EPOCHS_PER_ROUND=${EPOCHS_PER_ROUND:-3}          # one value, or one per round: 1,3,3
+EPOCHS_PER_ROUND=${EPOCHS_PER_ROUND:-3}                # one value, or one per round: 1,3,3 (a short list repeats its last)
 TRAIN_SIZE=${TRAIN_SIZE:-600}
 TEST_SIZE=${TEST_SIZE:-60}
 TRAIN_MAX_CALLS=${TRAIN_MAX_CALLS:-3}
 TEST_MAX_CALLS=${TEST_MAX_CALLS:-3}
 TRAIN_MAX_CALLS_PER_ROUND=${TRAIN_MAX_CALLS_PER_ROUND:-}   # e.g. 4,4,2 (overrides TRAIN_MAX_CALLS)
 TEST_MAX_CALLS_PER_ROUND=${TEST_MAX_CALLS_PER_ROUND:-}
+TRAIN_MULTI_TOOL_RATIOS=${TRAIN_MULTI_TOOL_RATIOS:-0.5,0.5}  # shares of 2- and 3-tool samples synthesized
+TEST_MULTI_TOOL_RATIOS=${TEST_MULTI_TOOL_RATIOS:-0.5,0.5}
+RECUT=${RECUT:-toolkit}                                # toolkit | original: how xlam_datasets.py cuts the rows
 # ---- optimisation -----------------------------------------------------------------------------------------------
 BATCH_SIZE=${BATCH_SIZE:-8}
 LR=${LR:-1e-2}
 LORA_LR=${LORA_LR:-5e-4}
+MAX_GRAD_NORM=${MAX_GRAD_NORM:-1.0}                    # 0: no clipping (the original)
+MAX_LENGTH=${MAX_LENGTH:-512}
 CURRICULUM_LEARNING=${CURRICULUM_LEARNING:-false}
-RENORM_ACTIVE_TOOLS=${RENORM_ACTIVE_TOOLS:-true}    # new rows scaled to the mean norm of the learned ones
-DECOUPLE_EMBEDDINGS=${DECOUPLE_EMBEDDINGS:-false}  # true: separate input and output rows per tool
+RENORM_ACTIVE_TOOLS=${RENORM_ACTIVE_TOOLS:-true}       # new rows scaled to the mean norm of the learned ones
+RENORM_ROWS=${RENORM_ROWS:-all}                        # all | output (the original)
+RENORM_FROM_ROUND=${RENORM_FROM_ROUND:-1}              # the original renormalises from round 3 on
+TOOL_INIT_NORM=${TOOL_INIT_NORM:-embedding}            # embedding | unit (the original)
+MEMORY_DTYPE=${MEMORY_DTYPE:-float32}                  # float32 | model (the backbone's dtype, the original)
+DECOUPLE_EMBEDDINGS=${DECOUPLE_EMBEDDINGS:-false}      # true: separate input and output rows per tool
 USE_LORA=${USE_LORA:-false}
 FREEZE_LORA_AFTER_FIRST=${FREEZE_LORA_AFTER_FIRST:-false}
-# ---- evaluation and output --------------------------------------------------------------------------------------
+LORA_R=${LORA_R:-8}
+LORA_ALPHA=${LORA_ALPHA:-32}
+LORA_DROPOUT=${LORA_DROPOUT:-0.1}
+LORA_TARGET_MODULES=${LORA_TARGET_MODULES:-q_proj,k_proj,v_proj,o_proj}
+# ---- prompt, decoding, evaluation and output --------------------------------------------------------------------
+PROMPT_FORMAT=${PROMPT_FORMAT:-chat}                   # chat (fixed date) | original (hand-written Llama-3 turns)
+OFFER_ALL_TOOLS=${OFFER_ALL_TOOLS:-false}              # true: untrained later rows may be emitted (the original)
+UNCONSTRAINED_DECODING=${UNCONSTRAINED_DECODING:-false}  # true: tool tokens also inside a call (the original)
+USE_GROUND_TRUTH_TOOLS=${USE_GROUND_TRUTH_TOOLS:-false}  # also score with the gold tools at the tool positions
+GROUND_TRUTH_STYLE=${GROUND_TRUTH_STYLE:-forced}       # forced | replace (the original)
 EVAL_ALL_PREVIOUS=${EVAL_ALL_PREVIOUS:-true}
+EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-16}
 SAVE_CHECKPOINTS=${SAVE_CHECKPOINTS:-false}
-OUTPUT_DIR=${OUTPUT_DIR:-}                         # empty: runs/tokmem_<timestamp>
+OUTPUT_DIR=${OUTPUT_DIR:-}                             # empty: runs/tokmem_<timestamp>
 # ---- model, data, device ----------------------------------------------------------------------------------------
-MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
-DATA_SOURCE=${DATA_SOURCE:-synthetic}              # synthetic | xlam
-XLAM_PATH=${XLAM_PATH:-}                           # local copy of xlam_function_calling_60k.json
+MODEL=${MODEL:-}                                       # empty: the embedded tiny backbone (built on first use)
+DTYPE=${DTYPE:-auto}                                   # auto: bfloat16 on CUDA, float32 on CPU
+DATA_SOURCE=${DATA_SOURCE:-synthetic}                  # synthetic | xlam
+XLAM_PATH=${XLAM_PATH:-}                               # local copy of xlam_function_calling_60k.json
 DATA_DIR=${DATA_DIR:-data}
 DEVICE=${DEVICE:-auto}
-GPU=${GPU:-0}                                      # used only when CUDA_VISIBLE_DEVICES is not already set
+GPU=${GPU:-0}                                          # used only when CUDA_VISIBLE_DEVICES is not already set
 SEED=${SEED:-42}
 
+int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL SAMPLES_PER_TOOL TRAIN_SIZE TEST_SIZE BATCH_SIZE EVAL_BATCH_SIZE \
+    MAX_LENGTH RENORM_FROM_ROUND LORA_R LORA_ALPHA
+bool_var CURRICULUM_LEARNING RENORM_ACTIVE_TOOLS DECOUPLE_EMBEDDINGS USE_LORA FREEZE_LORA_AFTER_FIRST OFFER_ALL_TOOLS \
+    UNCONSTRAINED_DECODING USE_GROUND_TRUTH_TOOLS EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
 PYTHON=${PYTHON:-python3}
 
 source ./data_rounds.sh
 
-# Step 1: each round's train/test/description files, generated unless present.
+# Step 1: each round's train/test/description files (made again when their settings changed).
 generate_round_data
 
 # Step 2: the rounds.
 args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "$BATCH_SIZE" --lr "$LR"
-      --lora_lr "$LORA_LR" --device "$DEVICE" --seed "$SEED" --eval_after_each_round --demo 2
-      --train_max_function_calls "$TRAIN_MAX_CALLS" --test_max_function_calls "$TEST_MAX_CALLS")
+      --lora_lr "$LORA_LR" --max_grad_norm "$MAX_GRAD_NORM" --max_length "$MAX_LENGTH" --device "$DEVICE"
+      --dtype "$DTYPE" --seed "$SEED" --eval_after_each_round --eval_batch_size "$EVAL_BATCH_SIZE" --demo 2
+      --train_max_function_calls_per_round "$TRAIN_CALLS_LIST" --test_max_function_calls_per_round "$TEST_CALLS_LIST"
+      --prompt_format "$PROMPT_FORMAT" --tool_init_norm "$TOOL_INIT_NORM" --memory_dtype "$MEMORY_DTYPE"
+      --ground_truth_style "$GROUND_TRUTH_STYLE")
 [[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")
-[[ -n "$TRAIN_MAX_CALLS_PER_ROUND" ]] && args+=(--train_max_function_calls_per_round "$TRAIN_CALLS_LIST")
-[[ -n "$TEST_MAX_CALLS_PER_ROUND" ]] && args+=(--test_max_function_calls_per_round "$TEST_CALLS_LIST")
 [[ -n "$OUTPUT_DIR" ]] && args+=(--output_dir "$OUTPUT_DIR")
 [[ "$EVAL_ALL_PREVIOUS" == true ]] && args+=(--eval_all_previous)
 [[ "$CURRICULUM_LEARNING" == true ]] && args+=(--curriculum_learning)
-[[ "$RENORM_ACTIVE_TOOLS" == true ]] && args+=(--renorm_active_tools)
+[[ "$RENORM_ACTIVE_TOOLS" == true ]] && args+=(--renorm_active_tools --renorm_rows "$RENORM_ROWS"
+                                               --renorm_from_round "$RENORM_FROM_ROUND")
 [[ "$DECOUPLE_EMBEDDINGS" == true ]] && args+=(--decouple_embeddings)
-[[ "$USE_LORA" == true ]] && args+=(--use_lora)
-[[ "$FREEZE_LORA_AFTER_FIRST" == true ]] && args+=(--freeze_lora_after_first)
+[[ "$USE_LORA" == true ]] && args+=(--use_lora --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA"
+                                    --lora_dropout "$LORA_DROPOUT" --lora_target_modules "$LORA_TARGET_MODULES")
+[[ "$USE_LORA" == true && "$FREEZE_LORA_AFTER_FIRST" == true ]] && args+=(--freeze_lora_after_first)
+[[ "$OFFER_ALL_TOOLS" == true ]] && args+=(--offer_all_tools)
+[[ "$UNCONSTRAINED_DECODING" == true ]] && args+=(--unconstrained_decoding)
+[[ "$USE_GROUND_TRUTH_TOOLS" == true ]] && args+=(--use_ground_truth_tools)
 [[ "$SAVE_CHECKPOINTS" == true ]] && args+=(--save_checkpoints)
 
-echo "Running TokMem rounds $TRAINING_ROUNDS"
-"$PYTHON" main_sequential.py "${args[@]}" "$@"
+[[ "${DRY_RUN:-false}" == true ]] || echo "Running TokMem rounds $TRAINING_ROUNDS"
+run_step "$PYTHON" main_sequential.py "${args[@]}" "$@"

@@ -15,8 +15,9 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from common import CliParser, UserError, positive_float, positive_int, set_seed, setup_logging
-from dataset import NativeFunctionCallingDataset, curriculum_order, discover_available_tools, make_dataloader
+from common import CliParser, UserError, non_negative_float, positive_float, positive_int, set_seed, setup_logging
+from dataset import (PROMPT_FORMATS, NativeFunctionCallingDataset, build_prompt_text, check_prompt_format,
+                     curriculum_order, discover_available_tools, make_dataloader)
 from experiment import (RunDirectory, RoundData, default_output_dir, load_round_data, parse_training_rounds,
                         per_round_values)
 from model import LoraSettings
@@ -44,6 +45,11 @@ def add_common_flags(parser: CliParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--max_length", type=positive_int, default=512)
+    parser.add_argument("--prompt_format", default="chat", choices=PROMPT_FORMATS,
+                        help="chat: the tokenizer's chat template with a fixed date; original: the original toolkit's "
+                             "hand-written Llama-3 turns (no system turn, nothing after the assistant header)")
+    parser.add_argument("--max_grad_norm", type=non_negative_float, default=1.0,
+                        help="clip the trainable gradients to this norm; 0 turns clipping off (the original's way)")
     parser.add_argument("--lora_r", type=positive_int, default=8)
     parser.add_argument("--lora_alpha", type=positive_int, default=32)
     parser.add_argument("--lora_dropout", type=float, default=0.1)
@@ -147,6 +153,9 @@ def run_rounds(
     `make_loader` (optional) builds the training loader (the LoRA baseline mixes replay into each batch there).
     """
     tokenizer = model.tokenizer
+    check_prompt_format(tokenizer, args.prompt_format)
+    run.record_data(data)
+    run.record_prompt(build_prompt_text(tokenizer, data[0].test[0]["user_input"], prompt_format=args.prompt_format))
     if run.completed_rounds:
         model.load(run.checkpoint_path(run.completed_rounds - 1))
     for index, round_data in enumerate(data):
@@ -157,7 +166,8 @@ def run_rounds(
         samples = prepare_round(index)
         if args.curriculum_learning:
             samples = curriculum_order(samples, args.seed + index)
-        train_set = NativeFunctionCallingDataset(samples, tokenizer, model.encode_tool, args.max_length, "train")
+        train_set = NativeFunctionCallingDataset(samples, tokenizer, model.encode_tool, args.max_length, "train",
+                                                 prompt_format=args.prompt_format)
         shuffle = not args.curriculum_learning
         if make_loader is None:
             loader = make_dataloader(train_set, args.batch_size, tokenizer.pad_token_id, shuffle, args.seed + index)
@@ -166,8 +176,10 @@ def run_rounds(
         active = active_tool_mask(model, round_data.tools)
         settings = TrainSettings(
             epochs=spec.epochs, lr=args.lr, lora_lr=getattr(args, "lora_lr", args.lr),
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            renorm_active_tools=getattr(args, "renorm_active_tools", False),
+            gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
+            renorm_active_tools=(getattr(args, "renorm_active_tools", False)
+                                 and index + 1 >= getattr(args, "renorm_from_round", 1)),
+            renorm_rows=getattr(args, "renorm_rows", "all"),
         )
         logger.info("round %d/%d: tools %s, %d training samples, %d epoch(s)",
                     index + 1, len(data), spec.name, len(samples), spec.epochs)
@@ -176,7 +188,8 @@ def run_rounds(
         stats = train_round(model, loader, settings, active, train_lora, f"round {spec.name}")
         logger.info("round %s: %d steps, mean loss %.4f, final loss %.4f, tool loss %.4f",
                     spec.name, stats.steps, stats.mean_loss, stats.final_loss, stats.mean_tool_loss)
-        model.set_generation_tools([tool for d in data[: index + 1] for tool in d.tools])
+        offered = None if getattr(args, "offer_all_tools", False) else [t for d in data[: index + 1] for t in d.tools]
+        model.set_generation_tools(offered)
         model.save(run.checkpoint_path(index))
         for test_index in evaluation_plan(index, len(data), args):
             evaluate_round(args, model, data[test_index], index, test_index, run)
@@ -205,14 +218,16 @@ def remove_checkpoint(path: Path) -> None:
 def evaluate_round(args, model, round_data, round_index: int, test_index: int, run: RunDirectory) -> None:
     """Score one test set after one round, in the normal mode and, when asked, with the gold tools forced."""
     tokenizer = model.tokenizer
-    test_set = NativeFunctionCallingDataset(round_data.test, tokenizer, model.encode_tool, args.max_length, "eval")
+    test_set = NativeFunctionCallingDataset(round_data.test, tokenizer, model.encode_tool, args.max_length, "eval",
+                                            prompt_format=args.prompt_format)
     loader = make_dataloader(test_set, args.eval_batch_size, tokenizer.pad_token_id, shuffle=False)
     modes = [("predicted", False)]
     if getattr(args, "use_ground_truth_tools", False):
         modes.append(("ground_truth_tools", True))
     for mode, forced in modes:
         label = f"after {run.rounds[round_index].name} on {round_data.spec.name}"
-        metrics, predictions = evaluate(model, loader, forced, args.max_new_tokens, f"eval {label}")
+        metrics, predictions = evaluate(model, loader, forced, args.max_new_tokens, f"eval {label}",
+                                        getattr(args, "ground_truth_style", "forced"))
         run.add_metrics(round_index, test_index, metrics, mode)
         logger.info("%s (%s): tool F1 %.3f, call F1 %.3f, exact %.3f", label, mode, metrics["avg_tool_f1_score"],
                     metrics["avg_f1_score"], metrics["exact_accuracy"])

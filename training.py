@@ -39,6 +39,7 @@ class TrainSettings:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     renorm_active_tools: bool = False
+    renorm_rows: str = "all"
 
 
 @dataclass
@@ -72,12 +73,20 @@ def _restore_inactive_rows(model, active: torch.Tensor, snapshots: Sequence[torc
             bank[~active] = snapshot
 
 
-def _renormalize_active_rows(model, active: torch.Tensor) -> None:
-    """Scale the active rows to the mean norm of the inactive ones (nothing to match when every row is active)."""
+RENORM_ROWS = ("all", "output")
+
+
+def _renormalize_active_rows(model, active: torch.Tensor, rows: str = "all") -> None:
+    """Scale the active rows to the mean norm of the inactive ones (nothing to match when every row is active).
+
+    `rows`: `all` renormalises every bank (input and output rows when decoupled), `output` only the rows that
+    score tools (the one bank when coupled), as the original does.
+    """
     if active.all():
         return
+    banks = model.bank_parameters() if rows == "all" else [model.output_rows]
     with torch.no_grad():
-        for bank in model.bank_parameters():
+        for bank in banks:
             target = bank[~active].norm(dim=-1).mean()
             rows = bank[active]
             bank[active] = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12) * target
@@ -97,7 +106,8 @@ def train_round(
     """
     optimizer = build_optimizer(model, settings, train_lora)
     accumulation = settings.gradient_accumulation_steps
-    total_steps = max(1, math.ceil(len(loader) * settings.epochs / accumulation))
+    # An epoch ends with a flush of its last, possibly partial, group: that is one optimizer step too.
+    total_steps = max(1, math.ceil(len(loader) / accumulation) * settings.epochs)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
     banks = model.bank_parameters()
     if active_tools is not None:
@@ -124,7 +134,7 @@ def train_round(
                     f"{description}: the loss became {loss.item()} at epoch {epoch + 1}, batch {batch_index + 1}; "
                     "this round is not saved (try a lower --lr / --lora_lr)"
                 )
-            (loss / accumulation).backward()
+            (loss / accumulation_group_size(batch_index, len(loader), accumulation)).backward()
             losses.append(loss.item())
             tool_losses.append(out.tool_loss.item() if out.tool_loss is not None else float("nan"))
             last_of_epoch = batch_index + 1 == len(loader)
@@ -142,7 +152,7 @@ def train_round(
             if active_tools is not None:
                 _restore_inactive_rows(model, active_tools, snapshots)
                 if settings.renorm_active_tools:
-                    _renormalize_active_rows(model, active_tools)
+                    _renormalize_active_rows(model, active_tools, settings.renorm_rows)
             step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -158,6 +168,12 @@ def train_round(
     )
 
 
+def accumulation_group_size(batch_index: int, num_batches: int, accumulation: int) -> int:
+    """How many batches share the optimizer step of `batch_index`: `accumulation`, fewer in an epoch's last group."""
+    group_start = batch_index - batch_index % accumulation
+    return min(accumulation, num_batches - group_start)
+
+
 def _nanmean(values: Iterable[float]) -> float:
     kept = [v for v in values if not math.isnan(v)]
     return sum(kept) / len(kept) if kept else float("nan")
@@ -165,7 +181,8 @@ def _nanmean(values: Iterable[float]) -> float:
 
 @torch.no_grad()
 def predict(
-    model, loader: DataLoader, use_ground_truth_tools: bool = False, max_new_tokens: int = 256, description: str = "eval"
+    model, loader: DataLoader, use_ground_truth_tools: bool = False, max_new_tokens: int = 256, description: str = "eval",
+    ground_truth_style: str = "forced",
 ) -> list[dict]:
     """Generate for every sample of an eval loader; returns the prediction dicts that eval.score_predictions takes."""
     model.eval()
@@ -173,7 +190,8 @@ def predict(
     for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
         if use_ground_truth_tools:
             outputs = model.generate_with_ground_truth_tools(
-                batch["input_ids"], batch["attention_mask"], batch["gold_tools"], max_new_tokens=max_new_tokens
+                batch["input_ids"], batch["attention_mask"], batch["gold_tools"], max_new_tokens=max_new_tokens,
+                style=ground_truth_style,
             )
         else:
             outputs = model.generate_with_tool_prediction(
@@ -194,10 +212,11 @@ def predict(
 
 
 def evaluate(
-    model, loader: DataLoader, use_ground_truth_tools: bool = False, max_new_tokens: int = 256, description: str = "eval"
+    model, loader: DataLoader, use_ground_truth_tools: bool = False, max_new_tokens: int = 256, description: str = "eval",
+    ground_truth_style: str = "forced",
 ) -> tuple[dict, list[dict]]:
     """Generate and score a test loader: (metric dict of eval.score_predictions, predictions)."""
-    predictions = predict(model, loader, use_ground_truth_tools, max_new_tokens, description)
+    predictions = predict(model, loader, use_ground_truth_tools, max_new_tokens, description, ground_truth_style)
     return score_predictions(predictions), predictions
 
 

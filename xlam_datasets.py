@@ -1,9 +1,14 @@
 """Per-round re-cut of xLAM-format rows into the train, test and tool-description files of DESIGN.md.
 
-Tools are ranked by how many single-tool rows call them (a row calling one tool several times counts; the generic
-`search` tool is left out). For the ranks `start-end`, each tool keeps up to `--max_samples_per_tool` single-tool
-samples, split train/test by source query; train holds every single-tool train sample plus synthesized 2- and 3-tool
-samples, test holds synthesized multi-tool samples built only from test-side queries. No sample exceeds its call cap.
+Tools are ranked by how many single-tool rows call them (a row calling one tool several times counts once; the
+generic `search` tool is left out; equal counts keep the order of each tool's first single-tool row, the original's
+rule). For the ranks `start-end`, each tool keeps up to `--max_samples_per_tool` single-tool samples, split
+train/test by source query; train holds every single-tool train sample plus synthesized 2- and 3-tool samples, test
+holds synthesized multi-tool samples built only from test-side queries. No sample exceeds its call cap.
+`--recut original` follows the original toolkit's sampling, split, synthesis and description fields instead.
+
+Beside each range's files, `manifest_tools{start}-{end}.json` records the settings that made them and their digests
+(round_files.py); with `--reuse_if_unchanged` a range whose files match its settings is kept, any other is remade.
 
     python xlam_datasets.py --top_k 1-50 --max_samples_per_tool 50 --train_size 1000 --test_size 100 \\
         --train_max_function_calls 4 --test_max_function_calls 4 --output_dir data
@@ -13,19 +18,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import random
 import re
 import socket
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
 from tqdm import tqdm
 
+import round_files
 from common import CliParser, UserError, atomic_write_json, hold_logs, positive_int, run_cli, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -110,6 +119,12 @@ def validate_row(row: Any, index: int, origin: str) -> None:
     _check_items(tools, "tools", where, {"name": str, "description": str, "parameters": dict})
     answers = _decode_list(row, "answers", where)
     _check_items(answers, "answers", where, {"name": str, "arguments": dict})
+    defined = [tool["name"] for tool in tools]
+    for position, answer in enumerate(answers):
+        if answer["name"] not in defined:
+            listed = ", ".join(defined[:5]) + (", ..." if len(defined) > 5 else "") if defined else "none"
+            raise UserError(f"{where}: answer {position} calls {answer['name']!r}, which the row's 'tools' field "
+                            f"does not define (it defines {listed})")
 
 
 def _parse_rows_text(text: str, origin: str) -> list:
@@ -191,20 +206,32 @@ def download_xlam_file() -> Path:
     return Path(path)
 
 
+def resolve_source(source: str, xlam_path: str | None) -> Path | None:
+    """The xLAM file that `source` reads (the hub's copy when no path is given); None for synthetic rows."""
+    if source == "synthetic":
+        if xlam_path is not None:
+            raise UserError("--xlam_path is only read with --source xlam")
+        return None
+    if source == "xlam":
+        return Path(xlam_path) if xlam_path is not None else download_xlam_file()
+    raise UserError(f"--source must be 'synthetic' or 'xlam', got {source!r}")
+
+
+def rows_from(path: Path | None, seed: int) -> list[dict]:
+    """The rows of an xLAM file, or synthetic rows from `seed` when `path` is None."""
+    if path is None:
+        import synthetic_xlam
+
+        return synthetic_xlam.generate_rows(seed=seed)
+    return read_xlam_file(path)
+
+
 def load_xlam_rows(source: str, xlam_path: str | None, seed: int) -> list[dict]:
     """xLAM rows from `source`: "synthetic" or "xlam" (the file at `xlam_path`, else the hub).
 
     Synthetic rows come from `seed`; their tool catalog does not, so a rank names the same tool for every seed.
     """
-    if source == "synthetic":
-        if xlam_path is not None:
-            raise UserError("--xlam_path is only read with --source xlam")
-        import synthetic_xlam
-
-        return synthetic_xlam.generate_rows(seed=seed)
-    if source == "xlam":
-        return read_xlam_file(xlam_path if xlam_path is not None else download_xlam_file())
-    raise UserError(f"--source must be 'synthetic' or 'xlam', got {source!r}")
+    return rows_from(resolve_source(source, xlam_path), seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,17 +250,25 @@ def single_tool_name(calls: Sequence[dict]) -> str | None:
 
 
 def rank_tools(rows: Sequence[dict]) -> list[str]:
-    """Tool names by single-tool use, most used first, ties by name; the generic `search` tool is left out."""
-    counts: Counter[str] = Counter()
+    """Tool names by the number of single-tool rows that call them, most first; the generic `search` tool is left out.
+
+    Equal counts keep the order in which the tools first answer a single-tool row (the original's rule), so the real
+    file's ranges hold the paper's tools.
+    """
+    counts: dict[str, int] = {}
     for row in tqdm(rows, desc="ranking tools", unit="row", disable=None, leave=False):
         name = single_tool_name(_answers(row))
         if name is not None and name != GENERIC_TOOL:
-            counts[name] += 1
-    return sorted(counts, key=lambda name: (-counts[name], name))
+            counts[name] = counts.get(name, 0) + 1
+    return sorted(counts, key=lambda name: -counts[name])  # stable: ties stay in first-appearance order
 
 
-def tool_descriptions(rows: Sequence[dict], names: Sequence[str]) -> dict[str, dict]:
-    """{name: {"name", "description", "parameters"}} from the first row that offers each tool, in `names` order."""
+def tool_descriptions(rows: Sequence[dict], names: Sequence[str], original: bool = False) -> dict[str, dict]:
+    """{name: {"name", "description", "parameters"}} from the first row that offers each tool, in `names` order.
+
+    `original`: as the original writes them, with a `type` field ("" when the row has none), in the order the rows
+    first offer the tools.
+    """
     wanted = set(names)
     found: dict[str, dict] = {}
     for row in rows:
@@ -241,12 +276,14 @@ def tool_descriptions(rows: Sequence[dict], names: Sequence[str]) -> dict[str, d
             name = tool["name"]
             if name in wanted and name not in found:
                 found[name] = {"name": name, "description": tool["description"], "parameters": tool["parameters"]}
+                if original:
+                    found[name]["type"] = tool.get("type", "")
         if len(found) == len(wanted):
             break
     missing = [name for name in names if name not in found]
     if missing:
         raise UserError(f"no row offers a definition of tool(s) {', '.join(missing[:5])} in its 'tools' field")
-    return {name: found[name] for name in names}
+    return found if original else {name: found[name] for name in names}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -441,6 +478,30 @@ def synthesize_multi_tool(pool: dict[str, list[SourceQuery]], count: int, num_to
     return samples
 
 
+def check_round_settings(start: int, end: int, ranked: Sequence[str], max_samples_per_tool: int, train_size: int,
+                         test_size: int, train_max_calls: int, test_max_calls: int) -> None:
+    """The range lies within the ranking, the caps are positive and the sizes not negative."""
+    check_range(start, end, ranked)
+    for flag, value in (("--max_samples_per_tool", max_samples_per_tool), ("--train_max_function_calls",
+                        train_max_calls), ("--test_max_function_calls", test_max_calls)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if train_size < 0 or test_size < 0:
+        raise UserError(f"--train_size and --test_size must not be negative, got {train_size} and {test_size}")
+
+
+def _warn_tools_without_train(label: str, names: Sequence[str], train: Sequence[dict]) -> None:
+    with_train = {sample["tools"][0] for sample in train if _distinct_tools(sample) == 1}
+    without_train = [name for name in names if name not in with_train]
+    if without_train:
+        logger.warning("tools %s: %d tool(s) have no single-tool train sample: %s", label, len(without_train),
+                       ", ".join(without_train[:5]))
+
+
+def _distinct_tools(sample: dict) -> int:
+    return len(set(sample["tools"]))
+
+
 def _split_count(total: int, ratios: tuple[float, float]) -> tuple[int, int]:
     two_tool = round(total * ratios[0])
     return two_tool, total - two_tool
@@ -469,13 +530,8 @@ def build_round(
     `train_size` in all (none when the single-tool samples already reach it). Test: `test_size` synthesized
     multi-tool samples from test-side queries only. `*_ratios` split the multi-tool samples into 2- and 3-tool ones.
     """
-    check_range(start, end, ranked)
-    for flag, value in (("--max_samples_per_tool", max_samples_per_tool), ("--train_max_function_calls",
-                        train_max_calls), ("--test_max_function_calls", test_max_calls)):
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
-    if train_size < 0 or test_size < 0:
-        raise UserError(f"--train_size and --test_size must not be negative, got {train_size} and {test_size}")
+    check_round_settings(start, end, ranked, max_samples_per_tool, train_size, test_size, train_max_calls,
+                         test_max_calls)
     names = list(ranked[start - 1:end])
     descriptions = tool_descriptions(rows, names)
     label = f"{start}-{end}"
@@ -502,11 +558,7 @@ def build_round(
     if over_cap:
         logger.info("tools %s: %d single-tool rows have more calls than the caps allow and are not used", label,
                     over_cap)
-    with_train = {sample["tools"][0] for sample in train_singles}
-    without_train = [name for name in names if name not in with_train]
-    if without_train:
-        logger.warning("tools %s: %d tool(s) have no single-tool train sample: %s", label, len(without_train),
-                       ", ".join(without_train[:5]))
+    _warn_tools_without_train(label, names, train_singles)
 
     multi_total = max(0, train_size - len(train_singles))
     if len(train_singles) >= train_size:
@@ -526,19 +578,170 @@ def build_round(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The original's re-cut (--recut original)
+# ---------------------------------------------------------------------------------------------------------------
+
+# The original seeds its split, train and test streams with 42, 100 and 200; --seed S shifts all three by S - 42.
+ORIGINAL_SEEDS = (42, 100, 200)
+ORIGINAL_MULTI_CALL_PROBABILITY = 0.1
+ORIGINAL_RETRIES = 50
+ORIGINAL_CONNECTORS = (
+    " Also, ", " Additionally, ", " Furthermore, ", " Moreover, ", " In addition, ", " Besides, ", " Plus, ",
+    " Next, ", " Then, ", " After that, ", " On top of that, ",
+)
+ORIGINAL_FINAL_CONNECTORS = (" Finally, ", " Lastly, ", " At last, ")
+
+
+@dataclass(frozen=True)
+class OriginalSource:
+    """A single-tool row as the original keeps it: the query, the JSON of the calls whose arguments are not empty,
+    and whether the row made more than one call (counted before the empty ones are dropped)."""
+
+    query: str
+    calls: tuple[str, ...]
+    multi_call: bool
+
+
+def original_sources(rows: Sequence[dict], names: Sequence[str], max_samples: int) -> dict[str, list[OriginalSource]]:
+    """Each tool's first `max_samples` single-tool rows in file order, repeated queries included."""
+    by_tool: dict[str, list[OriginalSource]] = {name: [] for name in names}
+    for row in rows:
+        calls = _answers(row)
+        name = single_tool_name(calls)
+        if name in by_tool and len(by_tool[name]) < max_samples:
+            kept = tuple(json.dumps(call["arguments"]) for call in calls if call["arguments"])
+            by_tool[name].append(OriginalSource(row["query"], kept, len(calls) > 1))
+    return by_tool
+
+
+def original_train_count(available: int, train_size: int, test_size: int) -> int:
+    """How many of a tool's rows go to train: int(n * train / (train + test)); the rest go to test."""
+    return int(available * (train_size / (train_size + test_size)))
+
+
+def original_ratios(ratios: tuple[float, float], max_calls: int) -> tuple[float, float]:
+    """A call cap below 3 sets the 3-tool share to 0, as the original does."""
+    return (1.0, 0.0) if max_calls < 3 else ratios
+
+
+def _original_multi_tool(singles: dict[str, list[OriginalSource]], multis: dict[str, list[OriginalSource]],
+                         names: Sequence[str], num_tools: int, max_calls: int, rng: random.Random) -> dict | None:
+    """One sample joining `num_tools` distinct tools, or None after the original's 50 tries."""
+    available = [name for name in names if singles[name]]
+    if len(available) < num_tools:
+        return None
+    for _ in range(ORIGINAL_RETRIES):
+        text, tools, calls = "", [], []
+        for position, name in enumerate(rng.sample(available, num_tools)):
+            use_multi_call = rng.random() < ORIGINAL_MULTI_CALL_PROBABILITY and bool(multis[name])
+            source = rng.choice(multis[name] if use_multi_call else singles[name])
+            piece = source.query
+            if position > 0:
+                final = position == num_tools - 1 and num_tools >= 3
+                piece = rng.choice(ORIGINAL_FINAL_CONNECTORS if final else ORIGINAL_CONNECTORS) + piece.lower()
+            if source.calls:
+                text += piece
+                tools += [name] * len(source.calls)
+                calls += source.calls
+        if calls and len(calls) <= max_calls:
+            return {"user_input": text, "tools": tools, "function_calls": calls}
+    return None
+
+
+def _original_synthesize(pool: dict[str, list[OriginalSource]], names: Sequence[str], size: int,
+                         ratios: tuple[float, float], max_calls: int, rng: random.Random, split: str,
+                         label: str) -> list[dict]:
+    """A split as the original makes it: train starts with every single-tool row (within the cap), test with none;
+    multi-tool samples fill up to `size`; a sample that fails 50 tries is left out."""
+    singles = {name: [source for source in pool[name] if not source.multi_call and source.calls] for name in names}
+    multis = {name: [source for source in pool[name] if source.multi_call] for name in names}
+    samples: list[dict] = []
+    if split == "train":
+        for name in names:
+            samples += [_sample([(name, SourceQuery(s.query, s.calls))], s.query) for s in singles[name]]
+        for name in names:
+            samples += [_sample([(name, SourceQuery(s.query, s.calls))], s.query) for s in multis[name]
+                        if s.calls and len(s.calls) <= max_calls]
+    remaining = max(0, size - len(samples))
+    two_tool = int(remaining * (ratios[0] / (ratios[0] + ratios[1])))
+    failed = 0
+    for num_tools, count in ((2, two_tool), (3, remaining - two_tool)):
+        for _ in range(count):
+            sample = _original_multi_tool(singles, multis, names, num_tools, max_calls, rng)
+            if sample is None:
+                failed += 1
+            else:
+                samples.append(sample)
+    if failed:
+        logger.warning("tools %s: %d of %d multi-tool %s samples could not be built within 50 tries and are left "
+                       "out (--recut original)", label, failed, remaining, split)
+    rng.shuffle(samples)
+    return samples
+
+
+def build_round_original(
+    rows: Sequence[dict],
+    ranked: Sequence[str],
+    start: int,
+    end: int,
+    *,
+    max_samples_per_tool: int,
+    train_size: int,
+    test_size: int,
+    train_max_calls: int,
+    test_max_calls: int,
+    train_ratios: tuple[float, float] = (0.5, 0.5),
+    test_ratios: tuple[float, float] = (0.5, 0.5),
+    seed: int,
+) -> tuple[list[dict], list[dict], dict]:
+    """`build_round` by the original's rules (`--recut original`).
+
+    Per tool, the first `max_samples_per_tool` single-tool rows in file order; calls with empty arguments dropped;
+    int(n * train_size / (train_size + test_size)) of them to train after a seeded shuffle. Train: every single-tool
+    row plus multi-tool samples up to `train_size`; test: `test_size` multi-tool samples. A multi-tool sample draws
+    distinct tools, for each a multi-call row with probability 0.1 (else a single-call row), lower-cases every query
+    after the first and puts a connector before it; duplicates are allowed. With --seed 42 the random streams are
+    the original's.
+    """
+    check_round_settings(start, end, ranked, max_samples_per_tool, train_size, test_size, train_max_calls,
+                         test_max_calls)
+    names = list(ranked[start - 1:end])
+    descriptions = tool_descriptions(rows, names, original=True)
+    label = f"{start}-{end}"
+    split_rng, train_rng, test_rng = (random.Random(seed - ORIGINAL_SEEDS[0] + base) for base in ORIGINAL_SEEDS)
+    sources = original_sources(rows, names, max_samples_per_tool)
+    train_pool: dict[str, list[OriginalSource]] = {}
+    test_pool: dict[str, list[OriginalSource]] = {}
+    for name in names:
+        shuffled = list(sources[name])
+        split_rng.shuffle(shuffled)
+        cut = original_train_count(len(shuffled), train_size, test_size)
+        train_pool[name], test_pool[name] = shuffled[:cut], shuffled[cut:]
+    train = _original_synthesize(train_pool, names, train_size, original_ratios(train_ratios, train_max_calls),
+                                 train_max_calls, train_rng, "train", label)
+    test = _original_synthesize(test_pool, names, test_size, original_ratios(test_ratios, test_max_calls),
+                                test_max_calls, test_rng, "test", label)
+    if test_size and not test:
+        raise UserError(f"tools {label}: no multi-tool test sample could be built (--recut original); raise "
+                        "--max_samples_per_tool or --test_size, or widen --top_k")
+    _warn_tools_without_train(label, names, train)
+    logger.info("tools %s: %d train samples (%d single-tool), %d test samples (--recut original)", label, len(train),
+                sum(_distinct_tools(sample) == 1 for sample in train), len(test))
+    return train, test, descriptions
+
+
+RECUTS = {"toolkit": build_round, "original": build_round_original}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Files and report
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def round_file_paths(output_dir: str | Path, start: int, end: int, train_max_calls: int,
-                     test_max_calls: int) -> tuple[Path, Path, Path]:
+                     test_max_calls: int) -> round_files.RoundPaths:
     """(train, test, tool descriptions) paths with exactly the names of DESIGN.md."""
-    root = Path(output_dir)
-    return (
-        root / "training" / f"function_calling_train_tools{start}-{end}_{train_max_calls}calls.json",
-        root / "test" / f"function_calling_test_tools{start}-{end}_{test_max_calls}calls.json",
-        root / f"tool_descriptions_tools{start}-{end}.json",
-    )
+    return round_files.round_paths(output_dir, start, end, train_max_calls, test_max_calls)
 
 
 def write_round_files(output_dir: str | Path, start: int, end: int, train: list[dict], test: list[dict],
@@ -571,6 +774,62 @@ def format_distribution(train: Sequence[dict], test: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_output_dir(output_dir: str | Path) -> None:
+    """--output_dir (and its training/ and test/) must be directories that can be made and written; nothing is made."""
+    root = Path(output_dir)
+    for path in (root, root / "training", root / "test"):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--output_dir {output_dir}: {path} is a file, not a directory")
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--output_dir {output_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {output_dir}: {existing} is not writable")
+
+
+def _code_sha256(source: str) -> str:
+    """One digest of the code that makes the files (this module, and the generator for synthetic rows)."""
+    here = Path(__file__).resolve()
+    files = [here] + ([here.with_name("synthetic_xlam.py")] if source == "synthetic" else [])
+    return hashlib.sha256("".join(round_files.file_sha256(path) for path in files).encode()).hexdigest()
+
+
+def source_settings(source: str, path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what of the source decides the files, what is only informative) for a manifest."""
+    if path is None:
+        return {"source": source, "xlam_sha256": None, "code_sha256": _code_sha256(source)}, {}
+    if not path.is_file():
+        raise UserError(f"xLAM file {path} not found (--xlam_path must name a local copy of {HUB_FILENAME})")
+    try:
+        digest = round_files.file_sha256(path)
+        stat = path.stat()
+    except OSError as err:
+        raise UserError(f"xLAM file {path} cannot be read ({err})") from None
+    info = {"xlam_path": str(path.resolve()), "xlam_size": stat.st_size,
+            "xlam_mtime": datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat(timespec="seconds")}
+    return {"source": source, "xlam_sha256": digest, "code_sha256": _code_sha256(source)}, info
+
+
+def round_settings(args: argparse.Namespace, start: int, end: int, source: dict[str, Any],
+                   train_ratios: tuple[float, float], test_ratios: tuple[float, float]) -> dict[str, Any]:
+    """Everything that decides one range's files: a file made with other settings is stale."""
+    return {
+        **source,
+        "recut": args.recut,
+        "top_k": f"{start}-{end}",
+        "max_samples_per_tool": args.max_samples_per_tool,
+        "train_size": args.train_size,
+        "test_size": args.test_size,
+        "train_max_function_calls": args.train_max_function_calls,
+        "test_max_function_calls": args.test_max_function_calls,
+        "train_multi_tool_ratios": list(train_ratios),
+        "test_multi_tool_ratios": list(test_ratios),
+        "seed": args.seed,
+    }
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = CliParser(description="Re-cut xLAM rows into per-round train/test/tool-description files.")
     parser.add_argument("--top_k", default="50",
@@ -594,36 +853,89 @@ def _parser() -> argparse.ArgumentParser:
                         help="synthetic rows (offline) or the real xLAM corpus (default synthetic)")
     parser.add_argument("--xlam_path", default=None,
                         help=f"local copy of {HUB_FILENAME} (JSON list or JSON lines) for --source xlam")
+    parser.add_argument("--recut", choices=tuple(RECUTS), default="toolkit",
+                        help="toolkit: this toolkit's sampling, split and synthesis; original: the original "
+                             "toolkit's (first rows per tool, its split formula, lower-cased joins, 'type' in the "
+                             "descriptions) (default toolkit)")
+    parser.add_argument("--reuse_if_unchanged", action="store_true",
+                        help="keep a range whose files exist and were made with the same settings (its manifest "
+                             "says so); remake it otherwise, naming what changed")
     return parser
 
 
+def _ratios_for(args: argparse.Namespace, ratios: tuple[float, float], max_calls: int, flag: str
+                ) -> tuple[float, float]:
+    """The 2-/3-tool shares a split gets: under --recut original a cap below 3 drops the 3-tool share."""
+    if args.recut != "original":
+        return ratios
+    used = original_ratios(ratios, max_calls)
+    if used != ratios:
+        logger.warning("%s %d is below 3: no 3-tool samples, as in the original", flag, max_calls)
+    return used
+
+
+def _stale_ranges(args: argparse.Namespace, settings: dict[tuple[int, int], dict]) -> list[tuple[int, int]]:
+    """The ranges to (re)make: all of them, or under --reuse_if_unchanged those whose files are stale."""
+    if not args.reuse_if_unchanged:
+        return list(settings)
+    stale = []
+    for (start, end), wanted in settings.items():
+        paths = round_file_paths(args.output_dir, start, end, args.train_max_function_calls,
+                                 args.test_max_function_calls)
+        reasons = round_files.stale_reasons(args.output_dir, start, end, wanted, paths)
+        if reasons:
+            logger.info("tools %d-%d: remaking the files: %s", start, end, "; ".join(reasons))
+            stale.append((start, end))
+        else:
+            logger.info("tools %d-%d: present in %s, made with the same settings", start, end, args.output_dir)
+    return stale
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: load rows, rank tools, and write the three files of every requested range."""
+    """CLI: load rows, rank tools, and write the three files (and the manifest) of every requested range."""
     args = _parser().parse_args(argv)
     setup_logging()
-    ranges = parse_ranges(args.top_k)
-    train_ratios = parse_ratios(args.train_multi_tool_ratios, "--train_multi_tool_ratios")
-    test_ratios = parse_ratios(args.test_multi_tool_ratios, "--test_multi_tool_ratios")
+    ranges = list(dict.fromkeys(parse_ranges(args.top_k)))
+    given_train = parse_ratios(args.train_multi_tool_ratios, "--train_multi_tool_ratios")
+    given_test = parse_ratios(args.test_multi_tool_ratios, "--test_multi_tool_ratios")
+    train_ratios = _ratios_for(args, given_train, args.train_max_function_calls, "--train_max_function_calls")
+    test_ratios = _ratios_for(args, given_test, args.test_max_function_calls, "--test_max_function_calls")
     check_test_caps(args.test_max_function_calls, test_ratios)
+    check_output_dir(args.output_dir)
     with hold_logs():
-        rows = load_xlam_rows(args.source, args.xlam_path, args.seed)
-        ranked = rank_tools(rows)
-        for start, end in ranges:
-            check_range(start, end, ranked)
-        logger.info("%d %s rows, %d tools ranked by single-tool use", len(rows), args.source, len(ranked))
-        rounds = [(start, end, build_round(
-            rows, ranked, start, end, max_samples_per_tool=args.max_samples_per_tool, train_size=args.train_size,
-            test_size=args.test_size, train_max_calls=args.train_max_function_calls,
-            test_max_calls=args.test_max_function_calls, train_ratios=train_ratios, test_ratios=test_ratios,
-            seed=args.seed)) for start, end in ranges]
+        source_path = resolve_source(args.source, args.xlam_path)
+        source, source_info = source_settings(args.source, source_path)
+        settings = {(start, end): round_settings(args, start, end, source, given_train, given_test)
+                    for start, end in ranges}
+        todo = _stale_ranges(args, settings)
+        rounds = []
+        if todo:
+            rows = rows_from(source_path, args.seed)
+            ranked = rank_tools(rows)
+            for start, end in todo:
+                check_range(start, end, ranked)
+            logger.info("%d %s rows, %d tools ranked by single-tool use", len(rows), args.source, len(ranked))
+            build = RECUTS[args.recut]
+            rounds = [(start, end, build(
+                rows, ranked, start, end, max_samples_per_tool=args.max_samples_per_tool, train_size=args.train_size,
+                test_size=args.test_size, train_max_calls=args.train_max_function_calls,
+                test_max_calls=args.test_max_function_calls, train_ratios=train_ratios, test_ratios=test_ratios,
+                seed=args.seed)) for start, end in todo]
+    for start, end in ranges:
+        if (start, end) not in todo:
+            print(f"tools {start}-{end}: present, made with the same settings "
+                  f"({round_files.manifest_path(args.output_dir, start, end)})")
     for start, end, (train, test, descriptions) in rounds:
         paths = write_round_files(args.output_dir, start, end, train, test, descriptions,
                                   args.train_max_function_calls, args.test_max_function_calls)
+        manifest = round_files.write_manifest(
+            args.output_dir, start, end, settings[(start, end)], round_files.RoundPaths(*paths),
+            {**source_info, "made_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         table = format_distribution(train, test)
         logger.info("tools %d-%d calls per sample:\n%s", start, end, table)
         print(f"tools {start}-{end}: {len(train)} train samples, {len(test)} test samples, {len(descriptions)} tools")
         print(table)
-        for path in paths:
+        for path in [*paths, manifest]:
             print(f"  wrote {path}")
     return 0
 

@@ -456,18 +456,18 @@ def decode_one_by_one(
     """
     results = []
     for prompt, tools in zip(prompts, gold_tools):
-        processor = ToolForcingProcessor(
-            [[model.get_tool_token_id(t) for t in tools]], model.tool_token_ids, model.end_id
-        )
         tracker = model.call_boundary_tracker(1)
+        processor = ToolForcingProcessor(
+            [[model.get_tool_token_id(t) for t in tools]], model.tool_token_ids, model.end_id, tracker
+        )
         blocked = model.blocked_tool_token_ids()
         ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
         new: list[int] = []
         for _ in range(max_new_tokens):
-            scores = processor(ids, model.restrict_tool_scores(model(ids).logits[:, -1, :], blocked, tracker))
-            next_id = int(scores.argmax(dim=-1))
-            if tracker is not None:
-                tracker.update([next_id])
+            restricted = model.restrict_tool_scores(
+                model(ids).logits[:, -1, :], blocked, tracker if model.constrain_calls else None)
+            next_id = int(processor(ids, restricted).argmax(dim=-1))
+            tracker.update([next_id])
             new.append(next_id)
             if next_id == model.end_id:
                 break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,10 @@ from common import run_cli
 
 
 def write_summary(path: Path, method: str, rounds: list[str], grid: list[list[float | None]],
-                  trainable: int | None = 100) -> Path:
+                  trainable: int | None = 100, extra: dict[str, list] | None = None) -> Path:
     path.mkdir(parents=True)
     summary = {"method": method, "rounds": rounds, "wall_seconds": 12.5,
-               "matrix": {m: grid for m in ("avg_tool_f1_score", "avg_f1_score", "exact_accuracy")}}
+               "matrix": {m: grid for m in ("avg_tool_f1_score", "avg_f1_score", "exact_accuracy")} | (extra or {})}
     if trainable is not None:
         summary["parameters"] = {"trainable": trainable}
     (path / "summary.json").write_text(json.dumps(summary))
@@ -48,6 +49,63 @@ def test_table_and_plot_over_sequential_and_in_context_runs(tmp_path, capsys):
     # One bar panel per metric plus the first test set's curve over rounds, 4.6 x 4.0 inches each at 110 dpi.
     assert size == (round(4.6 * (len(compare_runs.METRICS) + 1) * 110), round(4.0 * 110))
     assert colours is None or len(colours) > 3
+
+
+def table_block(lines: list[str], label: str) -> dict[str, list[str]]:
+    """A run's rows of the table: metric title -> its cells (columns are separated by two spaces or more)."""
+    start = next(i for i, line in enumerate(lines) if line.startswith(label + " "))
+    block = {}
+    for index, line in enumerate(lines[start:start + len(compare_runs.TABLE_METRICS)]):
+        fields = re.split(r"\s{2,}", line.strip())
+        if index == 0:
+            fields = fields[1:]
+        block[fields[0]] = fields[1:]
+    return block
+
+
+def test_paper_rows_absent_parse_error_rates_and_the_json(tmp_path, capsys):
+    rounds = ["1-20", "21-40"]
+    tokmem = write_summary(tmp_path / "tokmem", "tokmem", rounds, [[0.9, None], [0.8, 0.95]], 1280, extra={
+        "paper_avg_tool_f1_score": [[1.0, None], [0.9, 1.0]],
+        "parse_error_rate": [[0.1, None], [None, 0.2]],  # after round 2, test set 1-20 had no predicted call
+        "paper_parse_error_rate": [[0.3, None], [None, 0.5]],
+    })
+    older = write_summary(tmp_path / "older", "lora", rounds, [[0.9, None], [0.2, 0.9]], 7168)
+    output = tmp_path / "cmp.png"
+    assert compare_runs.main([str(tokmem), str(older), "--output", str(output)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    block = table_block(lines, "tokmem")
+    assert block["paper tool F1"] == ["0.900", "1.000", "0.950", "-0.100"]
+    assert block["parse err"] == ["n/a", "0.200", "0.200", "-"]
+    assert block["paper parse err"] == ["n/a", "0.500", "0.500", "-"]
+    assert block["paper call F1"] == ["-", "-", "-", "-"]  # not in this summary
+    assert table_block(lines, "lora")["paper tool F1"] == ["-", "-", "-", "-"]
+
+    numbers = json.loads(output.with_suffix(".json").read_text())
+    assert numbers["columns"] == rounds
+    first, second = numbers["runs"]
+    assert first["label"] == "tokmem" and first["trainable"] == 1280
+    paper = first["metrics"]["paper_avg_tool_f1_score"]
+    assert paper["after_last"] == {"1-20": 0.9, "21-40": 1.0}
+    assert paper["average"] == pytest.approx(0.95) and paper["backward_transfer"] == pytest.approx(-0.1)
+    assert first["metrics"]["parse_error_rate"]["after_last"] == {"1-20": None, "21-40": 0.2}
+    assert first["metrics"]["parse_error_rate"]["backward_transfer"] is None
+    assert set(second["metrics"]) == {"avg_tool_f1_score", "avg_f1_score", "exact_accuracy"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--json", "numbers.txt"], "--json must name a .json file"),
+    (["--output", "a_file/cmp.png"], "cannot be written"),
+])
+def test_bad_outputs_are_one_line_errors(tmp_path, capsys, monkeypatch, flags, message):
+    run = write_summary(tmp_path / "run", "tokmem", ["1-2"], [[0.5]])
+    (tmp_path / "a_file").write_text("not a directory")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(compare_runs.main, [str(run), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
 
 
 @pytest.mark.parametrize("content, message", [

@@ -216,6 +216,21 @@ def test_score_predictions_overall_and_breakdown_numbers():
     assert breakdown["2"]["avg_f1_score"] == pytest.approx((0.5 + 0.4) / 2)
     assert breakdown["2"]["parse_error_rate"] == pytest.approx(1 / 5)
 
+    # the original's rules on the same predictions: 3.0 != 3 and " Paris" != "Paris" (sample 1 misses), the tool is
+    # not part of a call (sample 3 matches fully), sets (sample 4: {x1, oops} vs {x1, y2})
+    assert metrics["paper_exact_accuracy"] == pytest.approx((0 + 0 + 1 + 0) / 4)
+    assert metrics["paper_avg_f1_score"] == pytest.approx((0 + 0 + 1 + 1 / 2) / 4)
+    assert metrics["paper_avg_precision"] == pytest.approx((0 + 0 + 1 + 1 / 2) / 4)
+    assert metrics["paper_avg_recall"] == pytest.approx((0 + 0 + 1 + 1 / 2) / 4)
+    # tool sets: {weather}, {weather}, {a, c} vs {a, b}, {a, b} vs {a, b}
+    assert metrics["paper_avg_tool_f1_score"] == pytest.approx((1 + 1 + 1 / 2 + 1) / 4)
+    assert metrics["paper_avg_tool_precision"] == pytest.approx((1 + 1 + 1 / 2 + 1) / 4)
+    assert metrics["paper_avg_tool_recall"] == pytest.approx((1 + 1 + 1 / 2 + 1) / 4)
+    assert metrics["paper_parse_error_rate"] == pytest.approx(1 / 4)  # one unparseable call, four samples
+    assert breakdown["1"]["paper_parse_error_rate"] == 0.0
+    assert breakdown["2"]["paper_parse_error_rate"] == pytest.approx(1 / 2)
+    assert breakdown["2"]["paper_exact_accuracy"] == pytest.approx(1 / 2)
+
 
 def test_score_predictions_counts_repeated_tools_and_calls_as_a_multiset():
     # Under set matching both samples would be perfect; as multisets one call is missing and one is extra.
@@ -232,15 +247,22 @@ def test_score_predictions_counts_repeated_tools_and_calls_as_a_multiset():
 
 def test_score_predictions_has_every_metric_name_of_the_design():
     metrics = scoring.score_predictions([prediction([], [], ["t"], ['{"a": 1}'])])
-    expected = {
+    ours = {
         "exact_accuracy", "tool_accuracy", "avg_f1_score", "avg_precision", "avg_recall", "avg_tool_f1_score",
-        "avg_tool_precision", "avg_tool_recall", "parse_error_rate", "total_examples", "call_count_breakdown",
+        "avg_tool_precision", "avg_tool_recall", "parse_error_rate",
     }
+    paper = {
+        "paper_exact_accuracy", "paper_avg_f1_score", "paper_avg_precision", "paper_avg_recall",
+        "paper_avg_tool_f1_score", "paper_avg_tool_precision", "paper_avg_tool_recall", "paper_parse_error_rate",
+    }
+    expected = ours | paper | {"total_examples", "call_count_breakdown"}
     assert set(metrics) == expected
     assert set(metrics["call_count_breakdown"]["1"]) == expected - {"call_count_breakdown"}
-    # empty prediction: every score 0, and no predicted call means no parse error
+    # empty prediction: every score 0, and with no predicted call the parse-error rates are absent, not perfect
     assert metrics["avg_f1_score"] == 0.0 and metrics["avg_tool_precision"] == 0.0
-    assert metrics["parse_error_rate"] == 0.0
+    assert metrics["paper_avg_f1_score"] == 0.0 and metrics["paper_avg_tool_precision"] == 0.0
+    assert metrics["parse_error_rate"] is None and metrics["paper_parse_error_rate"] is None
+    assert metrics["call_count_breakdown"]["1"]["parse_error_rate"] is None
 
 
 def test_score_predictions_tool_without_call_is_an_unparseable_call():
@@ -281,6 +303,113 @@ def test_format_metrics_table_shows_overall_and_breakdown():
     assert exact_row.split()[1:] == ["0.5000", "1.0000", "0.0000"]
     total_row = next(line for line in lines if line.startswith("total_examples"))
     assert total_row.split()[1:] == ["2", "1", "1"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# paper_ metrics: the worked examples of ORIGINAL.md, values computed by hand
+
+
+def test_paper_tool_f1_counts_a_repeated_gold_tool_once():
+    metrics = scoring.score_predictions([prediction(
+        ["A", "B"], ['{"x": 1}', '{"y": 1}'],
+        ["A", "A", "B"], ['{"x": 1}', '{"x": 2}', '{"y": 1}'],
+    )])
+    # sets {A, B} vs {A, B}
+    assert metrics["paper_avg_tool_f1_score"] == 1.0
+    assert metrics["paper_avg_tool_recall"] == 1.0
+    # multisets: 2 of 2 predicted are right (P 1), 2 of 3 gold are found (R 2/3), F1 = 2 * 1 * 2/3 / (5/3) = 0.8
+    assert metrics["avg_tool_precision"] == 1.0
+    assert metrics["avg_tool_recall"] == pytest.approx(2 / 3)
+    assert metrics["avg_tool_f1_score"] == pytest.approx(0.8)
+
+
+def test_paper_call_f1_counts_a_duplicated_correct_call_once():
+    metrics = scoring.score_predictions([prediction(["A", "A"], ['{"x": 1}', '{"x": 1}'], ["A"], ['{"x": 1}'])])
+    assert metrics["paper_avg_f1_score"] == 1.0  # {x=1} vs {x=1}
+    assert metrics["paper_avg_precision"] == 1.0
+    assert metrics["paper_exact_accuracy"] == 0.0  # exact match compares sorted lists: two calls vs one
+    # multiset: P 1/2, R 1, F1 = 2 * 1/2 / (3/2) = 2/3
+    assert metrics["avg_precision"] == pytest.approx(0.5)
+    assert metrics["avg_f1_score"] == pytest.approx(2 / 3)
+
+
+def test_paper_call_f1_ignores_the_tool_of_a_call():
+    metrics = scoring.score_predictions([prediction(
+        ["A", "B", "D"], ['{"x": 1}', '{"y": 2}', '{"z": 3}'],
+        ["A", "B", "C"], ['{"x": 1}', '{"y": 2}', '{"z": 3}'],
+    )])
+    assert metrics["paper_avg_f1_score"] == 1.0
+    assert metrics["paper_exact_accuracy"] == 1.0
+    # tool-aware: 2 of 3 calls match on both sides
+    assert metrics["avg_f1_score"] == pytest.approx(2 / 3)
+    assert metrics["exact_accuracy"] == 0.0
+    # the tool scores see the wrong tool in both families: sets {A, B, D} vs {A, B, C}
+    assert metrics["paper_avg_tool_f1_score"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("predicted, gold, paper_f1, ours_f1", [
+    ('{"n": 3.0}', '{"n": 3}', 0.0, 1.0),  # no number canonicalisation
+    ('{"city": " Paris"}', '{"city": "Paris"}', 0.0, 1.0),  # string values are not stripped
+    ('{ "b": 1,\n "a": [2, 3] }', '{"a": [2, 3], "b": 1}', 1.0, 1.0),  # parsed JSON: key order and layout do not count
+    ('Sure: {"a": 1} done', '{"a": 1}', 1.0, 1.0),  # the JSON between the first { and the last }
+    ('get(a=1)', '{"a": 1}', 0.0, 1.0),  # a call form parses, but never matches an arguments object
+])
+def test_paper_call_identity(predicted, gold, paper_f1, ours_f1):
+    metrics = scoring.score_predictions([prediction(["t"], [predicted], ["t"], [gold])])
+    assert metrics["paper_avg_f1_score"] == paper_f1
+    assert metrics["avg_f1_score"] == ours_f1
+    assert metrics["paper_parse_error_rate"] == 0.0
+
+
+@pytest.mark.parametrize("text", ["", "   ", "oops", "[1, 2]", '"{}"', 'a {"x": 1} b {"y": 2}', None])
+def test_paper_call_key_parse_errors(text):
+    assert scoring.paper_call_key(text)[0] == "raw"
+
+
+def test_paper_unparseable_calls_collapse_in_the_set_but_count_each_as_an_error():
+    metrics = scoring.score_predictions([prediction(
+        ["t", "t", "t"], ['{"x": 1}', "oops", " oops "], ["t"], ['{"x": 1}'],
+    )])
+    # paper: set {x1, "oops"} vs {x1}: P 1/2, R 1, F1 2/3; two unparseable calls over one sample
+    assert metrics["paper_avg_precision"] == pytest.approx(0.5)
+    assert metrics["paper_avg_f1_score"] == pytest.approx(2 / 3)
+    assert metrics["paper_parse_error_rate"] == 2.0
+    # multiset: P 1/3, R 1, F1 1/2; two unparseable calls over three predicted calls
+    assert metrics["avg_precision"] == pytest.approx(1 / 3)
+    assert metrics["avg_f1_score"] == pytest.approx(0.5)
+    assert metrics["parse_error_rate"] == pytest.approx(2 / 3)
+
+
+def test_empty_prediction_for_empty_gold_scores_one_in_both_families():
+    metrics = scoring.score_predictions([prediction([], [], [], [])])
+    for name in ("avg_f1_score", "avg_precision", "avg_recall", "avg_tool_f1_score", "exact_accuracy"):
+        assert metrics[name] == 1.0
+        assert metrics["paper_" + name] == 1.0
+    assert metrics["parse_error_rate"] is None and metrics["paper_parse_error_rate"] is None
+
+
+def test_parse_error_denominators_and_absent_groups():
+    metrics = scoring.score_predictions([
+        # 1 gold call; 3 predicted calls, 2 unparseable (one empty)
+        prediction(["A", "B", "C"], ['{"x": 1}', "oops", ""], ["A"], ['{"x": 1}']),
+        # 2 gold calls; 1 predicted call, parseable
+        prediction(["A"], ['{"x": 1}'], ["A", "B"], ['{"x": 1}', '{"y": 2}']),
+        # 3 gold calls; nothing predicted
+        prediction([], [], ["A", "B", "C"], ['{"x": 1}', '{"y": 2}', '{"z": 3}']),
+    ])
+    assert metrics["parse_error_rate"] == pytest.approx(2 / 4)  # over predicted calls: 3 + 1 + 0
+    assert metrics["paper_parse_error_rate"] == pytest.approx(2 / 3)  # over samples
+    breakdown = metrics["call_count_breakdown"]
+    assert breakdown["1"]["parse_error_rate"] == pytest.approx(2 / 3)
+    assert breakdown["1"]["paper_parse_error_rate"] == 2.0  # over samples it can exceed 1
+    assert breakdown["2"]["parse_error_rate"] == 0.0 and breakdown["2"]["paper_parse_error_rate"] == 0.0
+    assert breakdown["3"]["parse_error_rate"] is None and breakdown["3"]["paper_parse_error_rate"] is None
+    table = scoring.format_metrics_table(metrics).splitlines()
+    assert next(line for line in table if line.startswith("parse_error_rate")).split()[1:] == [
+        "0.5000", "0.6667", "0.0000", "n/a"]
+    assert any(line.startswith("paper scoring") for line in table)
+    assert next(line for line in table if line.startswith("paper_parse_error_rate")).split()[1:] == [
+        "0.6667", "2.0000", "0.0000", "n/a"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -119,6 +119,7 @@ def test_unparseable_and_unknown_calls_are_marked():
     metrics = score_predictions([{"predicted_tools": tools, "function_calls": calls, "gold_tools": ["get_weather"],
                                   "gold_calls": ['{"city": "Paris"}']}])
     assert metrics["parse_error_rate"] == 0.5
+    assert metrics["paper_parse_error_rate"] == 1.0  # the original's rate: one unparseable call over one sample
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -222,6 +223,7 @@ def test_tiny_icl_run_writes_the_run_directory(tiny_model_dir, round_data, tmp_p
     cell = summary["matrix"]["avg_tool_f1_score"]
     assert len(cell) == 1 and len(cell[0]) == 1
     assert summary["average_after_last"]["avg_tool_f1_score"] == cell[0][0]
+    assert summary["matrix"]["paper_avg_tool_f1_score"][0][0] is not None
     results = json.loads((run / "results.json").read_text())
     assert results["metrics"]["total_examples"] == 5
     tokens = results["prompt_tokens"]

@@ -195,27 +195,3 @@ def test_two_tiny_rounds_with_replay_write_the_run_directory_and_resume_exactly(
     assert resumed.records[0].batches == second.batches
     assert again["matrix"] == summary["matrix"]
     assert again["round_stats"] == summary["round_stats"]
-
-
-def test_data_rounds_generates_missing_rounds_and_builds_the_round_string(tmp_path):
-    (tmp_path / "xlam_datasets.py").write_text("import sys\nprint('CALL', ' '.join(sys.argv[1:]))\n")
-    write_round_files(tmp_path / "data", 1, 10, ROUND_1, train_calls=3, test_calls=4)
-    script = (f"set -euo pipefail; source {REPO_ROOT / 'data_rounds.sh'}; generate_round_data; "
-              'echo "ROUNDS $TRAINING_ROUNDS $TRAIN_CALLS_LIST $TEST_CALLS_LIST"')
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "NUM_ROUNDS": "3", "TOOLS_PER_ROUND": "10",
-           "START_TOOL": "1", "SAMPLES_PER_TOOL": "30", "TRAIN_SIZE": "600", "TEST_SIZE": "60",
-           "EPOCHS_PER_ROUND": "1,3,3", "TRAIN_MAX_CALLS": "3", "TEST_MAX_CALLS": "3",
-           "TEST_MAX_CALLS_PER_ROUND": "4,4,2", "DATA_SOURCE": "synthetic", "DATA_DIR": "data"}
-    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    calls = [line for line in result.stdout.splitlines() if line.startswith("CALL")]
-    assert calls == [
-        "CALL --top_k 11-20 --max_samples_per_tool 30 --train_size 600 --test_size 60 --train_max_function_calls 3 "
-        "--test_max_function_calls 4 --output_dir data --source synthetic",
-        "CALL --top_k 21-30 --max_samples_per_tool 30 --train_size 600 --test_size 60 --train_max_function_calls 3 "
-        "--test_max_function_calls 2 --output_dir data --source synthetic",
-    ]
-    assert "ROUNDS 1-10:1,11-20:3,21-30:3 3,3,3 4,4,2" in result.stdout
-    env["EPOCHS_PER_ROUND"] = "1,3"
-    refused = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert refused.returncode == 2 and "EPOCHS_PER_ROUND has 2 values for NUM_ROUNDS=3" in refused.stderr

@@ -244,8 +244,6 @@ SEQUENTIAL_CASES = [
     case("rounds-zero-epochs", ["--training_rounds", "1-3:0"], "--training_rounds: round 1-3 needs at least 1 epoch"),
     case("train-caps-too-many", ["--train_max_function_calls_per_round", "4,4,4"],
          "--train_max_function_calls_per_round: 3 values for 2 rounds"),
-    case("test-caps-too-few", ["--test_max_function_calls_per_round", "4"],
-         "--test_max_function_calls_per_round: 1 values for 2 rounds"),
     case("train-caps-not-integers", ["--train_max_function_calls_per_round", "4,four"],
          ["--train_max_function_calls_per_round", "integers", "'4,four'"]),
     case("test-caps-not-integers", ["--test_max_function_calls_per_round", "4,2.5"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import round_files
 import synthetic_xlam
 import xlam_datasets
 from common import UserError, run_cli
@@ -180,6 +182,8 @@ def _broken(index: int, **changes) -> list[dict]:
         (_broken(4, answers='[{"name": "x", "arguments": [1]}]'), "'arguments' must be an object"),
         (_broken(0, tools='[{"name": "x", "description": "d"}]'), "row 0: field 'tools' item 0 has no 'parameters'"),
         (_broken(1, tools=[{"name": "x"}]), "field 'tools' must be a JSON-encoded string"),
+        (_broken(4, answers='[{"name": "book_taxi", "arguments": {"city": "Rome"}}]'),
+         "row 4: answer 0 calls 'book_taxi', which the row's 'tools' field does not define"),
         (_broken(2, id="seven"), "row 2: field 'id' must be an integer"),
         (_broken(2, query=""), "row 2: field 'query' must be a non-empty string"),
         (["just a string"], "row 0: expected an object"),
@@ -233,8 +237,51 @@ def test_rank_tools_counts_single_tool_rows_only_and_leaves_out_search():
     assert counts["search"] == 40
     assert [counts[name] for name in ranked] == sorted((counts[name] for name in ranked), reverse=True)
     assert ranked[0] == "lookup_aa_records"
-    tied = [name for name in ranked if counts[name] == counts[ranked[-1]]]
-    assert tied == sorted(tied) and len(tied) > 1
+
+
+# Single-tool rows of a small file with tied counts, in file order (two same-tool calls in one row count once).
+# A multi-tool row before them calls charlie and bravo first: it does not count, nor does it decide the ties.
+TIED_SINGLE_TOOL_ROWS = [
+    "echo", "alpha", "delta", "bravo", "foxtrot", "charlie", "search", "delta", "charlie", "foxtrot", "echo",
+    "alpha", "bravo", "search", "delta", "foxtrot", "charlie", "echo", "bravo", "alpha", "delta", "foxtrot", "echo",
+    "charlie", "alpha", "bravo", "search", "delta", "foxtrot",
+]
+# By hand: delta 5, foxtrot 5, echo 4, alpha 4, bravo 4, charlie 4, search 3 (left out). Equal counts keep the
+# order of each tool's first single-tool row: delta (row 3) before foxtrot (row 5); then echo 1, alpha 2, bravo 4,
+# charlie 6. Ties by name would give alpha, bravo, charlie, echo instead.
+TIED_RANKING = ["delta", "foxtrot", "echo", "alpha", "bravo", "charlie"]
+
+
+def tied_rows() -> list[dict]:
+    rows = [_row(0, "Compare charlie and bravo records in Lima.", ["charlie", "bravo"],
+                 [("charlie", {"city": "Lima"}), ("bravo", {"city": "Lima"})])]
+    for position, name in enumerate(TIED_SINGLE_TOOL_ROWS):
+        city = CITIES[position % len(CITIES)]
+        calls = [(name, {"city": city, "count": position + 1})]
+        if position == 3:
+            calls.append((name, {"city": "Oslo", "count": 2}))
+        offered = list(dict.fromkeys([name, "search"]))
+        rows.append(_row(len(rows), f"Find {position + 1} {name} records in {city} or nearby.", offered, calls))
+    return rows
+
+
+def test_rank_tools_breaks_ties_by_first_single_tool_row():
+    assert xlam_datasets.rank_tools(tied_rows()) == TIED_RANKING
+
+
+@pytest.mark.parametrize("recut", ["toolkit", "original"])
+def test_ranges_of_a_tied_file_hold_the_first_appearance_tools(capsys, tmp_path, restore_logging, recut):
+    path = tmp_path / "tied.json"
+    path.write_text(json.dumps(tied_rows()))
+    argv = ["--top_k", "1-3,4-6", "--max_samples_per_tool", "5", "--train_size", "30", "--test_size", "2",
+            "--source", "xlam", "--xlam_path", str(path), "--output_dir", str(tmp_path / "data"), "--recut", recut]
+    with pytest.raises(SystemExit) as caught:
+        run_cli(xlam_datasets.main, argv)
+    assert caught.value.code == 0, capsys.readouterr().err
+    for label, expected in (("1-3", {"delta", "foxtrot", "echo"}), ("4-6", {"alpha", "bravo", "charlie"})):
+        descriptions = json.loads((tmp_path / "data" / f"tool_descriptions_tools{label}.json").read_text())
+        assert set(descriptions) == expected
+        assert _tools_in(tmp_path / "data", label) == expected
 
 
 def test_tool_descriptions_follow_the_requested_order():
@@ -436,6 +483,7 @@ def test_main_writes_every_range_of_a_comma_list(capsys, tmp_path, restore_loggi
     assert caught.value.code == 0
     written = sorted(p.relative_to(tmp_path / "data").as_posix() for p in (tmp_path / "data").rglob("*.json"))
     assert written == [
+        "manifest_tools1-20.json", "manifest_tools21-40.json",
         "test/function_calling_test_tools1-20_4calls.json", "test/function_calling_test_tools21-40_4calls.json",
         "tool_descriptions_tools1-20.json", "tool_descriptions_tools21-40.json",
         "training/function_calling_train_tools1-20_4calls.json",
@@ -502,3 +550,228 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, xlam_file, make_args, me
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --recut original
+
+
+def _original_rows() -> list[dict]:
+    """Tools with 10, 6 and 3 single-call rows (ranked in that order); queries with capitals, one per call."""
+    rows = []
+    for name, count in (("alpha_lookup", 10), ("bravo_lookup", 6), ("charlie_lookup", 3)):
+        for k in range(count):
+            rows.append(_row(len(rows), f"Show {name} Records For {CITIES[k]} Number {k}", [name],
+                             [(name, {"city": CITIES[k], "count": k})]))
+    return rows
+
+
+def _original_round(rows, **overrides):
+    settings = dict(max_samples_per_tool=50, train_size=70, test_size=30, train_max_calls=4, test_max_calls=4,
+                    seed=42)
+    settings.update(overrides)
+    return xlam_datasets.build_round_original(rows, xlam_datasets.rank_tools(rows), 1, 3, **settings)
+
+
+def _query_of_call(rows) -> dict[tuple[str, str], str]:
+    """(tool, arguments JSON) -> the query of the single-call row that made it."""
+    out = {}
+    for row in rows:
+        (call,) = json.loads(row["answers"])
+        out[(call["name"], json.dumps(call["arguments"]))] = row["query"]
+    return out
+
+
+def test_original_split_sizes_follow_its_formula():
+    train, test, _ = _original_round(_original_rows())
+    singles = Counter(sample["tools"][0] for sample in train if _distinct_tools(sample) == 1)
+    # int(n * 70 / (70 + 30)) by hand: int(7.0) = 7, int(4.2) = 4, int(2.1) = 2.
+    assert singles == {"alpha_lookup": 7, "bravo_lookup": 4, "charlie_lookup": 2}
+    assert len(train) == 70 and len(test) == 30
+    assert all(_distinct_tools(sample) >= 2 for sample in test)
+
+
+def test_original_joins_lower_case_test_side_queries():
+    rows = _original_rows()
+    train, test, _ = _original_round(rows)
+    queries = _query_of_call(rows)
+    train_queries = {sample["user_input"] for sample in train if _distinct_tools(sample) == 1}
+    for sample in test:
+        parts = [queries[call] for call in zip(sample["tools"], sample["function_calls"])]
+        assert not set(parts) & train_queries
+        text = sample["user_input"]
+        assert text.startswith(parts[0])
+        rest = text[len(parts[0]):]
+        for part in parts[1:]:
+            assert part.lower() in rest and part not in rest
+        assert len(rest) > sum(len(part) for part in parts[1:])  # a connector before each later query
+
+
+def test_original_takes_the_first_rows_of_a_tool_in_file_order():
+    rows = _original_rows()
+    train, test, _ = _original_round(rows, max_samples_per_tool=4)
+    queries = _query_of_call(rows)
+    first_four = {row["query"] for row in rows[:4]}
+    used = {queries[call] for sample in train + test for call in zip(sample["tools"], sample["function_calls"])
+            if call[0] == "alpha_lookup"}
+    assert used <= first_four and len(used) >= 3
+
+
+def test_original_drops_calls_with_empty_arguments():
+    rows = [
+        _row(0, "Plain delta call.", ["delta"], [("delta", {})]),
+        _row(1, "Two delta calls.", ["delta"], [("delta", {}), ("delta", {"city": "Oslo"})]),
+        _row(2, "Delta in Lima.", ["delta"], [("delta", {"city": "Lima"})]),
+    ]
+    sources = xlam_datasets.original_sources(rows, ["delta"], 50)["delta"]
+    assert [(s.query, s.calls, s.multi_call) for s in sources] == [
+        ("Plain delta call.", (), False),
+        ("Two delta calls.", ('{"city": "Oslo"}',), True),
+        ("Delta in Lima.", ('{"city": "Lima"}',), False),
+    ]
+
+
+def test_original_descriptions_carry_type_in_file_order():
+    rows = tied_rows()
+    tools = json.loads(rows[2]["tools"])
+    tools[0]["type"] = "function"
+    rows[2]["tools"] = json.dumps(tools)
+    descriptions = xlam_datasets.tool_descriptions(rows, ["echo", "alpha", "bravo", "charlie"], original=True)
+    # Row 0 offers charlie and bravo, row 1 echo, row 2 alpha (the one given a type).
+    assert list(descriptions) == ["charlie", "bravo", "echo", "alpha"]
+    assert descriptions["alpha"] == {**_tool("alpha"), "type": "function"}
+    assert descriptions["echo"] == {**_tool("echo"), "type": ""}
+
+
+def test_original_cap_below_three_drops_the_three_tool_share(capsys, tmp_path, restore_logging):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(_original_rows()))
+    argv = ["--top_k", "1-3", "--train_size", "40", "--test_size", "10", "--test_max_function_calls", "2",
+            "--train_max_function_calls", "2", "--source", "xlam", "--xlam_path", str(path), "--output_dir",
+            str(tmp_path / "data"), "--recut", "original"]
+    with pytest.raises(SystemExit) as caught:
+        run_cli(xlam_datasets.main, argv)
+    assert caught.value.code == 0, capsys.readouterr().err
+    test = json.loads((tmp_path / "data" / "test" / "function_calling_test_tools1-3_2calls.json").read_text())
+    assert len(test) == 10 and {_distinct_tools(sample) for sample in test} == {2}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifest: reuse when unchanged, remake when not
+
+
+def _run(capsys, argv) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as caught:
+        run_cli(xlam_datasets.main, argv)
+    captured = capsys.readouterr()
+    return caught.value.code, captured.out, captured.err
+
+
+def _stamps(paths) -> list[tuple[int, int]]:
+    return [(path.stat().st_ino, path.stat().st_mtime_ns) for path in paths]
+
+
+def test_reuse_if_unchanged_keeps_current_files_and_remakes_stale_ones(capsys, tmp_path, restore_logging):
+    source = tmp_path / "tied.json"
+    source.write_text(json.dumps(tied_rows()))
+    data = tmp_path / "data"
+    argv = ["--top_k", "1-3", "--max_samples_per_tool", "5", "--train_size", "30", "--test_size", "2", "--source",
+            "xlam", "--xlam_path", str(source), "--output_dir", str(data), "--reuse_if_unchanged"]
+    paths = xlam_datasets.round_file_paths(data, 1, 3, 4, 4)
+    manifest_path = data / "manifest_tools1-3.json"
+
+    code, _, err = _run(capsys, argv)
+    assert code == 0 and "tools 1-3: remaking the files" in err and "is missing" in err
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["settings"]["xlam_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert manifest["settings"]["train_size"] == 30 and manifest["settings"]["recut"] == "toolkit"
+    made = _stamps(paths)
+
+    code, out, err = _run(capsys, argv)
+    assert code == 0 and "tools 1-3: present" in out and "present in" in err
+    assert _stamps(paths) == made
+
+    moved = tmp_path / "elsewhere.json"
+    moved.write_bytes(source.read_bytes())
+    code, out, _ = _run(capsys, [*argv, "--xlam_path", str(moved)])
+    assert code == 0 and "present" in out and _stamps(paths) == made
+
+    code, _, err = _run(capsys, [*argv, "--train_size", "40"])
+    assert code == 0 and "settings changed: train_size 30 -> 40" in err
+    assert len(json.loads(paths.train.read_text())) == 40
+    assert json.loads(manifest_path.read_text())["settings"]["train_size"] == 40
+
+    source.write_text(json.dumps(tied_rows() + [_row(99, "Search once more.", ["search"], [("search", {})])]))
+    code, _, err = _run(capsys, [*argv, "--train_size", "40"])
+    assert code == 0 and "settings changed: xlam_sha256" in err
+
+    paths.test.write_text("[]")
+    code, _, err = _run(capsys, [*argv, "--train_size", "40"])
+    assert code == 0 and f"{paths.test} changed since it was made" in err
+    assert json.loads(paths.test.read_text())
+
+    manifest_path.unlink()
+    code, _, err = _run(capsys, [*argv, "--train_size", "40"])
+    assert code == 0 and "no manifest" in err and manifest_path.is_file()
+
+    made = _stamps(paths)
+    code, out, _ = _run(capsys, [arg for arg in argv if arg != "--reuse_if_unchanged"] + ["--train_size", "40"])
+    assert code == 0 and "present" not in out and _stamps(paths) != made
+
+
+def test_provenance_names_the_settings_and_whether_the_files_match(capsys, tmp_path, restore_logging):
+    data = tmp_path / "data"
+    assert round_files.read_provenance(data, 1, 3, 4, 4)["settings"] is None
+    source = tmp_path / "tied.json"
+    source.write_text(json.dumps(tied_rows()))
+    code, _, _ = _run(capsys, ["--top_k", "1-3", "--max_samples_per_tool", "5", "--train_size", "30", "--test_size",
+                               "2", "--source", "xlam", "--xlam_path", str(source), "--output_dir", str(data),
+                               "--recut", "original", "--seed", "3"])
+    assert code == 0
+    provenance = round_files.read_provenance(data, 1, 3, 4, 4)
+    assert provenance["files_match"] and provenance["problems"] == []
+    assert provenance["settings"]["recut"] == "original" and provenance["settings"]["seed"] == 3
+    assert provenance["settings"]["source"] == "xlam"
+    other_caps = round_files.read_provenance(data, 1, 3, 3, 4)
+    assert not other_caps["files_match"]
+    assert any("function_calling_train_tools1-3_3calls.json is missing" in p for p in other_caps["problems"])
+    train = round_files.train_path(data, 1, 3, 4)
+    train.write_text(train.read_text() + " ")
+    assert round_files.read_provenance(data, 1, 3, 4, 4)["problems"] == [f"{train} changed since it was made"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --output_dir checked before any work
+
+
+def _a_file(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not a directory")
+    return path
+
+
+@pytest.mark.parametrize("make_output_dir, blocker", [
+    (lambda tmp: _a_file(tmp / "out"), "out"),
+    (lambda tmp: _a_file(tmp / "out") / "data", "out"),
+    (lambda tmp: _a_file(tmp / "out" / "training").parent, "out/training"),
+], ids=["is-a-file", "under-a-file", "training-is-a-file"])
+def test_output_dir_that_cannot_hold_the_files_is_refused_first(capsys, tmp_path, restore_logging,
+                                                                 make_output_dir, blocker):
+    output_dir = make_output_dir(tmp_path)
+    code, out, err = _run(capsys, ["--source", "xlam", "--xlam_path", str(tmp_path / "missing.json"),
+                                   "--output_dir", str(output_dir)])
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"{Path(sys.argv[0]).name}: error: --output_dir {output_dir}: {tmp_path / blocker} is a file, not a directory"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_output_dir_that_is_not_writable_is_refused_first(capsys, tmp_path, restore_logging):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, _, err = _run(capsys, ["--output_dir", str(locked / "data")])
+    finally:
+        locked.chmod(0o700)
+    assert code == 2 and f"{locked} is not writable" in err and len(err.strip().splitlines()) == 1

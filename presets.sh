@@ -1,0 +1,106 @@
+# Shared by run_n_rounds_main.sh, run_n_rounds_lora.sh and icl_baseline.sh (sourced, not run): the paper preset,
+# DRY_RUN, --help and the checks of the scripts' variables.
+#
+# PRESET=paper gives every variable the original toolkit's value (MANGA-UOFA/TokMem, compositional/, v1.0: its
+# scripts' settings and, through the departure flags, its behaviour) unless the variable is set in the environment,
+# even to an empty value: `PRESET=paper MODEL= bash run_n_rounds_main.sh` keeps the embedded backbone.
+# DRY_RUN=true prints each command a script would run, one line each, exactly as it would run, and runs nothing.
+
+# apply_preset SCRIPT: SCRIPT is main, lora or icl. Assigns only variables that are unset (${VAR=value}).
+apply_preset() {
+    case "${PRESET:-}" in
+        "" | none) return 0 ;;
+        paper) ;;
+        *) echo "error: PRESET must be paper or empty, got '${PRESET}'" >&2; exit 2 ;;
+    esac
+    # The original's scripts: Llama-3.2-3B-Instruct in bfloat16 on the real xLAM file, cut its way.
+    : "${MODEL=meta-llama/Llama-3.2-3B-Instruct}" "${DTYPE=bfloat16}" "${DATA_SOURCE=xlam}" "${RECUT=original}"
+    : "${SAMPLES_PER_TOOL=50}" "${TRAIN_SIZE=5000}" "${TEST_SIZE=500}" "${TRAIN_MAX_CALLS=4}" "${TEST_MAX_CALLS=4}"
+    : "${TRAIN_MULTI_TOOL_RATIOS=0.5,0.5}" "${TEST_MULTI_TOOL_RATIOS=0.5,0.5}" "${SEED=42}" "${MAX_LENGTH=512}"
+    : "${PROMPT_FORMAT=original}"
+    case "$1" in
+        main)
+            : "${NUM_ROUNDS=2}" "${TOOLS_PER_ROUND=50}" "${START_TOOL=1}" "${EPOCHS_PER_ROUND=1,3}"
+            : "${TRAIN_MAX_CALLS_PER_ROUND=4,4}" "${TEST_MAX_CALLS_PER_ROUND=4,4}"
+            : "${BATCH_SIZE=2}" "${LR=5e-3}" "${LORA_LR=5e-5}" "${EVAL_BATCH_SIZE=16}"
+            : "${USE_LORA=true}" "${FREEZE_LORA_AFTER_FIRST=true}" "${LORA_TARGET_MODULES=q_proj,v_proj}"
+            : "${LORA_R=8}" "${LORA_ALPHA=32}" "${LORA_DROPOUT=0.1}"
+            : "${RENORM_ACTIVE_TOOLS=true}" "${RENORM_ROWS=output}" "${RENORM_FROM_ROUND=3}"
+            : "${DECOUPLE_EMBEDDINGS=false}" "${CURRICULUM_LEARNING=false}" "${EVAL_ALL_PREVIOUS=false}"
+            : "${SAVE_CHECKPOINTS=true}"
+            # The original's behaviour where this toolkit departs from it (README: Departures from the original).
+            : "${MAX_GRAD_NORM=0}" "${TOOL_INIT_NORM=unit}" "${MEMORY_DTYPE=model}" "${OFFER_ALL_TOOLS=true}"
+            : "${UNCONSTRAINED_DECODING=true}" "${GROUND_TRUTH_STYLE=replace}"
+            ;;
+        lora)
+            : "${NUM_ROUNDS=2}" "${TOOLS_PER_ROUND=50}" "${START_TOOL=1}" "${EPOCHS_PER_ROUND=1}"
+            : "${TRAIN_MAX_CALLS_PER_ROUND=4,4}" "${TEST_MAX_CALLS_PER_ROUND=4,4}"
+            : "${BATCH_SIZE=2}" "${LR=5e-5}" "${EVAL_BATCH_SIZE=16}"
+            : "${LORA_TARGET_MODULES=q_proj,v_proj}" "${LORA_R=8}" "${LORA_ALPHA=32}" "${LORA_DROPOUT=0.1}"
+            : "${REINIT_LORA=true}" "${EVAL_ALL_PREVIOUS=false}" "${SAVE_CHECKPOINTS=true}"
+            : "${USE_REPLAY_BUFFER=false}" "${REPLAY_BUFFER_SIZE=1000}" "${REPLAY_RATIO=0.2}"
+            : "${MAX_GRAD_NORM=0}" "${REPLAY_POLICY=original}"
+            ;;
+        icl)
+            : "${TOOLS=51-100}" "${BATCH_SIZE=16}" "${USE_RAG=true}" "${RUN_ALL_TOOLS=false}" "${RETRIEVAL_K=5}"
+            : "${ICL_PROMPT=original}" "${RETRIEVAL_TEXT=original}"
+            ;;
+        *) echo "error: apply_preset: unknown script $1" >&2; exit 2 ;;
+    esac
+}
+
+# run_step CMD...: run a step, or print it (one line, quoted where the shell needs it) when DRY_RUN is true.
+run_step() {
+    if [[ "${DRY_RUN:-false}" == true ]]; then
+        local arg sep=""
+        for arg in "$@"; do
+            if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@+-]+$ ]]; then printf '%s%s' "$sep" "$arg"; else printf '%s%q' "$sep" "$arg"; fi
+            sep=" "
+        done
+        printf '\n'
+    else
+        "$@"
+    fi
+}
+
+# bool_var NAME...: each variable must read as a boolean; it is rewritten as true or false.
+bool_var() {
+    local name value
+    for name in "$@"; do
+        value=${!name:-false}
+        case "${value,,}" in
+            true | 1 | yes | y | on) printf -v "$name" true ;;
+            false | 0 | no | n | off) printf -v "$name" false ;;
+            *) echo "error: $name must be true or false (or yes/no, 1/0, on/off), got '$value'" >&2; exit 2 ;;
+        esac
+    done
+}
+
+# int_var NAME...: each variable must be a positive integer.
+int_var() {
+    local name
+    for name in "$@"; do
+        if ! [[ ${!name} =~ ^[1-9][0-9]*$ ]]; then
+            echo "error: $name must be a positive integer, got '${!name}'" >&2
+            exit 2
+        fi
+    done
+}
+
+# script_help SCRIPT ARGS...: with -h or --help among ARGS, print the script's header and variables and exit.
+script_help() {
+    local script=$1 arg
+    shift
+    for arg in "$@"; do
+        if [[ "$arg" == -h || "$arg" == --help ]]; then
+            sed -n '2,/^set -euo pipefail/{/^set -euo/d;s/^# \{0,1\}//;p}' "$script"
+            echo
+            echo "Variables (set them in the environment, e.g. NUM_ROUNDS=4 bash $script):"
+            grep -E '^[A-Z_]+=\$\{[A-Z_]+:-' "$script" | sed -E -e 's/^([A-Z_]+)=\$\{[A-Z_]+:-([^}]*)\}/  \1 (default: \2)/' -e 's/[[:space:]]+#/   #/'
+            echo
+            echo "PRESET=paper: the original toolkit's settings (see presets.sh); DRY_RUN=true: print the commands only."
+            echo "Other arguments are passed on to the Python CLI; its own flags: python3 <cli>.py --help"
+            exit 0
+        fi
+    done
+}
