@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -124,6 +127,26 @@ def two_round_data(tmp_path_factory) -> Path:
     return data
 
 
+def digest(value) -> str:
+    """SHA-256 of a JSON-serialisable value."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def digest_in_fresh_interpreter(imports: str, expression: str, hash_seed: str = "12345") -> str:
+    """`digest(expression)` computed by a new interpreter with its own string-hash seed: a result that depends on
+    set or dict-of-set iteration order (or on state left by earlier calls) differs from this process's."""
+    import os
+
+    code = f"import hashlib, json; {imports}; print(hashlib.sha256(json.dumps({expression}, sort_keys=True).encode())" \
+           ".hexdigest())"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONHASHSEED": hash_seed})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
 def output_dir_of(args: list[str]) -> Path:
     return Path(args[args.index("--output_dir") + 1])
 
@@ -190,23 +213,129 @@ def assert_files_complete(run_dir: Path) -> None:
             assert data.startswith(b"\x89PNG") and data.endswith(b"IEND\xaeB`\x82"), f"truncated image {path}"
 
 
+def assert_forgetting_plot(path: Path) -> None:
+    """A whole PNG holding the three heat maps side by side (figure 3 x 4.2 wide, 3.6 high), not one flat colour."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        width, height = image.size
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert width > 2 * height, (width, height)
+    assert colours is None or len(colours) > 3
+
+
 def assert_no_pickle_files(run_dir: Path) -> None:
     """A run directory holds safetensors and JSON, never a pickle-capable format."""
     found = [str(p) for p in run_dir.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES]
     assert not found, f"pickle-capable files in {run_dir}: {found}"
 
 
-@pytest.fixture
-def restore_logging():
-    """main() replaces the root handlers (and may add a file handler); put pytest's back afterwards."""
+@contextlib.contextmanager
+def kept_logging() -> Iterator[None]:
+    """main() replaces the root handlers (and may add a file handler); put the previous ones back afterwards."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+
+
+@pytest.fixture
+def restore_logging():
+    with kept_logging():
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In-process runs of the sequential CLIs with every training round recorded
+
+
+class Interrupted(Exception):
+    """Raised by a TrainingRecorder at the round it was told to stop at: the run dies there, as if killed."""
+
+
+@dataclass
+class RoundRecord:
+    """One call of training.train_round: which round, the trainable state before and after, the batches it saw."""
+
+    description: str
+    active: torch.Tensor | None
+    train_lora: bool
+    steps: int
+    banks_before: list[torch.Tensor]
+    banks_after: list[torch.Tensor]
+    lora_before: dict[str, torch.Tensor]
+    lora_after: dict[str, torch.Tensor]
+    batches: list[list[str]] = field(default_factory=list)
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+
+
+class RecordingLoader:
+    """Passes a loader's batches through unchanged (no extra draw from its generator) and keeps their queries."""
+
+    def __init__(self, loader, batches: list[list[str]]):
+        self.loader, self.batches = loader, batches
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.batches.append(list(batch["user_input"]))
+            yield batch
+
+
+class TrainingRecorder:
+    """Stands in for sequential.train_round: runs the real one and records each call (see RoundRecord).
+
+    With `stop_at`, the call for that round raises Interrupted before training: the run stops as a killed one would,
+    after the previous round was recorded as finished.
+    """
+
+    def __init__(self, stop_at: str | None = None):
+        import training
+
+        self.real = training.train_round
+        self.stop_at = stop_at
+        self.records: list[RoundRecord] = []
+
+    @property
+    def descriptions(self) -> list[str]:
+        return [record.description for record in self.records]
+
+    def __call__(self, model, loader, settings, active, train_lora, description):
+        if description == self.stop_at:
+            raise Interrupted(description)
+        banks_before = [bank.detach().clone() for bank in model.bank_parameters()]
+        lora_before = lora_state(model)
+        batches: list[list[str]] = []
+        stats = self.real(model, RecordingLoader(loader, batches), settings, active, train_lora, description)
+        self.records.append(RoundRecord(
+            description, None if active is None else active.clone(), train_lora, stats.steps, banks_before,
+            [bank.detach().clone() for bank in model.bank_parameters()], lora_before, lora_state(model), batches))
+        return stats
+
+
+def run_in_process(main: Callable[[list[str]], int], argv: list[str], recorder: TrainingRecorder) -> dict | None:
+    """Run a sequential CLI's main() in this process with `recorder` as its train_round; summary.json when it ends."""
+    with pytest.MonkeyPatch.context() as patch, kept_logging():
+        patch.setattr("sequential.train_round", recorder)
+        try:
+            assert main(argv) == 0
+        except Interrupted:
+            return None
+    out = output_dir_of(argv)
+    assert_files_complete(out)
+    return json.loads((out / "summary.json").read_text())

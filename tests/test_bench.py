@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -130,7 +131,12 @@ def test_cli_at_toy_sizes_prints_the_table_and_writes_json(tmp_path, capsys):
         assert label in table
     figures = json.loads(out.read_text())
     (result,) = figures["results"]
-    assert [row["ratio"] for row in result["train"]][0] == 1.0
+    for group in ("train", "eval"):
+        rows = result[group]
+        first = statistics.median(rows[0]["seconds"])
+        for row in rows:
+            assert row["median_s"] == pytest.approx(statistics.median(row["seconds"]))
+            assert row["ratio"] == pytest.approx(statistics.median(row["seconds"]) / first), row["label"]
     assert len(result["train"]) == 3 and len(result["eval"]) == 2
     assert result["eval_same_ids"] is True
     assert figures["settings"]["device"] == "cpu"

@@ -41,7 +41,14 @@ def test_table_and_plot_over_sequential_and_in_context_runs(tmp_path, capsys):
     icl = next(line for line in lines if line.startswith("icl (icl) "))
     assert icl.split()[4:8] == ["0.500", "-", "-", "0.500"]
     assert any(line.startswith("icl (icl2)") for line in lines)
-    assert output.stat().st_size > 1000
+    from PIL import Image
+
+    with Image.open(output) as image:
+        image.load()
+        size, colours = image.size, image.convert("RGB").getcolors(maxcolors=1 << 20)
+    # One bar panel per metric plus the first test set's curve over rounds, 4.6 x 4.0 inches each at 110 dpi.
+    assert size == (round(4.6 * (len(compare_runs.METRICS) + 1) * 110), round(4.0 * 110))
+    assert colours is None or len(colours) > 3
 
 
 def table_block(lines: list[str], label: str) -> dict[str, list[str]]:

@@ -232,6 +232,19 @@ def test_score_predictions_overall_and_breakdown_numbers():
     assert breakdown["2"]["paper_exact_accuracy"] == pytest.approx(1 / 2)
 
 
+def test_score_predictions_counts_repeated_tools_and_calls_as_a_multiset():
+    # Under set matching both samples would be perfect; as multisets one call is missing and one is extra.
+    metrics = scoring.score_predictions([
+        prediction(["a"], ['{"x": 1}'], ["a", "a"], ['{"x": 1}', '{"x": 1}']),
+        prediction(["b", "b"], ['{"y": 2}', '{"y": 2}'], ["b"], ['{"y": 2}']),
+    ])
+    assert metrics["tool_accuracy"] == 0.0 and metrics["exact_accuracy"] == 0.0
+    for kind in ("avg_tool_", "avg_"):
+        assert metrics[f"{kind}precision"] == pytest.approx((1 + 1 / 2) / 2)
+        assert metrics[f"{kind}recall"] == pytest.approx((1 / 2 + 1) / 2)
+        assert metrics[f"{kind}f1_score"] == pytest.approx(2 / 3)
+
+
 def test_score_predictions_has_every_metric_name_of_the_design():
     metrics = scoring.score_predictions([prediction([], [], ["t"], ['{"a": 1}'])])
     ours = {

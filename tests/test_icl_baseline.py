@@ -472,10 +472,15 @@ def test_tiny_rag_run_writes_a_results_file(tiny_model_dir, round_data, tmp_path
     results = json.loads(results_file.read_text())
     assert results["method"] == "icl_rag" and results["metrics"]["total_examples"] == 4
     assert results["retrieval"]["text"] == "original" and list(results["sets"]) == ["1-6"]
-    assert 0.0 <= results["retrieval"]["recall_at_k"] <= 1.0
+    predictions = results["predictions"]
+    assert all(len(p["offered_tools"]) == 2 for p in predictions)
+    # recall@k: per query, the share of its distinct gold tools among the offered (retrieved) ones, averaged.
+    shares = [len(set(p["gold_tools"]) & set(p["offered_tools"])) / len(set(p["gold_tools"])) for p in predictions]
+    assert results["retrieval"]["recall_at_k"] == pytest.approx(sum(shares) / len(shares))
+    covered = [set(p["gold_tools"]) <= set(p["offered_tools"]) for p in predictions]
+    assert results["retrieval"]["all_gold_retrieved"] == pytest.approx(sum(covered) / len(covered))
     tokens = results["prompt_tokens"]
     assert tokens["icl"]["mean"] > tokens["rag"]["mean"] > tokens["tool_memory"]["mean"]
-    assert all(len(p["offered_tools"]) == 2 for p in results["predictions"])
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +11,8 @@ import torch
 
 import lora_sequential
 from common import UserError, run_cli
-from conftest import TOOL_NAMES, make_sample, write_round_files
+from conftest import (TOOL_NAMES, TrainingRecorder, assert_forgetting_plot, make_sample, run_in_process,
+                      write_round_files)
 from dataset import NativeFunctionCallingDataset, build_answer_ids, discover_available_tools, make_dataloader
 from experiment import RoundData, RoundSpec
 from lora_sequential import BaselineRounds, MarkerLoRAModel, ToolMarkers
@@ -64,10 +63,10 @@ def test_encode_tool_is_the_marker_text_and_the_same_in_every_round(marker_model
     tokenizer = marker_model.tokenizer
     for index, tool in enumerate(TOOL_NAMES):
         assert tokenizer.decode(marker_model.encode_tool(tool)) == f"[tool_{index + 1}]"
-    sample = make_sample(["get_weather"], [{"city": "Oslo"}])
-    first = build_answer_ids(tokenizer, sample["tools"], sample["function_calls"], marker_model.encode_tool)
-    again = build_answer_ids(tokenizer, sample["tools"], sample["function_calls"], marker_model.encode_tool)
-    assert first == again
+    sample = make_sample(["search_flights"], [{"city": "Oslo"}])
+    answer = build_answer_ids(tokenizer, sample["tools"], sample["function_calls"], marker_model.encode_tool)
+    marker, call = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("[tool_3]", '{"city": "Oslo"}'))
+    assert answer == marker + call + [marker_model.end_id]
     assert marker_model.parameter_breakdown()["tool_memory"] == 0 and marker_model.bank_parameters() == []
 
 
@@ -204,11 +203,6 @@ def test_reservoir_replay_policy_offers_every_sample_and_keeps_every_new_one(tin
     assert len(hooks.buffer) == 30 and hooks.buffer.seen == 34
 
 
-def lora_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "lora_sequential.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--replay_ratio", "1.5"], "argument --replay_ratio: expected a number in [0, 1]"),
     (["--replay_buffer_size", "0"], "argument --replay_buffer_size: expected a positive integer"),
@@ -224,7 +218,7 @@ def test_bad_replay_flags_are_one_line_errors(flags, message, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_tiny_rounds_with_replay_write_the_run_directory_and_resume_exactly(tiny_model_dir, tmp_path):
+def test_two_tiny_rounds_with_replay_write_the_run_directory_and_resume_exactly(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "data"
     write_round_files(data, 1, 3, ROUND_1)
     write_round_files(data, 4, 6, ROUND_2)
@@ -233,32 +227,37 @@ def test_two_tiny_rounds_with_replay_write_the_run_directory_and_resume_exactly(
             "--output_dir", str(out), "--batch_size", "4", "--eval_all_previous", "--max_new_tokens", "16",
             "--device", "cpu", "--use_replay_buffer", "--replay_buffer_size", "5", "--replay_ratio", "0.5",
             "--reinit_lora_after_each_round", "--save_checkpoints", "--lora_r", "4"]
-    result = lora_cli(*args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "avg_tool_f1_score" in result.stdout and "backward transfer" in result.stdout
-    summary = json.loads((out / "summary.json").read_text())
+    recorder = TrainingRecorder()
+    summary = run_in_process(lora_sequential.main, args, recorder)
+    assert recorder.descriptions == ["round 1-3", "round 4-6"]
+    printed = capsys.readouterr().out
+    assert "avg_tool_f1_score" in printed and "backward transfer" in printed
     assert summary["method"] == "lora_replay" and summary["rounds"] == ["1-3", "4-6"]
     tool_f1 = summary["matrix"]["avg_tool_f1_score"]
     assert tool_f1[0][0] is not None and tool_f1[0][1] is None and None not in tool_f1[1]
     params = summary["parameters"]
     assert params["tool_memory"] == 0 and params["trainable"] == params["lora"] > 0
-    assert (out / "forgetting.png").stat().st_size > 1000 and (out / "train.log").is_file()
+    assert_forgetting_plot(out / "forgetting.png")
     log = (out / "train.log").read_text()
     assert "round 2: 2 replay samples per batch of 4 (reservoir policy), from a buffer of 5 (of 12 offered)" in log
     assert "round 2: LoRA adapter re-initialised" in log
+    # Re-initialised: round 2 starts from peft's fresh adapter (B zero), not from round 1's.
+    second = recorder.records[1]
+    assert all(torch.count_nonzero(v) == 0 for k, v in second.lora_before.items() if "lora_B" in k)
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["round_1", "round_2"]
     markers = [(checkpoints / name / "markers.json").read_text() for name in ("round_1", "round_2")]
     assert markers[0] == markers[1]
     assert not list(checkpoints.rglob("model.safetensors")) and not list(out.rglob("*.tmp"))
 
-    # Roll the run back to "round 1 finished" and resume: the rebuilt buffer gives the same numbers.
+    # Roll the run back to "round 1 finished" and resume: only round 2 trains, and the numbers repeat.
     state = json.loads((out / "state.json").read_text())
     state["completed_rounds"] = 1
     (out / "state.json").write_text(json.dumps(state))
     (out / "summary.json").unlink()
-    resumed = lora_cli(*args, "--resume", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    again = json.loads((out / "summary.json").read_text())
+    resumed = TrainingRecorder()
+    again = run_in_process(lora_sequential.main, args + ["--resume"], resumed)
+    assert resumed.descriptions == ["round 4-6"]
+    assert resumed.records[0].batches == second.batches
     assert again["matrix"] == summary["matrix"]
     assert again["round_stats"] == summary["round_stats"]

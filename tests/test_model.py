@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from safetensors.torch import load_file
 from common import UserError
 from conftest import TOOL_NAMES, make_sample
 from dataset import NativeFunctionCallingDataset, left_pad_collate, make_dataloader
-from model import CallBoundaryTracker, FunctionCallingModel, LoraSettings, ToolForcingProcessor, reserved_token_ids
+from model import (CallBoundaryTracker, CallingOutput, FunctionCallingModel, LoraSettings, ToolForcingProcessor,
+                   reserved_token_ids)
+from sequential import active_tool_mask
 from training import TrainSettings, train_round
 
 SAMPLES = [
@@ -61,20 +64,79 @@ def test_only_bank_and_lora_receive_gradient(tiny_model_dir):
     assert breakdown["tool_memory"] == len(TOOL_NAMES) * 64
 
 
-def test_inactive_rows_stay_bit_identical_after_training(tiny_model_dir):
+def hand_made_rows(norms: list[float], hidden: int) -> torch.Tensor:
+    """Orthogonal rows (basis vectors) with the given norms: the mean of their norms is known in advance."""
+    return torch.stack([torch.eye(hidden)[i] * norm for i, norm in enumerate(norms)])
+
+
+@pytest.mark.parametrize("rows, renormalised", [("all", (True, True)), ("output", (False, True))])
+def test_training_keeps_inactive_rows_and_renormalises_active_rows_to_their_mean_norm(tiny_model_dir, rows,
+                                                                                     renormalised):
     model = build(tiny_model_dir, decouple_embeddings=True)
     active = torch.tensor([name in ("get_weather", "convert_currency") for name in TOOL_NAMES])
+    # Input rows: the inactive ones have norms 2, 4, 6, 8, so the target is their mean norm 5 (the norm of their mean
+    # row is 2.74, the active rows' mean norm 7, all rows' 5.67). Output rows: inactive mean norm (1+2+3+6)/4 = 3.
+    input_norms = {"get_weather": 3.0, "convert_currency": 11.0, "search_flights": 2.0, "calculate_bmi": 4.0,
+                   "book_table": 6.0, "translate_text": 8.0}
+    output_norms = {"get_weather": 7.0, "convert_currency": 7.5, "search_flights": 1.0, "calculate_bmi": 2.0,
+                    "book_table": 3.0, "translate_text": 6.0}
+    with torch.no_grad():
+        model.tool_embeddings.copy_(hand_made_rows([input_norms[n] for n in TOOL_NAMES], 64))
+        model.output_tool_embeddings.copy_(hand_made_rows([output_norms[n] for n in TOOL_NAMES], 64).flip(-1))
     before = [bank.detach().clone() for bank in model.bank_parameters()]
     data = NativeFunctionCallingDataset(SAMPLES, model.tokenizer, model.encode_tool, mode="train")
     loader = make_dataloader(data, 2, model.tokenizer.pad_token_id, shuffle=True)
-    stats = train_round(model, loader, TrainSettings(epochs=2, lr=1e-2, renorm_active_tools=True), active)
-    assert stats.steps == 4
-    for old, bank in zip(before, model.bank_parameters()):
+    settings = TrainSettings(epochs=2, lr=1e-2, renorm_active_tools=True, renorm_rows=rows)
+    stats = train_round(model, loader, settings, active)
+    assert stats.steps == 4  # 3 samples in batches of 2, two epochs
+    for old, bank, target, scaled in zip(before, model.bank_parameters(), (5.0, 3.0), renormalised):
         assert torch.equal(old[~active], bank.detach()[~active])
-        assert not torch.equal(old[active], bank.detach()[active])
-        # Renormalization puts the active rows at the inactive rows' mean norm.
-        target = bank.detach()[~active].norm(dim=-1).mean()
-        assert torch.allclose(bank.detach()[active].norm(dim=-1), target.expand(int(active.sum())), rtol=1e-5)
+        assert all(not torch.equal(a, b) for a, b in zip(old[active], bank.detach()[active]))
+        norms = bank.detach()[active].norm(dim=-1)
+        # Four Adam steps of 1e-2 move a 64-wide row by well under 1 in norm: unscaled rows stay near 3 and 11.
+        assert torch.allclose(norms, torch.full_like(norms, target), rtol=1e-5) == scaled, (norms, target)
+
+
+def test_without_renormalisation_active_rows_keep_their_own_norms(tiny_model_dir):
+    model = build(tiny_model_dir)
+    active = torch.tensor([name == "get_weather" for name in TOOL_NAMES])
+    with torch.no_grad():
+        model.tool_embeddings.copy_(hand_made_rows([3.0, 2.0, 4.0, 6.0, 8.0, 10.0], 64))
+    data = NativeFunctionCallingDataset(SAMPLES[:1], model.tokenizer, model.encode_tool, mode="train")
+    train_round(model, make_dataloader(data, 1, model.tokenizer.pad_token_id, False),
+                TrainSettings(epochs=1, lr=1e-3), active)
+    assert abs(float(model.tool_embeddings.detach()[0].norm()) - 3.0) < 0.1, "one small step, no jump to norm 6"
+
+
+def test_active_tool_mask_marks_exactly_the_rounds_tools(tiny_model_dir):
+    model = build(tiny_model_dir)
+    mask = active_tool_mask(model, ["book_table", "get_weather"])
+    assert mask.tolist() == [True, False, False, False, True, False]
+    assert active_tool_mask(SimpleNamespace(bank_parameters=lambda: []), ["book_table"]) is None
+
+
+def test_loss_is_the_mean_cross_entropy_over_the_answer_tokens_only(tiny_model_dir):
+    model = build(tiny_model_dir)
+    batch = train_batch(model)
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    log_probs = out.logits.float().log_softmax(-1)
+    tool_ids = set(model.tool_token_ids.tolist())
+    answer, tools = [], []
+    for row in range(batch["input_ids"].shape[0]):
+        for position in range(1, batch["input_ids"].shape[1]):
+            label = int(batch["labels"][row, position])
+            if label != -100:
+                answer.append(-float(log_probs[row, position - 1, label]))
+                if label in tool_ids:
+                    tools.append(answer[-1])
+    # Per sample, the answer is one tool token and the argument JSON's tokens per call, then the end of turn.
+    text_tokens = [len(model.tokenizer(call, add_special_tokens=False)["input_ids"])
+                   for sample in SAMPLES for call in sample["function_calls"]]
+    assert len(answer) == sum(text_tokens) + sum(len(s["tools"]) for s in SAMPLES) + len(SAMPLES)
+    assert len(tools) == sum(len(s["tools"]) for s in SAMPLES)
+    assert float(out.loss) == pytest.approx(sum(answer) / len(answer), rel=1e-5)
+    assert float(out.tool_loss) == pytest.approx(sum(tools) / len(tools), rel=1e-5)
 
 
 def test_tool_logit_is_hidden_dot_row_and_input_is_bank_row(tiny_model_dir):
@@ -185,6 +247,105 @@ def test_ground_truth_tool_generation_emits_the_gold_tools_in_order(tiny_model_d
     # A random model never closes a JSON object, so only the first gold tool has a call boundary to take, and with
     # the default call-boundary rule no other tool comes inside that unfinished call.
     assert [o.predicted_tools for o in out] == [s["tools"][:1] for s in SAMPLES]
+
+
+class ScriptedLM:
+    """Stands in for FunctionCallingModel.forward during generation: at answer step t the scores of row b peak at
+    scripts[b][t] (10) and next at a space (5). The model writes its script exactly, except where a decoding rule
+    forbids a token; there it writes a space, which keeps JSON valid."""
+
+    def __init__(self, scripts: list[list[int]], vocab_size: int, space_id: int):
+        self.scripts, self.vocab_size, self.space_id, self.step = scripts, vocab_size, space_id, 0
+
+    def __call__(self, input_ids, attention_mask=None, **kwargs) -> CallingOutput:
+        logits = torch.zeros(len(self.scripts), 1, self.vocab_size)
+        logits[:, 0, self.space_id] = 5.0
+        for row, script in enumerate(self.scripts):
+            logits[row, 0, script[min(self.step, len(script) - 1)]] = 10.0
+        self.step += 1
+        return CallingOutput(logits=logits)
+
+
+def token_ids(model, *parts: str) -> list[int]:
+    """Ids of a scripted answer: a tool name is its token, "<eot>" the end of turn, anything else text."""
+    ids: list[int] = []
+    for part in parts:
+        if part in TOOL_NAMES:
+            ids.append(model.get_tool_token_id(part))
+        elif part == "<eot>":
+            ids.append(model.end_id)
+        else:
+            ids.extend(model.tokenizer(part, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def scripted(model, monkeypatch, *scripts: list[int]) -> None:
+    space = model.tokenizer(" ", add_special_tokens=False)["input_ids"]
+    assert len(space) == 1
+    monkeypatch.setattr(model, "forward", ScriptedLM(list(scripts), model.token_to_slot.shape[0], space[0]))
+
+
+def tool_tokens_only_between_calls(model, row: list[int]) -> bool:
+    """Between two tool tokens there is exactly one whole JSON object (decoded text, parsed with json)."""
+    tools = set(model.tool_token_ids.tolist())
+    positions = [i for i, token in enumerate(row) if token in tools]
+    for before, after in zip(positions, positions[1:]):
+        try:
+            call = json.loads(model.tokenizer.decode(row[before + 1:after]))
+        except json.JSONDecodeError:
+            return False
+        if not isinstance(call, dict):
+            return False
+    return True
+
+
+A, B, C = '{"a": 1}', '{"b": 2}', '{"c": 3}'
+
+
+def test_gold_tools_are_forced_at_call_boundaries_with_the_rule_on(tiny_model_dir, monkeypatch):
+    model = build(tiny_model_dir)
+    assert model.constrain_calls, "the call-boundary rule is on by default"
+    gold = [["get_weather", "convert_currency"], ["get_weather", "convert_currency"], ["search_flights"]]
+    scripted(model, monkeypatch,
+             token_ids(model, "translate_text", A, "book_table", B, "<eot>"),  # wrong tools at both boundaries
+             token_ids(model, " ", A, "<eot>", B, "<eot>"),  # text first, then wants to stop after one call
+             token_ids(model, "translate_text", C, "book_table", B, "<eot>"))  # wants a second tool, gold has one
+    batch = eval_batch(model)
+    out = model.generate_with_ground_truth_tools(batch["input_ids"], batch["attention_mask"], gold, 30)
+    assert [o.token_ids for o in out] == [
+        token_ids(model, "get_weather", A, "convert_currency", B, "<eot>"),
+        token_ids(model, "get_weather", A, "convert_currency", B, "<eot>"),
+        token_ids(model, "search_flights", C, "<eot>"),
+    ]
+    assert [o.predicted_tools for o in out] == gold
+    assert [o.function_calls for o in out] == [[A, B], [A, B], [C]]
+
+
+@pytest.mark.parametrize("style", ["forced", "replace"])
+def test_gold_tools_are_never_forced_inside_an_unfinished_call(tiny_model_dir, monkeypatch, style):
+    model = build(tiny_model_dir)
+    gold = [["get_weather", "convert_currency"]]
+    # The model opens a call with a (wrong) tool, then wants to end the turn inside the unfinished object.
+    scripted(model, monkeypatch, token_ids(model, "translate_text", '{"a": ', "<eot>", "1}", "<eot>"))
+    batch = eval_batch(model, SAMPLES[:1])
+    (out,) = model.generate_with_ground_truth_tools(batch["input_ids"], batch["attention_mask"], gold, 30, style)
+    assert out.token_ids[0] == model.get_tool_token_id("get_weather")
+    assert out.predicted_tools == gold[0][: len(out.predicted_tools)]
+    assert tool_tokens_only_between_calls(model, out.token_ids), model.tokenizer.decode(out.token_ids)
+
+
+def test_a_tool_token_never_comes_inside_a_call(tiny_model_dir, monkeypatch):
+    model = build(tiny_model_dir)
+    script = token_ids(model, "translate_text", '{"a": ', "book_table", "1}", "calculate_bmi", B, "<eot>")
+    batch = eval_batch(model, SAMPLES[:1])
+    scripted(model, monkeypatch, script)
+    (constrained,) = model.generate_ids(batch["input_ids"], batch["attention_mask"], 30)
+    assert constrained == token_ids(model, "translate_text", '{"a": ', " ", "1}", "calculate_bmi", B, "<eot>")
+    assert tool_tokens_only_between_calls(model, constrained)
+    model.constrain_calls = False
+    scripted(model, monkeypatch, script)
+    (free,) = model.generate_ids(batch["input_ids"], batch["attention_mask"], 30)
+    assert free == script and not tool_tokens_only_between_calls(model, free), "the script itself breaks the rule"
 
 
 def test_call_boundary_tracker_follows_json_outside_strings(tiny_model_dir):

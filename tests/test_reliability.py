@@ -1,5 +1,5 @@
 """Reliability of the four CLIs: every bad input is one `prog: error: ...` line naming the culprit with exit status 2
-and no traceback; kill-and-resume and same-seed determinism of the LoRA baseline; nothing loads or writes pickles.
+and no traceback; resume and replay batches of the LoRA baseline; nothing loads or writes pickles.
 
 The bad-input tables run each CLI as a script, in a temporary working directory, through tests/cli_forkserver.py: one
 interpreter imports torch, transformers and peft once and forks a child per case, so a case costs milliseconds, not
@@ -16,14 +16,17 @@ import logging
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+import torch
 
-from conftest import (REPO_ROOT, assert_files_complete, assert_no_pickle_files, kill_in_round_two, numbers,
-                      run_to_end, write_round_files)
+import lora_sequential
+from conftest import (REPO_ROOT, TrainingRecorder, assert_files_complete, assert_no_pickle_files, numbers,
+                      run_in_process, write_round_files)
 
 ROUND_1 = ["get_weather", "convert_currency", "search_flights"]
 ROUND_2 = ["calculate_bmi", "book_table", "translate_text"]
@@ -637,40 +640,64 @@ def test_xlam_datasets_bad_input(item, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Kill and resume, determinism: the LoRA baseline with replay (TokMem's are in test_resume.py)
+# Resume and replay of the LoRA baseline, in this process (TokMem's SIGKILL test is in test_resume.py)
 
-LORA_SCRIPT = "lora_sequential.py"
+LORA_BATCH, LORA_REPLAY_RATIO, LORA_EPOCHS = 4, 0.5, (1, 2)
 
 
 def lora_args(model_dir: Path, data: Path, out: Path) -> list[str]:
     return ["--model_name", str(model_dir), "--training_rounds", "1-3:1,4-6:2", "--data_dir", str(data),
-            "--output_dir", str(out), "--batch_size", "4", "--eval_all_previous", "--max_new_tokens", "8",
+            "--output_dir", str(out), "--batch_size", str(LORA_BATCH), "--eval_all_previous", "--max_new_tokens", "8",
             "--device", "cpu", "--seed", "7", "--lora_r", "4", "--use_replay_buffer", "--replay_buffer_size", "8",
-            "--replay_ratio", "0.5"]
+            "--replay_ratio", str(LORA_REPLAY_RATIO)]
 
 
 @pytest.fixture(scope="module")
-def lora_reference(tiny_model_dir, two_round_data, tmp_path_factory) -> dict:
-    """summary.json of one uninterrupted LoRA + replay run."""
-    tmp = tmp_path_factory.mktemp("lora_reference")
-    return run_to_end(LORA_SCRIPT, lora_args(tiny_model_dir, two_round_data, tmp / "whole"), tmp)
+def lora_reference(tiny_model_dir, two_round_data, tmp_path_factory) -> tuple[dict, TrainingRecorder]:
+    """summary.json and the recorded rounds of one uninterrupted LoRA + replay run."""
+    out = tmp_path_factory.mktemp("lora_reference") / "whole"
+    recorder = TrainingRecorder()
+    return run_in_process(lora_sequential.main, lora_args(tiny_model_dir, two_round_data, out), recorder), recorder
+
+
+def queries_of(data: Path, spec: str) -> set[str]:
+    return {s["user_input"] for s in json.loads((data / "training" / f"function_calling_train_tools{spec}_4calls.json")
+                                                 .read_text())}
 
 
 @pytest.mark.slow
-def test_lora_replay_sigkill_in_round_two_then_resume_gives_the_same_numbers(lora_reference, tiny_model_dir,
-                                                                             two_round_data, tmp_path):
-    args = lora_args(tiny_model_dir, two_round_data, tmp_path / "killed")
-    kill_in_round_two(LORA_SCRIPT, args, tmp_path)
-    resumed = run_to_end(LORA_SCRIPT, args + ["--resume"], tmp_path)
-    assert numbers(resumed) == numbers(lora_reference)
+def test_lora_replay_resume_after_round_one_trains_only_round_two(lora_reference, tiny_model_dir, two_round_data,
+                                                                  tmp_path):
+    summary, reference = lora_reference
+    args = lora_args(tiny_model_dir, two_round_data, tmp_path / "stopped")
+    stopped = TrainingRecorder(stop_at="round 4-6")
+    assert run_in_process(lora_sequential.main, args, stopped) is None
+    assert json.loads((tmp_path / "stopped" / "state.json").read_text())["completed_rounds"] == 1
+    recorder = TrainingRecorder()
+    resumed = run_in_process(lora_sequential.main, args + ["--resume"], recorder)
+    assert recorder.descriptions == ["round 4-6"], "a resumed run trains only the rounds it lacks"
+    (record,) = recorder.records
+    first = reference.records[0]
+    assert first.lora_before.keys() == record.lora_before.keys()
+    assert all(torch.equal(record.lora_before[k], first.lora_after[k]) for k in first.lora_after), \
+        "round 2 starts from round 1's adapter"
+    assert any(not torch.equal(first.lora_before[k], first.lora_after[k]) for k in first.lora_after)
+    assert record.batches == reference.records[1].batches, "the rebuilt buffer replays the same samples"
+    assert numbers(resumed) == numbers(summary)
     assert resumed["method"] == "lora_replay"
 
 
-@pytest.mark.slow
-def test_lora_two_runs_with_the_same_seed_give_identical_metrics(lora_reference, tiny_model_dir, two_round_data,
-                                                                 tmp_path):
-    again = run_to_end(LORA_SCRIPT, lora_args(tiny_model_dir, two_round_data, tmp_path / "again"), tmp_path)
-    assert numbers(again) == numbers(lora_reference)
+def test_every_replay_batch_holds_the_asked_share_of_earlier_rounds(lora_reference, two_round_data):
+    _, reference = lora_reference
+    old, new = queries_of(two_round_data, "1-3"), queries_of(two_round_data, "4-6")
+    first, second = reference.records
+    assert all(set(batch) <= old for batch in first.batches), "round 1 has nothing to replay"
+    replayed = LORA_BATCH * LORA_REPLAY_RATIO
+    for batch in second.batches:
+        assert sum(q in old for q in batch) == replayed and sum(q in new for q in batch) == len(batch) - replayed
+    own = Counter(q for batch in second.batches for q in batch if q in new)
+    assert own == {q: LORA_EPOCHS[1] for q in new}, "every sample of the round once per epoch"
+    assert second.steps == -(-len(new) // int(LORA_BATCH - replayed)) * LORA_EPOCHS[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

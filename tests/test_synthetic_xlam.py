@@ -13,6 +13,7 @@ import pytest
 
 import synthetic_xlam
 import xlam_datasets
+from conftest import digest, digest_in_fresh_interpreter
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_TOOLS = 30
@@ -55,19 +56,34 @@ def test_catalog_has_enough_realistic_typed_tools():
     assert all(seen_types[kind] > 20 for kind in ("str", "int", "float", "bool"))
 
 
+def documented_last_rank() -> int:
+    """The highest tool rank the documented runs use: the round scripts' defaults and the README's examples."""
+    ends = []
+    for script in ("run_n_rounds_main.sh", "run_n_rounds_lora.sh"):
+        text = (REPO / script).read_text()
+        value = {name: int(re.search(rf"^{name}=\${{{name}:-(\d+)}}", text, re.M).group(1))
+                 for name in ("NUM_ROUNDS", "TOOLS_PER_ROUND", "START_TOOL")}
+        ends.append(value["START_TOOL"] + value["NUM_ROUNDS"] * value["TOOLS_PER_ROUND"] - 1)
+    for rounds in re.findall(r"--training_rounds ([0-9:,-]+)", (REPO / "README.md").read_text()):
+        ends.extend(int(end) for end in re.findall(r"-(\d+):", rounds))
+    return max(ends)
+
+
 def test_most_used_tools_never_share_a_domain_object():
     tools = synthetic_xlam._select_tools(0, 400)[1:]
     objects = [tool.domain_object for tool in tools]
     distinct = len(set(objects))
-    assert distinct > 140, "the default rounds and the paper-scale first rounds draw from the distinct head"
+    assert distinct >= documented_last_rank(), "the documented rounds draw from the head of one tool per object"
     assert len(set(objects[:distinct])) == distinct
     assert set(objects[distinct:]) <= set(objects[:distinct])
     assert all(f"_{tool.domain_object}" in tool.name for tool in tools)
 
 
 def test_catalog_is_deterministic_and_depends_on_its_seed():
-    assert synthetic_xlam.build_tool_catalog(seed=5) == synthetic_xlam.build_tool_catalog(seed=5)
-    assert synthetic_xlam.build_tool_catalog(seed=5) != synthetic_xlam.build_tool_catalog(seed=6)
+    catalog = synthetic_xlam.build_tool_catalog(seed=5)
+    assert digest(catalog) == digest_in_fresh_interpreter("import synthetic_xlam",
+                                                          "synthetic_xlam.build_tool_catalog(seed=5)")
+    assert catalog != synthetic_xlam.build_tool_catalog(seed=6)
 
 
 def test_rows_are_deterministic_from_the_seed():
@@ -114,9 +130,10 @@ def test_frequencies_are_zipf_like_with_distinct_counts(small_rows):
     by_use = sorted(counts, key=lambda name: -counts[name])
     assert by_use == catalog_order
     values = [counts[name] for name in by_use]
+    planned = synthetic_xlam.single_tool_counts(SMALL_TOOLS)
+    assert values == [round(synthetic_xlam.SEARCH_SHARE_OF_TOP * planned[0]), *planned]
     assert len(set(values)) == len(values)
     assert values[-1] >= synthetic_xlam.MIN_SINGLE_TOOL_ROWS
-    assert values[1] > 5 * values[-1]
 
 
 def test_counts_for_the_full_catalog_keep_every_tool_above_sixty():
@@ -131,10 +148,14 @@ def test_rows_mix_single_multi_call_and_multi_tool(small_rows):
         names = _names(row)
         kind = "single" if len(names) == 1 else "same_tool" if len(set(names)) == 1 else "multi_tool"
         kinds[kind] += 1
-    total = sum(kinds.values())
-    assert kinds["single"] > 0.7 * total
-    assert 0.05 * total < kinds["same_tool"] < 0.2 * total
-    assert 0.02 * total < kinds["multi_tool"] < 0.1 * total
+    # Per tool (search included) the planned single-tool rows, MULTI_CALL_SHARE of them with several calls of it;
+    # on top, MULTI_TOOL_SHARE of all those rows join several tools.
+    planned = synthetic_xlam.single_tool_counts(SMALL_TOOLS)
+    planned = [round(synthetic_xlam.SEARCH_SHARE_OF_TOP * planned[0]), *planned]
+    same_tool = sum(round(synthetic_xlam.MULTI_CALL_SHARE * count) for count in planned)
+    assert kinds["same_tool"] == same_tool
+    assert kinds["single"] == sum(planned) - same_tool
+    assert kinds["multi_tool"] == round(synthetic_xlam.MULTI_TOOL_SHARE * sum(planned))
 
 
 def test_same_tool_calls_differ_only_in_one_argument(small_rows):

@@ -207,8 +207,12 @@ def test_micro_build_end_to_end_loads_back(tmp_path):
     assert path == target.resolve() and tb.is_finished_build(path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiny.building-")]
     report = tb.read_report(path)
-    assert 0.0 <= report["held_out"]["tool_accuracy"] <= 1.0
-    assert report["held_out"]["total_examples"] == 4
+    for key, samples in (("held_out", 4), ("held_out_in_context", 2)):  # eval_samples, icl_eval_samples
+        scores = report[key]
+        assert scores["total_examples"] == samples
+        hits = scores["tool_accuracy"] * samples
+        assert hits == round(hits), "a share of whole samples"
+        assert scores["exact_accuracy"] <= scores["tool_accuracy"], "an exact match has the right tools"
     assert report["pretraining_ranks"][0] == tb.PRETRAIN_FIRST_RANK
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)

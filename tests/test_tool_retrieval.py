@@ -112,7 +112,18 @@ def test_retriever_ranks_the_matching_tool_first(retriever):
         assert len(ranked) == 3
         scores = [score for _, score in ranked]
         assert scores == sorted(scores, reverse=True)
-        assert all(-1.0 - 1e-5 <= score <= 1.0 + 1e-5 for score in scores)
+
+
+def test_ranking_is_the_order_of_cosine_similarity_under_the_encoder(retriever):
+    encoder = retriever.encoder
+    texts = [tool_retrieval.tool_text({"name": name, **desc}) for name, desc in TOOLS.items()]
+    tools = encoder.encode(texts, convert_to_tensor=True).float()
+    for query in QUERIES:
+        cosine = torch.nn.functional.cosine_similarity(encoder.encode([query], convert_to_tensor=True).float(), tools)
+        expected = sorted(zip(TOOLS, cosine.tolist()), key=lambda pair: -pair[1])
+        ranked = retriever.retrieve(query, k=len(TOOLS))
+        assert [name for name, _ in ranked] == [name for name, _ in expected], query
+        assert [score for _, score in ranked] == pytest.approx([score for _, score in expected], abs=1e-4)
 
 
 def test_retrieve_batch_agrees_with_single_queries(retriever):

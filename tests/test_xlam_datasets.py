@@ -18,6 +18,7 @@ import round_files
 import synthetic_xlam
 import xlam_datasets
 from common import UserError, run_cli
+from conftest import digest, digest_in_fresh_interpreter
 
 REPO = Path(__file__).resolve().parents[1]
 CITIES = ("Paris", "Berlin", "Tokyo", "Lima", "Oslo", "Cairo", "Seoul", "Quito", "Dakar", "Perth")
@@ -306,9 +307,13 @@ def test_train_and_test_share_no_source_query(synthetic_rows, synthetic_ranked):
     train_text = "\n".join(sample["user_input"] for sample in train)
     # The first letter of a joined query may be lower-cased, so compare from the second character on.
     assert not any(query[1:] in test_text for query in train_singles)
-    test_sources = [query for query in sources if query[1:] in test_text]
-    assert len(test_sources) > 20
-    assert not any(query[1:] in train_text for query in test_sources)
+    by_tool: dict[str, list[str]] = {}
+    for query, tool in sources.items():
+        by_tool.setdefault(tool, []).append(query)
+    for sample in test:
+        parts = [query for tool in set(sample["tools"]) for query in by_tool[tool] if query[1:] in sample["user_input"]]
+        assert len(parts) == len(set(sample["tools"])), f"not one source query per tool: {sample['user_input']}"
+        assert not any(query[1:] in train_text for query in parts), "a test query is also trained on"
 
 
 def test_every_test_sample_joins_distinct_tools_of_the_range(synthetic_rows, synthetic_ranked):
@@ -375,8 +380,13 @@ def test_disjoint_ranges_share_no_tool(synthetic_rows, synthetic_ranked):
 
 
 def test_round_is_deterministic_from_the_seed(synthetic_rows, synthetic_ranked):
-    assert _round(synthetic_rows, synthetic_ranked) == _round(synthetic_rows, synthetic_ranked)
-    assert _round(synthetic_rows, synthetic_ranked)[1] != _round(synthetic_rows, synthetic_ranked, seed=8)[1]
+    here = _round(synthetic_rows, synthetic_ranked)
+    imports = "import synthetic_xlam, xlam_datasets; rows = synthetic_xlam.generate_rows(seed=1, num_tools=60)"
+    expression = ("xlam_datasets.build_round(rows, xlam_datasets.rank_tools(rows), 1, 20, max_samples_per_tool=30, "
+                  "train_size=1000, test_size=200, train_max_calls=4, test_max_calls=4, train_ratios=(0.5, 0.5), "
+                  "test_ratios=(0.5, 0.5), seed=7)")
+    assert digest(here) == digest_in_fresh_interpreter(imports, expression)
+    assert here[1] != _round(synthetic_rows, synthetic_ranked, seed=8)[1]
 
 
 def test_caps_too_small_for_the_ratios_are_errors(synthetic_rows, synthetic_ranked):
