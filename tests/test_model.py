@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from common import UserError
 from conftest import TOOL_NAMES, make_sample
 from dataset import NativeFunctionCallingDataset, left_pad_collate, make_dataloader
-from model import (CallBoundaryTracker, CallingOutput, FunctionCallingModel, LoraSettings, ToolForcingProcessor,
+from model import (CallingOutput, FunctionCallingModel, LoraSettings, ToolForcingProcessor,
                    reserved_token_ids)
 from sequential import active_tool_mask
 from training import TrainSettings, train_round
