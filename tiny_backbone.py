@@ -130,7 +130,10 @@ class BuildSettings:
     icl_eval_samples: int = 100
     eval_batch_size: int = 64
     max_new_tokens: int = 160
-    threads: int = 0
+    # One thread: the build gives the same weights on any machine (a thread count changes float reductions), and it
+    # keeps its pace when another process shares the cores (2 threads fell from 8.5 to 1.6 steps/s there; 1 thread
+    # ran at 4.7 steps/s beside other jobs).
+    threads: int = 1
 
     def model_sizes(self) -> dict[str, int]:
         """The keyword arguments of `build_config` that set the model's shape."""
