@@ -566,8 +566,8 @@ def build_parser() -> CliParser:
                         help="test file(s); repeat the flag or give a comma list: each file is scored as its own set "
                              "(named by its tool range, else its file stem), and all of them pooled (required)")
     parser.add_argument("--tool_descriptions", action="append", default=None,
-                        help="descriptions file(s), repeatable or a comma list (default: the ones the test files pair "
-                             "with: data/tool_descriptions_tools{range}.json)")
+                        help="descriptions file(s), repeatable or a comma list (default: the one each round's test file "
+                             "pairs with, in its data directory: round_files.descriptions_path)")
     parser.add_argument("--model_name", default=None,
                         help="HF id or local model directory (default: the embedded tiny backbone, built on first use)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")

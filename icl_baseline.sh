@@ -61,9 +61,10 @@ NUM_ROUNDS=1
 EPOCHS_PER_ROUND=1
 generate_round_data
 
-# Step 2: ICL, then RAG.
-args=(--test_data "$DATA_DIR/test/function_calling_test_tools${TOOLS}_${TEST_MAX_CALLS}calls.json"
-      --tool_descriptions "$DATA_DIR/tool_descriptions_tools${TOOLS}.json"
+# Step 2: ICL, then RAG, on the range's test file (its descriptions file is the one paired with it).
+test_file=$("$PYTHON" round_files.py --data_dir "$DATA_DIR" --start "$START_TOOL" --end "${TOOLS#*-}" \
+            --test_max_function_calls "$TEST_CALLS_LIST")
+args=(--test_data "$test_file"
       --batch_size "$BATCH_SIZE" --max_new_tokens "$MAX_NEW_TOKENS" --device "$DEVICE" --dtype "$DTYPE" --seed "$SEED"
       --icl_prompt "$ICL_PROMPT" --icl_answer "$ICL_ANSWER")
 [[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")

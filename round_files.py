@@ -8,6 +8,10 @@ Tools `start-end` (1-based, inclusive ranks) have three files under a data direc
 
 and, when xlam_datasets.py made them, a manifest `manifest_tools{start}-{end}.json` beside the descriptions: the
 settings that made the files and each file's SHA-256, so that stale files can be told from current ones.
+
+Shell scripts ask this module for a name rather than spelling it:
+
+    python3 round_files.py --data_dir data --start 1 --end 20 --test_max_function_calls 3
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import shlex
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from common import atomic_write_json
+from common import CliParser, atomic_write_json, positive_int, run_cli
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
+TRAIN_DIR = "training"
+TEST_DIR = "test"
 TEST_FILE_PATTERN = re.compile(r"^function_calling_test_tools(\d+)-(\d+)_(\d+)calls\.json$")
 
 
@@ -41,11 +47,11 @@ def range_name(start: int, end: int) -> str:
 
 
 def train_path(data_dir: str | Path, start: int, end: int, max_calls: int) -> Path:
-    return Path(data_dir) / "training" / f"function_calling_train_tools{start}-{end}_{max_calls}calls.json"
+    return Path(data_dir) / TRAIN_DIR / f"function_calling_train_tools{start}-{end}_{max_calls}calls.json"
 
 
 def test_path(data_dir: str | Path, start: int, end: int, max_calls: int) -> Path:
-    return Path(data_dir) / "test" / f"function_calling_test_tools{start}-{end}_{max_calls}calls.json"
+    return Path(data_dir) / TEST_DIR / f"function_calling_test_tools{start}-{end}_{max_calls}calls.json"
 
 
 def descriptions_path(data_dir: str | Path, start: int, end: int) -> Path:
@@ -186,3 +192,23 @@ def read_provenance(data_dir: str | Path, start: int, end: int, train_calls: int
     problems = file_changes(data_dir, manifest, paths)
     return {"manifest": str(manifest_path(data_dir, start, end)), "settings": manifest["settings"],
             "files_match": not problems, "problems": problems}
+
+
+def build_parser() -> CliParser:
+    parser = CliParser(description="Print the path of a round's test file (for the shell scripts).")
+    parser.add_argument("--data_dir", default="data", help="where the rounds' files are")
+    parser.add_argument("--start", type=positive_int, required=True, help="first tool rank of the round (required, no default)")
+    parser.add_argument("--end", type=positive_int, required=True, help="last tool rank of the round (required, no default)")
+    parser.add_argument("--test_max_function_calls", type=positive_int, required=True,
+                        help="the k of the test file's _{k}calls name (required, no default)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    print(test_path(args.data_dir, args.start, args.end, args.test_max_function_calls))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

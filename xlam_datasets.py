@@ -777,7 +777,7 @@ def format_distribution(train: Sequence[dict], test: Sequence[dict]) -> str:
 def check_output_dir(output_dir: str | Path) -> None:
     """--output_dir (and its training/ and test/) must be directories that can be made and written; nothing is made."""
     root = Path(output_dir)
-    for path in (root, root / "training", root / "test"):
+    for path in (root, root / round_files.TRAIN_DIR, root / round_files.TEST_DIR):
         if path.exists() and not path.is_dir():
             raise UserError(f"--output_dir {output_dir}: {path} is a file, not a directory")
     existing = root

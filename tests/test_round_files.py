@@ -29,6 +29,11 @@ def test_parse_test_path_reads_range_and_cap_back():
         assert round_files.parse_test_path(other) is None
 
 
+def test_cli_prints_the_test_file_path_the_scripts_pass_on(capsys):
+    assert round_files.main(["--data_dir", "d", "--start", "21", "--end", "40", "--test_max_function_calls", "3"]) == 0
+    assert capsys.readouterr().out == "d/test/function_calling_test_tools21-40_3calls.json\n"
+
+
 def test_data_command_names_the_flags_given_and_quotes_paths():
     assert round_files.data_command("data", 1, 3, 4, 2) == (
         "python xlam_datasets.py --top_k 1-3 --train_max_function_calls 4 --test_max_function_calls 2 "
