@@ -3,7 +3,6 @@ forgetting matrix, summary, plot, resume state)."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import itertools
 import json
@@ -15,7 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import round_files
 from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with, read_json
@@ -212,12 +211,15 @@ def _describe_change(key: str, old: object, new: object) -> str:
 class RunDirectory:
     """config.json, metrics.jsonl, state.json (resume point), summary.json and forgetting.png of one run."""
 
-    def __init__(self, path: str | Path, method: str, args: argparse.Namespace, rounds: Sequence[RoundSpec],
-                 resume: bool):
+    def __init__(self, path: str | Path, method: str, flags: Mapping[str, Any], rounds: Sequence[RoundSpec],
+                 resume: bool, checkpoint_dir: str | Path | None = None):
+        """`flags`: every flag of the run as parsed, recorded in config.json (its "args") and compared by --resume;
+        `checkpoint_dir`: where checkpoints go (default: the run directory's checkpoints/)."""
         self.path = Path(path)
         self.method = method
         self.rounds = list(rounds)
-        self.config = {"method": method, "args": _jsonable(vars(args)), "versions": library_versions()}
+        self.checkpoint_root = Path(checkpoint_dir) if checkpoint_dir else self.path / "checkpoints"
+        self.config = {"method": method, "args": _jsonable(flags), "versions": library_versions()}
         self.records: list[dict] = []
         self.completed_rounds = 0
         self.elapsed_before = 0.0
@@ -280,11 +282,6 @@ class RunDirectory:
         if self.config.get("prompt_sample") is None:
             self.config["prompt_sample"] = prompt
             atomic_write_json(self.path / "config.json", self.config)
-
-    @property
-    def checkpoint_root(self) -> Path:
-        custom = self.config["args"].get("checkpoint_dir")
-        return Path(custom) if custom else self.path / "checkpoints"
 
     def checkpoint_path(self, round_index: int) -> Path:
         return self.checkpoint_root / f"round_{round_index + 1}"
@@ -413,7 +410,7 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _jsonable(values: dict) -> dict:
+def _jsonable(values: Mapping[str, Any]) -> dict:
     return {k: (v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)) for k, v in values.items()}
 
 

@@ -46,6 +46,7 @@ from eval import format_metrics_table, parse_function_call, score_predictions
 from experiment import DEFAULT_RUNS_ROOT, RunDirectory, claim_default_run_dir
 from model import load_base_model, load_tokenizer, model_positions, resolve_device, resolve_dtype
 import round_files
+from settings import ModelSettings, add_model_flags, from_flags, resolve_model_name
 from tool_retrieval import DEFAULT_ENCODER, RETRIEVAL_TEXTS, ToolRetriever, parameter_names, recall_at_k
 
 logger = logging.getLogger("icl_baseline")
@@ -75,6 +76,45 @@ class TestSet:
     name: str
     path: Path
     samples: list[dict]
+
+
+@dataclass(frozen=True)
+class IclSettings:
+    """An in-context run: its test files and their descriptions, the seeded subset, the prompt and how answers are
+    read, the generation batch, and where the results go."""
+
+    test_data: list[str]
+    tool_descriptions: list[str] | None = None
+    max_samples: int | None = None
+    batch_size: int = 8
+    output: str | None = None
+    seed: int = 42
+    icl_prompt: str = "toolkit"
+    icl_answer: str = "toolkit"
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """RAG: whether on, how many tools each prompt lists, the encoder, and the text it embeds per tool."""
+
+    use_rag: bool = False
+    retrieval_k: int = 5
+    retriever_model: str = DEFAULT_ENCODER
+    retrieval_text: str = "toolkit"
+
+
+@dataclass
+class IclInputs:
+    """What an in-context run reads before the model: its test sets and the described tools."""
+
+    test_paths: list[Path]
+    description_paths: list[Path]
+    descriptions: dict[str, dict]
+    test_sets: list[TestSet]
+
+    @property
+    def samples(self) -> list[dict]:
+        return [sample for test_set in self.test_sets for sample in test_set.samples]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -568,33 +608,30 @@ def build_parser() -> CliParser:
     parser.add_argument("--tool_descriptions", action="append", default=None,
                         help="descriptions file(s), repeatable or a comma list (default: the one each round's test file "
                              "pairs with, in its data directory: round_files.descriptions_path)")
-    parser.add_argument("--model_name", default=None,
-                        help="HF id or local model directory (default: the embedded tiny backbone, built on first use)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="backbone dtype; auto is bfloat16 on CUDA, float32 on CPU")
+    add_model_flags(parser)
     parser.add_argument("--max_samples", type=positive_int, default=None,
                         help="score a seeded subset of this size of each test file (default: every sample)")
-    parser.add_argument("--batch_size", type=positive_int, default=8, help="prompts per generation batch")
-    parser.add_argument("--max_new_tokens", type=positive_int, default=256, help="most tokens generated per answer")
+    parser.add_argument("--batch_size", type=positive_int, default=IclSettings.batch_size,
+                        help="prompts per generation batch")
     parser.add_argument("--output", default=None,
                         help="a run directory, or a results file when it ends in .json (default: runs/<method>_<time>)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the --max_samples subset (decoding is greedy)")
+    parser.add_argument("--seed", type=int, default=IclSettings.seed,
+                        help="seed of the --max_samples subset (decoding is greedy)")
     parser.add_argument("--use_rag", action="store_true", help="list only the top --retrieval_k retrieved tools")
-    parser.add_argument("--retrieval_k", type=positive_int, default=5, help="tools listed per query with --use_rag")
-    parser.add_argument("--retriever_model", default=DEFAULT_ENCODER,
+    parser.add_argument("--retrieval_k", type=positive_int, default=RetrievalSettings.retrieval_k,
+                        help="tools listed per query with --use_rag")
+    parser.add_argument("--retriever_model", default=RetrievalSettings.retriever_model,
                         help="sentence-transformers encoder for --use_rag")
-    parser.add_argument("--retrieval_text", choices=tuple(RETRIEVAL_TEXTS), default="toolkit",
+    parser.add_argument("--retrieval_text", choices=tuple(RETRIEVAL_TEXTS), default=RetrievalSettings.retrieval_text,
                         help="text embedded per tool for RAG: toolkit (readable name, description, parameters with "
-                             "their descriptions) or original ('name description Parameters: a, b a: about-a') "
-                             "(default: toolkit)")
-    parser.add_argument("--icl_prompt", choices=ICL_PROMPTS, default="toolkit",
+                             "their descriptions) or original ('name description Parameters: a, b a: about-a')")
+    parser.add_argument("--icl_prompt", choices=ICL_PROMPTS, default=IclSettings.icl_prompt,
                         help="toolkit: the chat template, tools as compact JSON, one {name, arguments} object per "
                              "call; original: the original's hand-written Llama-3 turns, tools as indented JSON with a "
-                             "type field, one arguments object per line, with examples (default: toolkit)")
-    parser.add_argument("--icl_answer", choices=ICL_ANSWERS, default="toolkit",
+                             "type field, one arguments object per line, with examples")
+    parser.add_argument("--icl_answer", choices=ICL_ANSWERS, default=IclSettings.icl_answer,
                         help="how an answer is read into calls: toolkit (every JSON object or dict literal in it) or "
-                             "original (each line that is JSON by itself, else the whole answer) (default: toolkit)")
+                             "original (each line that is JSON by itself, else the whole answer)")
     return parser
 
 
@@ -607,6 +644,35 @@ def check_output(output: Path) -> None:
         raise UserError(f"--output {output} exists and is not a directory (a results file must end in .json)")
     elif (output / "results.json").exists() or (output / "state.json").exists():
         raise UserError(f"--output {output} already holds a run; choose another --output")
+
+
+def output_place(output: str | None) -> Path | None:
+    """--output checked before any work (none or empty: a new runs/<method>_<timestamp>, whose root must be
+    writable, and None is returned)."""
+    if not output:
+        check_writable(DEFAULT_RUNS_ROOT, "--output (default: runs/<method>_<timestamp>)")
+        return None
+    place = Path(output)
+    check_output(place)
+    check_writable(place, "--output", "file" if place.suffix == ".json" else "dir")
+    return place
+
+
+def read_inputs(icl: IclSettings) -> IclInputs:
+    """The test files and their descriptions (given, or the ones each round's test file pairs with), checked."""
+    test_paths = split_paths(icl.test_data)
+    if not test_paths:
+        raise UserError("--test_data names no file")
+    for path in test_paths:
+        require_file(path, "data file", path)
+    description_paths = split_paths(icl.tool_descriptions)
+    if not description_paths:
+        for path in test_paths:
+            require_file(descriptions_path_for(path), "tool descriptions file", path)
+        description_paths = split_paths([str(descriptions_path_for(path)) for path in test_paths])
+    descriptions = load_descriptions(description_paths)
+    test_sets = load_test_sets(test_paths, descriptions, icl.max_samples, icl.seed)
+    return IclInputs(test_paths, description_paths, descriptions, test_sets)
 
 
 def retrieval_report(retriever: ToolRetriever, samples: Sequence[dict], offered: Sequence[list[str]], k: int,
@@ -648,12 +714,12 @@ def format_prompt_table(stats: dict, num_tools: int, k: int | None) -> str:
     return "\n".join(lines)
 
 
-def write_run_directory(output: Path, method: str, args, started: float, results: dict,
+def write_run_directory(output: Path, method: str, flags: Mapping[str, object], started: float, results: dict,
                         predictions: Sequence[dict], num_parameters: int) -> None:
     """config.json, metrics.jsonl, predictions.jsonl, results.json and summary.json (docs/DESIGN.md): each test set
     is a column of the matrices, scored in their last row (a frozen model has no rounds to forget across)."""
     names = list(results["sets"])
-    run = RunDirectory(output, method, args, [EvaluatedSet(name) for name in names], resume=False)
+    run = RunDirectory(output, method, flags, [EvaluatedSet(name) for name in names], resume=False)
     run.started = started
     last = len(names) - 1
     for column, name in enumerate(names):
@@ -674,44 +740,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.time()
     setup_logging()
-    method = "icl_rag" if args.use_rag else "icl"
-    output = Path(args.output) if args.output else None
-    if output is None:
-        check_writable(DEFAULT_RUNS_ROOT, "--output (default: runs/<method>_<timestamp>)")
-    else:
-        check_output(output)
-        check_writable(output, "--output", "file" if output.suffix == ".json" else "dir")
-    set_seed(args.seed)
-    test_paths = split_paths(args.test_data)
-    if not test_paths:
-        raise UserError("--test_data names no file")
-    for path in test_paths:
-        require_file(path, "data file", path)
-    description_paths = split_paths(args.tool_descriptions)
-    if not description_paths:
-        for path in test_paths:
-            require_file(descriptions_path_for(path), "tool descriptions file", path)
-        description_paths = split_paths([str(descriptions_path_for(path)) for path in test_paths])
-    descriptions = load_descriptions(description_paths)
-    test_sets = load_test_sets(test_paths, descriptions, args.max_samples, args.seed)
-    samples = [sample for test_set in test_sets for sample in test_set.samples]
-
-    from sequential import resolve_model_name
-
-    model_name = resolve_model_name(args.model_name)
+    icl, retrieval = from_flags(IclSettings, args), from_flags(RetrievalSettings, args)
+    model_settings = from_flags(ModelSettings, args)
+    method = "icl_rag" if retrieval.use_rag else "icl"
+    output = output_place(icl.output)
+    set_seed(icl.seed)
+    inputs = read_inputs(icl)
+    samples, descriptions = inputs.samples, inputs.descriptions
+    model_name = resolve_model_name(model_settings.model_name)
     positions = model_positions(model_name)
-    device = resolve_device(args.device)
+    device = resolve_device(model_settings.device)
     tokenizer = load_tokenizer(model_name)
-    check_icl_prompt(tokenizer, args.icl_prompt)
+    check_icl_prompt(tokenizer, icl.icl_prompt)
     retriever = None
-    if args.use_rag:
-        retriever = ToolRetriever(descriptions, args.retriever_model, device=device.type,
-                                  text_style=args.retrieval_text)
-    offered = offered_tools(samples, descriptions, retriever, args.retrieval_k)
-    prompts = [icl_prompt_ids(tokenizer, sample["user_input"], [descriptions[name] for name in names], args.icl_prompt)
+    if retrieval.use_rag:
+        retriever = ToolRetriever(descriptions, retrieval.retriever_model, device=device.type,
+                                  text_style=retrieval.retrieval_text)
+    offered = offered_tools(samples, descriptions, retriever, retrieval.retrieval_k)
+    prompts = [icl_prompt_ids(tokenizer, sample["user_input"], [descriptions[name] for name in names], icl.icl_prompt)
                for sample, names in zip(samples, offered)]
-    refuse_if_too_long(positions, prompts, args.max_new_tokens)
-    model = load_base_model(model_name, device, resolve_dtype(args.dtype, device))
+    refuse_if_too_long(positions, prompts, model_settings.max_new_tokens)
+    model = load_base_model(model_name, device, resolve_dtype(model_settings.dtype, device))
     if output is None:
         output = claim_default_run_dir(method)
     if output.suffix != ".json":
@@ -719,34 +768,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("%s on %d test samples, %d described tools, model %s", method, len(samples), len(descriptions),
                 model_name)
     generation_start = time.time()
-    answers = generate_answers(model, tokenizer, prompts, samples, args.batch_size, args.max_new_tokens)
+    answers = generate_answers(model, tokenizer, prompts, samples, icl.batch_size, model_settings.max_new_tokens)
     generation_seconds = time.time() - generation_start
-    predictions = predictions_for(samples, answers, descriptions, offered if args.use_rag else None, prompts,
-                                  args.icl_answer)
+    predictions = predictions_for(samples, answers, descriptions, offered if retrieval.use_rag else None, prompts,
+                                  icl.icl_answer)
     results = {
         "method": method,
         "model_name": model_name,
-        "evaluated": evaluated_set_name(test_paths),
-        "test_data": [str(p) for p in test_paths],
-        "tool_descriptions": [str(p) for p in description_paths],
+        "evaluated": evaluated_set_name(inputs.test_paths),
+        "test_data": [str(p) for p in inputs.test_paths],
+        "tool_descriptions": [str(p) for p in inputs.description_paths],
         "num_tools": len(descriptions),
-        "icl_prompt": args.icl_prompt,
-        "icl_answer": args.icl_answer,
+        "icl_prompt": icl.icl_prompt,
+        "icl_answer": icl.icl_answer,
         "metrics": icl_metrics(predictions),
-        "sets": per_set_results(test_sets, predictions),
-        "prompt_tokens": prompt_lengths(tokenizer, samples, descriptions, prompts, args.use_rag, args.icl_prompt),
+        "sets": per_set_results(inputs.test_sets, predictions),
+        "prompt_tokens": prompt_lengths(tokenizer, samples, descriptions, prompts, retrieval.use_rag, icl.icl_prompt),
         "generation_seconds": round(generation_seconds, 1),
     }
     if retriever is not None:
-        results["retrieval"] = retrieval_report(retriever, samples, offered, args.retrieval_k, args.retriever_model)
-        results["retrieval"]["text"] = args.retrieval_text
+        results["retrieval"] = retrieval_report(retriever, samples, offered, retrieval.retrieval_k,
+                                                retrieval.retriever_model)
+        results["retrieval"]["text"] = retrieval.retrieval_text
     results["wall_seconds"] = round(time.time() - started, 1)
     if output.suffix == ".json":
         atomic_write_json(output, {**results, "predictions": predictions})
     else:
         num_parameters = sum(p.numel() for p in model.parameters())
-        write_run_directory(output, method, args, started, results, predictions, num_parameters)
-    print_report(results, output, args.retrieval_k if args.use_rag else None)
+        write_run_directory(output, method, vars(args), started, results, predictions, num_parameters)
+    print_report(results, output, retrieval.retrieval_k if retrieval.use_rag else None)
     return 0
 
 

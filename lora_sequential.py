@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -29,14 +29,15 @@ from experiment import RoundData, print_final_report
 from model import (CallingOutput, GeneratedCalls, LoraSettings, attach_lora, backbone_and_lora_counts,
                    load_base_model, load_lora_adapter, load_tokenizer, next_token_losses, resolve_device,
                    resolve_dtype, save_lora_adapter, set_lora_requires_grad, trainable_lora_parameters)
-from replay_buffer import (REPLAY_POLICIES, DisplacingBatchSampler, ReservoirBuffer, check_replay_settings,
-                           mixed_dataloader, original_round_subset, sampled_dataloader)
-from sequential import add_common_flags, lora_settings_from, prepare_run, run_rounds, start_run
+from replay_buffer import (REPLAY_POLICIES, DisplacingBatchSampler, ReplaySettings, ReservoirBuffer,
+                           check_replay_settings, mixed_dataloader, original_round_subset, sampled_dataloader)
+from sequential import prepare_run, run_rounds, start_run
+from settings import RunSettings, add_sequential_flags, lora_settings, run_settings, train_settings
+from training import TrainSettings
 
 logger = logging.getLogger("lora_sequential")
 
 MARKERS_FILE = "markers.json"
-DEFAULT_LORA_LR = 5e-4
 
 
 class ToolMarkers:
@@ -235,6 +236,15 @@ class MarkerLoRAModel(nn.Module):
         load_lora_adapter(self.base_model, directory, self.device)
 
 
+@dataclass(frozen=True)
+class BaselineSettings:
+    """The LoRA baseline's own settings: marker style, a fresh adapter per round, and replay (None: off)."""
+
+    marker_style: str = "number"
+    reinit_lora_after_each_round: bool = False
+    replay: ReplaySettings | None = None
+
+
 class BaselineRounds:
     """The hooks run_rounds calls: adapter re-initialisation per round and the replay-mixed training loader.
 
@@ -243,28 +253,32 @@ class BaselineRounds:
     offers the buffer and how batches are mixed follow `--replay_policy` (see replay_buffer).
     """
 
-    def __init__(self, args, model: MarkerLoRAModel, data: Sequence[RoundData]):
-        self.args = args
+    def __init__(self, settings: RunSettings, baseline: BaselineSettings, model: MarkerLoRAModel,
+                 data: Sequence[RoundData]):
+        self.settings = settings
+        self.reinit_each_round = baseline.reinit_lora_after_each_round
+        self.replay = baseline.replay
         self.model = model
         self.data = data
-        self.policy = args.replay_policy
-        self.buffer = ReservoirBuffer(args.replay_buffer_size, args.seed) if args.use_replay_buffer else None
+        self.buffer = None
         self.replay_per_batch = 0
-        if args.use_replay_buffer:
-            self.replay_per_batch = check_replay_settings(args.batch_size, args.replay_ratio, self.policy)
+        if self.replay is not None:
+            self.buffer = ReservoirBuffer(self.replay.buffer_size, settings.seed)
+            self.replay_per_batch = check_replay_settings(settings.train.batch_size, self.replay.ratio,
+                                                          self.replay.policy)
         self._rounds_in_buffer = 0
 
     def prepare_round(self, index: int) -> list[dict]:
-        if self.args.reinit_lora_after_each_round and index > 0:
-            self.model.reinit_lora(self.args.seed + index)
+        if self.reinit_each_round and index > 0:
+            self.model.reinit_lora(self.settings.seed + index)
             logger.info("round %d: LoRA adapter re-initialised", index + 1)
         return self.data[index].train
 
     def offered(self, round_index: int) -> list[dict]:
         """What a finished round offers the buffer: all its training samples, or the original policy's subset."""
         samples = self.data[round_index].train
-        if self.policy == "original":
-            return original_round_subset(samples, f"replay-{self.args.seed}-{round_index}")
+        if self.replay.policy == "original":
+            return original_round_subset(samples, f"replay-{self.settings.seed}-{round_index}")
         return samples
 
     def fill_buffer(self, index: int) -> None:
@@ -275,39 +289,40 @@ class BaselineRounds:
 
     def make_loader(self, index: int, train_set: NativeFunctionCallingDataset, shuffle: bool, seed: int):
         pad_id = self.model.tokenizer.pad_token_id
+        batch_size = self.settings.train.batch_size
         if self.buffer is not None and index > 0 and self.replay_per_batch == 0:
             logger.warning("round %d: --replay_ratio %s at --batch_size %d replays no sample (%s policy)",
-                           index + 1, self.args.replay_ratio, self.args.batch_size, self.policy)
+                           index + 1, self.replay.ratio, batch_size, self.replay.policy)
         if self.buffer is None or index == 0 or self.replay_per_batch == 0:
-            return make_dataloader(train_set, self.args.batch_size, pad_id, shuffle, seed)
+            return make_dataloader(train_set, batch_size, pad_id, shuffle, seed)
         self.fill_buffer(index)
+        data = self.settings.data
         replay_set = NativeFunctionCallingDataset(self.buffer.items, self.model.tokenizer, self.model.encode_tool,
-                                                  self.args.max_length, "train",
-                                                  prompt_format=self.args.prompt_format)
+                                                  data.max_length, "train", prompt_format=data.prompt_format)
         logger.info("round %d: %d replay samples per batch of %d (%s policy), from a buffer of %d (of %d offered)",
-                    index + 1, self.replay_per_batch, self.args.batch_size, self.policy, len(self.buffer),
+                    index + 1, self.replay_per_batch, batch_size, self.replay.policy, len(self.buffer),
                     self.buffer.seen)
-        if self.policy == "original":
-            sampler = DisplacingBatchSampler(len(train_set), len(replay_set), self.args.batch_size,
-                                             self.args.replay_ratio, shuffle, seed)
+        if self.replay.policy == "original":
+            sampler = DisplacingBatchSampler(len(train_set), len(replay_set), batch_size, self.replay.ratio, shuffle,
+                                             seed)
             return sampled_dataloader(train_set, replay_set, sampler, pad_id)
-        return mixed_dataloader(train_set, replay_set, self.args.batch_size, self.replay_per_batch, pad_id, shuffle,
-                                seed)
+        return mixed_dataloader(train_set, replay_set, batch_size, self.replay_per_batch, pad_id, shuffle, seed)
 
 
 def build_parser() -> CliParser:
     parser = CliParser(description=__doc__.splitlines()[0])
-    add_common_flags(parser)
-    parser.set_defaults(lr=DEFAULT_LORA_LR)
-    parser.add_argument("--marker_style", choices=ToolMarkers.STYLES, default="number",
+    add_sequential_flags(parser)
+    parser.set_defaults(lr=TrainSettings.lora_lr)
+    parser.add_argument("--marker_style", choices=ToolMarkers.STYLES, default=BaselineSettings.marker_style,
                         help="number: [tool_7] (global numbering); name: [tool: get_weather]")
     parser.add_argument("--reinit_lora_after_each_round", action="store_true",
                         help="start every round after the first from a fresh (seeded) adapter")
     parser.add_argument("--use_replay_buffer", action="store_true", help="replay earlier rounds' samples")
-    parser.add_argument("--replay_buffer_size", type=positive_int, default=1000, help="reservoir capacity")
-    parser.add_argument("--replay_ratio", type=unit_interval, default=0.2,
+    parser.add_argument("--replay_buffer_size", type=positive_int, default=ReplaySettings.buffer_size,
+                        help="reservoir capacity")
+    parser.add_argument("--replay_ratio", type=unit_interval, default=ReplaySettings.ratio,
                         help="share of every training batch drawn from the buffer (rounds after the first)")
-    parser.add_argument("--replay_policy", choices=REPLAY_POLICIES, default="reservoir",
+    parser.add_argument("--replay_policy", choices=REPLAY_POLICIES, default=ReplaySettings.policy,
                         help="reservoir: every earlier sample offered to the buffer, round(batch x ratio) replayed per "
                              "batch beside the new ones; original: a random min(n/2, 500) of each finished round "
                              "offered, int(batch x ratio) new samples per batch replaced by replayed ones "
@@ -315,22 +330,29 @@ def build_parser() -> CliParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def settings_from(args) -> tuple[RunSettings, BaselineSettings]:
+    """The parsed flags as the run's settings and the baseline's; --lr is the adapter's rate."""
+    replay = None
     if args.use_replay_buffer:
-        check_replay_settings(args.batch_size, args.replay_ratio, args.replay_policy)
-    method = "lora_replay" if args.use_replay_buffer else "lora"
-    lora = lora_settings_from(args)
-    plan = prepare_run(args, method)
-    data, tool_names = plan.data, plan.tool_names
-    model = MarkerLoRAModel(plan.model_name, tool_names, lora, device=args.device, dtype=args.dtype,
-                            marker_style=args.marker_style)
-    run = start_run(args, plan, model)
-    hooks = BaselineRounds(args, model, data)
+        replay = ReplaySettings(args.replay_buffer_size, args.replay_ratio, args.replay_policy)
+        check_replay_settings(args.batch_size, replay.ratio, replay.policy)
+    baseline = BaselineSettings(args.marker_style, args.reinit_lora_after_each_round, replay)
+    return run_settings(args, train_settings(args, lora_lr=args.lr), lora_settings(args)), baseline
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, baseline = settings_from(build_parser().parse_args(argv))
+    method = "lora_replay" if baseline.replay is not None else "lora"
+    plan = prepare_run(settings, method)
+    settings, data, tool_names = plan.settings, plan.data, plan.tool_names
+    model = MarkerLoRAModel(plan.model_name, tool_names, settings.lora, device=settings.model.device,
+                            dtype=settings.model.dtype, marker_style=baseline.marker_style)
+    run = start_run(plan, model)
+    hooks = BaselineRounds(settings, baseline, model, data)
     logger.info("run directory %s; %d tools over %d rounds, markers %s ... %s; parameters %s", run.path,
                 len(tool_names), len(data), model.markers.marker(tool_names[0]), model.markers.marker(tool_names[-1]),
                 model.parameter_breakdown())
-    summary = run_rounds(args, model, data, run, prepare_round=hooks.prepare_round,
+    summary = run_rounds(settings, model, data, run, prepare_round=hooks.prepare_round,
                          train_lora_for=lambda index: True, make_loader=hooks.make_loader)
     print_final_report(run, summary)
     return 0

@@ -9,21 +9,40 @@ set (and every earlier one with --eval_all_previous), and records the forgetting
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 from common import CliParser, UserError, positive_float, positive_int, run_cli
 from experiment import print_final_report
 from model import GROUND_TRUTH_STYLES, MEMORY_DTYPES, TOOL_INIT_NORMS, FunctionCallingModel
-from sequential import add_common_flags, lora_settings_from, prepare_run, run_rounds, start_run
-from training import RENORM_ROWS
+from sequential import RunPlan, prepare_run, run_rounds, start_run
+from settings import (DecodingSettings, RunSettings, add_sequential_flags, from_flags, lora_settings, run_settings,
+                      train_settings)
+from training import RENORM_ROWS, TrainSettings
 
 logger = logging.getLogger("main_sequential")
 
 
+@dataclass(frozen=True)
+class MemorySettings:
+    """TokMem's tool memory: one row or two per tool, their initial norm and precision, and LoRA beside them."""
+
+    decouple_embeddings: bool = False
+    tool_init_norm: str = "embedding"
+    memory_dtype: str = "float32"
+    use_lora: bool = False
+    freeze_lora_after_first: bool = False
+
+    def train_lora_in(self, round_index: int) -> bool:
+        """LoRA trains in every round, or with --freeze_lora_after_first in the first only."""
+        return self.use_lora and not (self.freeze_lora_after_first and round_index > 0)
+
+
 def build_parser() -> CliParser:
     parser = CliParser(description=__doc__.splitlines()[0])
-    add_common_flags(parser)
-    parser.add_argument("--lora_lr", type=positive_float, default=5e-4, help="learning rate of LoRA (with --use_lora)")
+    add_sequential_flags(parser)
+    parser.add_argument("--lora_lr", type=positive_float, default=TrainSettings.lora_lr,
+                        help="learning rate of LoRA (with --use_lora)")
     parser.add_argument("--use_lora", action="store_true", help="also train a LoRA adapter on the backbone")
     parser.add_argument("--freeze_lora_after_first", action="store_true",
                         help="train LoRA in the first round only (needs --use_lora)")
@@ -34,19 +53,20 @@ def build_parser() -> CliParser:
     parser.add_argument("--renorm_active_tools", action="store_true",
                         help="after each step scale the round's rows to the mean norm of the learned ones "
                              "(run_n_rounds_main.sh turns this on)")
-    parser.add_argument("--renorm_rows", default="all", choices=RENORM_ROWS,
+    parser.add_argument("--renorm_rows", default=TrainSettings.renorm_rows, choices=RENORM_ROWS,
                         help="which rows --renorm_active_tools scales: all (input and output rows) or output only "
                              "(the original's way)")
-    parser.add_argument("--renorm_from_round", type=positive_int, default=1,
+    parser.add_argument("--renorm_from_round", type=positive_int, default=TrainSettings.renorm_from_round,
                         help="first round (1-based) that --renorm_active_tools applies to (the original: 3)")
-    parser.add_argument("--tool_init_norm", default="embedding", choices=TOOL_INIT_NORMS,
+    parser.add_argument("--tool_init_norm", default=MemorySettings.tool_init_norm, choices=TOOL_INIT_NORMS,
                         help="norm of the orthogonal initial rows: the backbone's mean embedding norm, or unit "
                              "(the original's)")
-    parser.add_argument("--memory_dtype", default="float32", choices=MEMORY_DTYPES,
+    parser.add_argument("--memory_dtype", default=MemorySettings.memory_dtype, choices=MEMORY_DTYPES,
                         help="precision of the tool rows: float32, or the backbone's dtype (model; the original's)")
     parser.add_argument("--use_ground_truth_tools", action="store_true",
                         help="also score with the gold tools at the tool positions (see --ground_truth_style)")
-    parser.add_argument("--ground_truth_style", default="forced", choices=GROUND_TRUTH_STYLES,
+    parser.add_argument("--ground_truth_style", default=DecodingSettings.ground_truth_style,
+                        choices=GROUND_TRUTH_STYLES,
                         help="forced: the gold tools take every tool position (first step, tool or end-of-turn "
                              "choices at call boundaries); replace: only tool tokens the model emits are replaced "
                              "(the original's way)")
@@ -59,33 +79,45 @@ def build_parser() -> CliParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.freeze_lora_after_first and not args.use_lora:
+def settings_from(args) -> tuple[RunSettings, MemorySettings]:
+    """The parsed flags as the run's settings and the tool memory's."""
+    memory = from_flags(MemorySettings, args)
+    if memory.freeze_lora_after_first and not memory.use_lora:
         raise UserError("--freeze_lora_after_first needs --use_lora (without it there is no LoRA to freeze)")
-    lora = lora_settings_from(args) if args.use_lora else None
-    plan = prepare_run(args, "tokmem")
+    train = train_settings(args, lora_lr=args.lora_lr, renorm_active_tools=args.renorm_active_tools,
+                           renorm_rows=args.renorm_rows, renorm_from_round=args.renorm_from_round)
+    lora = lora_settings(args, args.lora_layer_indices) if memory.use_lora else None
+    return run_settings(args, train, lora, from_flags(DecodingSettings, args)), memory
+
+
+def build_model(plan: RunPlan, memory: MemorySettings) -> FunctionCallingModel:
+    """The backbone with the run's tool memory (initialised from the seed) and LoRA when asked."""
+    settings = plan.settings
     model = FunctionCallingModel(
         plan.model_name,
         len(plan.tool_names),
         plan.tool_names,
-        device=args.device,
-        dtype=args.dtype,
-        decouple_embeddings=args.decouple_embeddings,
-        lora_config=lora,
-        memory_dtype=args.memory_dtype,
+        device=settings.model.device,
+        dtype=settings.model.dtype,
+        decouple_embeddings=memory.decouple_embeddings,
+        lora_config=settings.lora,
+        memory_dtype=memory.memory_dtype,
     )
-    model.initialize_tool_embeddings(seed=args.seed, norm=args.tool_init_norm)
-    model.constrain_calls = not args.unconstrained_decoding
-    run = start_run(args, plan, model)
+    model.initialize_tool_embeddings(seed=settings.seed, norm=memory.tool_init_norm)
+    model.constrain_calls = not settings.decoding.unconstrained_decoding
+    return model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, memory = settings_from(build_parser().parse_args(argv))
+    plan = prepare_run(settings, "tokmem")
+    model = build_model(plan, memory)
+    run = start_run(plan, model)
     data = plan.data
     logger.info("run directory %s; %d tools over %d rounds; parameters %s",
                 run.path, len(plan.tool_names), len(data), model.parameter_breakdown())
-    summary = run_rounds(
-        args, model, data, run,
-        prepare_round=lambda i: data[i].train,
-        train_lora_for=lambda i: args.use_lora and not (args.freeze_lora_after_first and i > 0),
-    )
+    summary = run_rounds(plan.settings, model, data, run, prepare_round=lambda i: data[i].train,
+                         train_lora_for=memory.train_lora_in)
     print_final_report(run, summary)
     return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from functools import partial
 from typing import Iterable, Iterator
 
@@ -66,6 +67,15 @@ class ReservoirBuffer:
 
 REPLAY_POLICIES = ("reservoir", "original")
 ORIGINAL_ROUND_CAP = 500
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    """The LoRA baseline's replay: the reservoir's capacity, the share of each batch replayed, and the policy."""
+
+    buffer_size: int = 1000
+    ratio: float = 0.2
+    policy: str = "reservoir"
 
 
 def replay_count(batch_size: int, ratio: float, policy: str = "reservoir") -> int:

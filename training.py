@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import torch
@@ -27,9 +27,13 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite: the round stops and nothing of it is saved."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
-    """Optimisation settings of one round."""
+    """Optimisation settings: a run's (the defaults of its flags), and with `for_round` one round's.
+
+    `lr` is the tool rows' rate (the LoRA baseline trains its adapter at its --lr: `lora_lr` is set to it);
+    `renorm_from_round` is 1-based; `batch_size` and `curriculum_learning` shape the round's loader.
+    """
 
     epochs: int = 1
     lr: float = 5e-3
@@ -40,6 +44,14 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     renorm_active_tools: bool = False
     renorm_rows: str = "all"
+    renorm_from_round: int = 1
+    batch_size: int = 8
+    curriculum_learning: bool = False
+
+    def for_round(self, index: int, epochs: int) -> TrainSettings:
+        """The settings of round `index` (0-based): its epochs, and renormalisation from `renorm_from_round` on."""
+        renorm = self.renorm_active_tools and index + 1 >= self.renorm_from_round
+        return replace(self, epochs=epochs, renorm_active_tools=renorm)
 
 
 @dataclass

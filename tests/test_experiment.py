@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -20,7 +19,7 @@ def metrics(tool: float, call: float, rate: float | None, paper_tool: float, pap
 
 @pytest.fixture
 def run(tmp_path) -> RunDirectory:
-    run = RunDirectory(tmp_path / "run", "tokmem", argparse.Namespace(seed=1),
+    run = RunDirectory(tmp_path / "run", "tokmem", {"seed": 1},
                        parse_training_rounds("1-2:1,3-4:1"), resume=False)
     run.add_metrics(0, 0, metrics(0.8, 0.6, 0.25, 1.0, 0.7, 0.5), "predicted")
     # after round 2, test set 1-2 got no predicted call at all: both parse-error rates are absent

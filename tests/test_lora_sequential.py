@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +14,11 @@ from conftest import (TOOL_NAMES, TrainingRecorder, assert_forgetting_plot, make
                       write_round_files)
 from dataset import NativeFunctionCallingDataset, build_answer_ids, discover_available_tools, make_dataloader
 from experiment import RoundData, RoundSpec
-from lora_sequential import BaselineRounds, MarkerLoRAModel, ToolMarkers
+from lora_sequential import BaselineRounds, BaselineSettings, MarkerLoRAModel, ToolMarkers
 from model import LoraSettings
+from replay_buffer import ReplaySettings
+from settings import DataSettings, RunSettings
+from training import TrainSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ROUND_1 = ["get_weather", "convert_currency", "search_flights"]
@@ -153,10 +155,9 @@ def replay_rounds(tokenizer, policy: str, capacity: int, sizes: list[int], batch
     data = [RoundData(RoundSpec(3 * r + 1, 3 * r + 3, 1),
                       [make_sample([TOOL_NAMES[r]], [{"city": f"c{i}"}], f"round{r} query {i}") for i in range(n)],
                       [], [TOOL_NAMES[r]]) for r, n in enumerate(sizes)]
-    args = SimpleNamespace(replay_policy=policy, replay_buffer_size=capacity, seed=7, use_replay_buffer=True,
-                           batch_size=batch_size, replay_ratio=ratio, reinit_lora_after_each_round=False,
-                           max_length=128, prompt_format="chat")
-    return BaselineRounds(args, TokenizerOnly(tokenizer), data), data
+    settings = RunSettings(DataSettings("1-3:1", max_length=128), TrainSettings(batch_size=batch_size), seed=7)
+    baseline = BaselineSettings(replay=ReplaySettings(capacity, ratio, policy))
+    return BaselineRounds(settings, baseline, TokenizerOnly(tokenizer), data), data
 
 
 def round_batches(hooks: BaselineRounds, data: list[RoundData], index: int) -> list[list[str]]:

@@ -154,11 +154,9 @@ def test_test_set_naming_an_untrained_tool_is_refused(tmp_path):
 
 
 def test_resume_refuses_a_run_whose_prompt_would_differ(tmp_path):
-    import argparse
-
     from experiment import RunDirectory
 
-    args = argparse.Namespace(training_rounds="1-3:1", seed=1)
+    args = {"training_rounds": "1-3:1", "seed": 1}
     run = RunDirectory(tmp_path / "run", "tokmem", args, [RoundSpec(1, 3, 1)], resume=False)
     run.record_prompt("<|start_header_id|>system<|end_header_id|>\n\nToday Date: 25 Nov 2026 query")
     assert json.loads((tmp_path / "run" / "config.json").read_text())["prompt_sample"].endswith("2026 query")
