@@ -103,61 +103,63 @@ def check_replay_settings(batch_size: int, ratio: float, policy: str = "reservoi
     return count
 
 
-class MixedBatchSampler(Sampler[list[int]]):
-    """Index batches over `ConcatDataset([new, replay])`: each batch is up to batch_size - k new samples (every new
-    sample once per epoch, shuffled when asked) plus k distinct replay samples drawn uniformly; seeded, so the same
-    seed gives the same batches."""
+class _ReplayBatchSampler(Sampler[list[int]]):
+    """Index batches over `ConcatDataset([new, replay])`: the new samples cut into chunks of `chunk` (shuffled when
+    asked), each made a batch by `_mix`; seeded, so the same seed gives the same batches."""
+
+    def __init__(self, num_new: int, num_replay: int, chunk: int, shuffle: bool, seed: int):
+        self.num_new = num_new
+        self.num_replay = num_replay
+        self.chunk = chunk
+        self.shuffle = shuffle
+        self._rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_new / self.chunk)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(range(self.num_new))
+        if self.shuffle:
+            self._rng.shuffle(order)
+        for start in range(0, self.num_new, self.chunk):
+            yield self._mix(order[start:start + self.chunk])
+
+    def _mix(self, chunk: list[int]) -> list[int]:
+        raise NotImplementedError
+
+    def _replayed(self, count: int) -> list[int]:
+        """`count` distinct replay samples, drawn uniformly, as indices into the concatenation."""
+        return [self.num_new + index for index in self._rng.sample(range(self.num_replay), count)]
+
+
+class MixedBatchSampler(_ReplayBatchSampler):
+    """Each batch is up to batch_size - k new samples (every new sample once per epoch, shuffled when asked) plus k
+    distinct replay samples drawn uniformly."""
 
     def __init__(self, num_new: int, num_replay: int, batch_size: int, replay_per_batch: int, shuffle: bool,
                  seed: int):
         if not 0 <= replay_per_batch < batch_size:
             raise ValueError(f"replay_per_batch must be in [0, {batch_size}), got {replay_per_batch}")
-        self.num_new = num_new
-        self.num_replay = num_replay
-        self.new_per_batch = batch_size - replay_per_batch
+        super().__init__(num_new, num_replay, batch_size - replay_per_batch, shuffle, seed)
         self.replay_per_batch = min(replay_per_batch, num_replay)
-        self.shuffle = shuffle
-        self._rng = random.Random(seed)
 
-    def __len__(self) -> int:
-        return math.ceil(self.num_new / self.new_per_batch)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = list(range(self.num_new))
-        if self.shuffle:
-            self._rng.shuffle(order)
-        for start in range(0, self.num_new, self.new_per_batch):
-            replay = self._rng.sample(range(self.num_replay), self.replay_per_batch)
-            yield order[start:start + self.new_per_batch] + [self.num_new + index for index in replay]
+    def _mix(self, chunk: list[int]) -> list[int]:
+        return chunk + self._replayed(self.replay_per_batch)
 
 
-class DisplacingBatchSampler(Sampler[list[int]]):
-    """Index batches over `ConcatDataset([new, replay])` by the original's rule: the new samples are cut into batches
-    of batch_size (shuffled when asked); in each, the last `int(len(batch) * ratio)` give way to as many distinct
-    replay samples (fewer when the buffer holds fewer). Seeded, so the same seed gives the same batches."""
+class DisplacingBatchSampler(_ReplayBatchSampler):
+    """The original's rule: the new samples are cut into batches of batch_size (shuffled when asked); in each, the last
+    `int(len(batch) * ratio)` give way to as many distinct replay samples (fewer when the buffer holds fewer)."""
 
     def __init__(self, num_new: int, num_replay: int, batch_size: int, ratio: float, shuffle: bool, seed: int):
         if replay_count(batch_size, ratio, "original") >= batch_size:
             raise ValueError(f"ratio {ratio} leaves no new sample in a batch of {batch_size}")
-        self.num_new = num_new
-        self.num_replay = num_replay
-        self.batch_size = batch_size
+        super().__init__(num_new, num_replay, batch_size, shuffle, seed)
         self.ratio = ratio
-        self.shuffle = shuffle
-        self._rng = random.Random(seed)
 
-    def __len__(self) -> int:
-        return math.ceil(self.num_new / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = list(range(self.num_new))
-        if self.shuffle:
-            self._rng.shuffle(order)
-        for start in range(0, self.num_new, self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            displaced = replay_count(len(chunk), self.ratio, "original")
-            replay = self._rng.sample(range(self.num_replay), min(displaced, self.num_replay))
-            yield chunk[:len(chunk) - displaced] + [self.num_new + index for index in replay]
+    def _mix(self, chunk: list[int]) -> list[int]:
+        displaced = replay_count(len(chunk), self.ratio, "original")
+        return chunk[:len(chunk) - displaced] + self._replayed(min(displaced, self.num_replay))
 
 
 def mixed_dataloader(new: Dataset, replay: Dataset, batch_size: int, replay_per_batch: int, pad_token_id: int,
