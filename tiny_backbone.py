@@ -325,18 +325,9 @@ def pretraining_samples(seed: int, rows: Sequence[dict] | None = None, settings:
     last = min(PRETRAIN_LAST_RANK, len(ranked), PRETRAIN_FIRST_RANK - 1 + NUM_RESERVED_TOKENS)
     if last < PRETRAIN_FIRST_RANK + 9:
         raise UserError(f"the corpus ranks only {len(ranked)} tools; the backbone needs ranks {PRETRAIN_FIRST_RANK}+")
-    train, test, descriptions = xlam_datasets.build_round(
-        rows,
-        ranked,
-        PRETRAIN_FIRST_RANK,
-        last,
-        max_samples_per_tool=settings.max_samples_per_tool,
-        train_size=settings.train_size,
-        test_size=settings.test_size,
-        train_max_calls=settings.train_max_calls,
-        test_max_calls=settings.test_max_calls,
-        seed=seed,
-    )
+    cut = xlam_datasets.CutSettings(settings.max_samples_per_tool, settings.train_size, settings.test_size,
+                                    settings.train_max_calls, settings.test_max_calls, seed=seed)
+    train, test, descriptions = xlam_datasets.build_round(rows, ranked, PRETRAIN_FIRST_RANK, last, cut)
     slots = {name: rank - PRETRAIN_FIRST_RANK for rank, name in enumerate(ranked[:last], start=1) if rank >= PRETRAIN_FIRST_RANK}
     return PretrainingData(train, test, descriptions, slots)
 

@@ -26,7 +26,7 @@ import random
 import re
 import socket
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -309,6 +309,11 @@ def parse_ranges(text: str) -> list[tuple[int, int]]:
     return [parse_range(part) for part in text.split(",")]
 
 
+def ratios_text(ratios: tuple[float, float]) -> str:
+    """(0.5, 0.5) -> "0.5,0.5", as the ratio flags take it."""
+    return ",".join(str(share) for share in ratios)
+
+
 def parse_ratios(text: str, flag: str) -> tuple[float, float]:
     """ "0.5,0.5" -> the shares of 2-tool and 3-tool samples; each in [0, 1], summing to 1."""
     parts = text.split(",")
@@ -478,16 +483,31 @@ def synthesize_multi_tool(pool: dict[str, list[SourceQuery]], count: int, num_to
     return samples
 
 
-def check_round_settings(start: int, end: int, ranked: Sequence[str], max_samples_per_tool: int, train_size: int,
-                         test_size: int, train_max_calls: int, test_max_calls: int) -> None:
-    """The range lies within the ranking, the caps are positive and the sizes not negative."""
-    check_range(start, end, ranked)
-    for flag, value in (("--max_samples_per_tool", max_samples_per_tool), ("--train_max_function_calls",
-                        train_max_calls), ("--test_max_function_calls", test_max_calls)):
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
-    if train_size < 0 or test_size < 0:
-        raise UserError(f"--train_size and --test_size must not be negative, got {train_size} and {test_size}")
+@dataclass(frozen=True)
+class CutSettings:
+    """How a range's rows are cut into its files: the flags of the same meaning (`*_max_calls` are
+    --*_max_function_calls, `*_ratios` the --*_multi_tool_ratios shares of 2- and 3-tool samples)."""
+
+    max_samples_per_tool: int = 50
+    train_size: int = 5000
+    test_size: int = 500
+    train_max_calls: int = 4
+    test_max_calls: int = 4
+    train_ratios: tuple[float, float] = (0.5, 0.5)
+    test_ratios: tuple[float, float] = (0.5, 0.5)
+    seed: int = 42
+
+    def check(self, start: int, end: int, ranked: Sequence[str]) -> None:
+        """The range lies within the ranking, the caps are positive and the sizes not negative."""
+        check_range(start, end, ranked)
+        for flag, value in (("--max_samples_per_tool", self.max_samples_per_tool),
+                            ("--train_max_function_calls", self.train_max_calls),
+                            ("--test_max_function_calls", self.test_max_calls)):
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1, got {value}")
+        if self.train_size < 0 or self.test_size < 0:
+            raise UserError(f"--train_size and --test_size must not be negative, got {self.train_size} and "
+                            f"{self.test_size}")
 
 
 def _warn_tools_without_train(label: str, names: Sequence[str], train: Sequence[dict]) -> None:
@@ -507,22 +527,8 @@ def _split_count(total: int, ratios: tuple[float, float]) -> tuple[int, int]:
     return two_tool, total - two_tool
 
 
-def build_round(
-    rows: Sequence[dict],
-    ranked: Sequence[str],
-    start: int,
-    end: int,
-    *,
-    max_samples_per_tool: int,
-    train_size: int,
-    test_size: int,
-    train_max_calls: int,
-    test_max_calls: int,
-    train_ratios: tuple[float, float] = (0.5, 0.5),
-    test_ratios: tuple[float, float] = (0.5, 0.5),
-    seed: int,
-    test_fraction: float = TEST_FRACTION,
-) -> tuple[list[dict], list[dict], dict]:
+def build_round(rows: Sequence[dict], ranked: Sequence[str], start: int, end: int, cut: CutSettings,
+                test_fraction: float = TEST_FRACTION) -> tuple[list[dict], list[dict], dict]:
     """(train samples, test samples, tool descriptions) for the tools ranked `start`..`end` (1-based, inclusive).
 
     Each tool keeps up to `max_samples_per_tool` single-tool samples that fit a call cap, split by source query
@@ -530,15 +536,14 @@ def build_round(
     `train_size` in all (none when the single-tool samples already reach it). Test: `test_size` synthesized
     multi-tool samples from test-side queries only. `*_ratios` split the multi-tool samples into 2- and 3-tool ones.
     """
-    check_round_settings(start, end, ranked, max_samples_per_tool, train_size, test_size, train_max_calls,
-                         test_max_calls)
+    cut.check(start, end, ranked)
     names = list(ranked[start - 1:end])
     descriptions = tool_descriptions(rows, names)
     label = f"{start}-{end}"
-    rng = random.Random(f"round:{seed}:{label}")
-    train_limits = SplitLimits("train", train_max_calls, "--train_max_function_calls", "--train_multi_tool_ratios",
-                               "--train_size")
-    test_limits = SplitLimits("test", test_max_calls, "--test_max_function_calls", "--test_multi_tool_ratios",
+    rng = random.Random(f"round:{cut.seed}:{label}")
+    train_limits = SplitLimits("train", cut.train_max_calls, "--train_max_function_calls",
+                               "--train_multi_tool_ratios", "--train_size")
+    test_limits = SplitLimits("test", cut.test_max_calls, "--test_max_function_calls", "--test_multi_tool_ratios",
                               "--test_size")
 
     sources = _single_tool_queries(rows, names)
@@ -548,27 +553,27 @@ def build_round(
     over_cap = 0
     for name in names:
         train_side, test_side, dropped = _split_tool(
-            sources[name], name, max_samples=max_samples_per_tool, max_calls=max(train_max_calls, test_max_calls - 1),
-            test_fraction=test_fraction, seed=seed)
+            sources[name], name, max_samples=cut.max_samples_per_tool,
+            max_calls=max(cut.train_max_calls, cut.test_max_calls - 1), test_fraction=test_fraction, seed=cut.seed)
         over_cap += dropped
         train_singles += [_sample([(name, query)], query.query) for query in train_side
-                          if len(query.calls) <= train_max_calls]
-        train_pool[name] = [query for query in train_side if len(query.calls) < train_max_calls]
-        test_pool[name] = [query for query in test_side if len(query.calls) < test_max_calls]
+                          if len(query.calls) <= cut.train_max_calls]
+        train_pool[name] = [query for query in train_side if len(query.calls) < cut.train_max_calls]
+        test_pool[name] = [query for query in test_side if len(query.calls) < cut.test_max_calls]
     if over_cap:
         logger.info("tools %s: %d single-tool rows have more calls than the caps allow and are not used", label,
                     over_cap)
     _warn_tools_without_train(label, names, train_singles)
 
-    multi_total = max(0, train_size - len(train_singles))
-    if len(train_singles) >= train_size:
+    multi_total = max(0, cut.train_size - len(train_singles))
+    if len(train_singles) >= cut.train_size:
         logger.warning("tools %s: %d single-tool train samples already reach --train_size %d; no multi-tool train "
-                       "samples are synthesized", label, len(train_singles), train_size)
-    two, three = _split_count(multi_total, train_ratios)
+                       "samples are synthesized", label, len(train_singles), cut.train_size)
+    two, three = _split_count(multi_total, cut.train_ratios)
     train = (train_singles + synthesize_multi_tool(train_pool, two, 2, train_limits, rng, label)
              + synthesize_multi_tool(train_pool, three, 3, train_limits, rng, label))
     rng.shuffle(train)
-    two, three = _split_count(test_size, test_ratios)
+    two, three = _split_count(cut.test_size, cut.test_ratios)
     test = (synthesize_multi_tool(test_pool, two, 2, test_limits, rng, label)
             + synthesize_multi_tool(test_pool, three, 3, test_limits, rng, label))
     rng.shuffle(test)
@@ -679,21 +684,8 @@ def _original_synthesize(pool: dict[str, list[OriginalSource]], names: Sequence[
     return samples
 
 
-def build_round_original(
-    rows: Sequence[dict],
-    ranked: Sequence[str],
-    start: int,
-    end: int,
-    *,
-    max_samples_per_tool: int,
-    train_size: int,
-    test_size: int,
-    train_max_calls: int,
-    test_max_calls: int,
-    train_ratios: tuple[float, float] = (0.5, 0.5),
-    test_ratios: tuple[float, float] = (0.5, 0.5),
-    seed: int,
-) -> tuple[list[dict], list[dict], dict]:
+def build_round_original(rows: Sequence[dict], ranked: Sequence[str], start: int, end: int,
+                         cut: CutSettings) -> tuple[list[dict], list[dict], dict]:
     """`build_round` by the original's rules (`--recut original`).
 
     Per tool, the first `max_samples_per_tool` single-tool rows in file order; calls with empty arguments dropped;
@@ -703,25 +695,25 @@ def build_round_original(
     after the first and puts a connector before it; duplicates are allowed. With --seed 42 the random streams are
     the original's.
     """
-    check_round_settings(start, end, ranked, max_samples_per_tool, train_size, test_size, train_max_calls,
-                         test_max_calls)
+    cut.check(start, end, ranked)
     names = list(ranked[start - 1:end])
     descriptions = tool_descriptions(rows, names, original=True)
     label = f"{start}-{end}"
-    split_rng, train_rng, test_rng = (random.Random(seed - ORIGINAL_SEEDS[0] + base) for base in ORIGINAL_SEEDS)
-    sources = original_sources(rows, names, max_samples_per_tool)
+    split_rng, train_rng, test_rng = (random.Random(cut.seed - ORIGINAL_SEEDS[0] + base) for base in ORIGINAL_SEEDS)
+    sources = original_sources(rows, names, cut.max_samples_per_tool)
     train_pool: dict[str, list[OriginalSource]] = {}
     test_pool: dict[str, list[OriginalSource]] = {}
     for name in names:
         shuffled = list(sources[name])
         split_rng.shuffle(shuffled)
-        cut = original_train_count(len(shuffled), train_size, test_size)
-        train_pool[name], test_pool[name] = shuffled[:cut], shuffled[cut:]
-    train = _original_synthesize(train_pool, names, train_size, original_ratios(train_ratios, train_max_calls),
-                                 train_max_calls, train_rng, "train", label)
-    test = _original_synthesize(test_pool, names, test_size, original_ratios(test_ratios, test_max_calls),
-                                test_max_calls, test_rng, "test", label)
-    if test_size and not test:
+        n_train = original_train_count(len(shuffled), cut.train_size, cut.test_size)
+        train_pool[name], test_pool[name] = shuffled[:n_train], shuffled[n_train:]
+    train = _original_synthesize(train_pool, names, cut.train_size,
+                                 original_ratios(cut.train_ratios, cut.train_max_calls), cut.train_max_calls,
+                                 train_rng, "train", label)
+    test = _original_synthesize(test_pool, names, cut.test_size, original_ratios(cut.test_ratios, cut.test_max_calls),
+                                cut.test_max_calls, test_rng, "test", label)
+    if cut.test_size and not test:
         raise UserError(f"tools {label}: no multi-tool test sample could be built (--recut original); raise "
                         "--max_samples_per_tool or --test_size, or widen --top_k")
     _warn_tools_without_train(label, names, train)
@@ -812,21 +804,20 @@ def source_settings(source: str, path: Path | None) -> tuple[dict[str, Any], dic
     return {"source": source, "xlam_sha256": digest, "code_sha256": _code_sha256(source)}, info
 
 
-def round_settings(args: argparse.Namespace, start: int, end: int, source: dict[str, Any],
-                   train_ratios: tuple[float, float], test_ratios: tuple[float, float]) -> dict[str, Any]:
-    """Everything that decides one range's files: a file made with other settings is stale."""
+def round_settings(cut: CutSettings, recut: str, start: int, end: int, source: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides one range's files (the ratios as given): a file made with other settings is stale."""
     return {
         **source,
-        "recut": args.recut,
+        "recut": recut,
         "top_k": f"{start}-{end}",
-        "max_samples_per_tool": args.max_samples_per_tool,
-        "train_size": args.train_size,
-        "test_size": args.test_size,
-        "train_max_function_calls": args.train_max_function_calls,
-        "test_max_function_calls": args.test_max_function_calls,
-        "train_multi_tool_ratios": list(train_ratios),
-        "test_multi_tool_ratios": list(test_ratios),
-        "seed": args.seed,
+        "max_samples_per_tool": cut.max_samples_per_tool,
+        "train_size": cut.train_size,
+        "test_size": cut.test_size,
+        "train_max_function_calls": cut.train_max_calls,
+        "test_max_function_calls": cut.test_max_calls,
+        "train_multi_tool_ratios": list(cut.train_ratios),
+        "test_multi_tool_ratios": list(cut.test_ratios),
+        "seed": cut.seed,
     }
 
 
@@ -834,66 +825,73 @@ def _parser() -> argparse.ArgumentParser:
     parser = CliParser(description="Re-cut xLAM rows into per-round train/test/tool-description files.")
     parser.add_argument("--top_k", default="50",
                         help="tool ranks: N (= 1-N) or START-END, 1-based inclusive; several with commas "
-                             "(default 50; the scripts write one range per round)")
-    parser.add_argument("--max_samples_per_tool", type=positive_int, default=50,
+                             "(the scripts write one range per round)")
+    parser.add_argument("--max_samples_per_tool", type=positive_int, default=CutSettings.max_samples_per_tool,
                         help="single-tool samples kept per tool before the train/test split "
-                             "(default 50; the scripts use SAMPLES_PER_TOOL=30)")
-    parser.add_argument("--train_size", type=positive_int, default=5000,
-                        help="train samples in all; multi-tool ones fill up to it "
-                             "(default 5000; the scripts use TRAIN_SIZE=600)")
-    parser.add_argument("--test_size", type=positive_int, default=500,
-                        help="multi-tool test samples (default 500; the scripts use TEST_SIZE=60)")
-    parser.add_argument("--train_max_function_calls", type=positive_int, default=4,
-                        help="most calls in a train sample (default 4; the scripts use 3)")
-    parser.add_argument("--test_max_function_calls", type=positive_int, default=4,
-                        help="most calls in a test sample (default 4; the scripts use 3)")
-    parser.add_argument("--train_multi_tool_ratios", default="0.5,0.5",
-                        help="shares of 2-tool and 3-tool train samples, summing to 1 (default 0.5,0.5)")
-    parser.add_argument("--test_multi_tool_ratios", default="0.5,0.5",
-                        help="shares of 2-tool and 3-tool test samples, summing to 1 (default 0.5,0.5)")
-    parser.add_argument("--output_dir", default="data",
-                        help="where training/, test/ and descriptions go (default data)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the split and the synthesis (default 42)")
+                             "(the scripts use SAMPLES_PER_TOOL=30)")
+    parser.add_argument("--train_size", type=positive_int, default=CutSettings.train_size,
+                        help="train samples in all; multi-tool ones fill up to it (the scripts use TRAIN_SIZE=600)")
+    parser.add_argument("--test_size", type=positive_int, default=CutSettings.test_size,
+                        help="multi-tool test samples (the scripts use TEST_SIZE=60)")
+    parser.add_argument("--train_max_function_calls", type=positive_int, default=CutSettings.train_max_calls,
+                        help="most calls in a train sample (the scripts use 3)")
+    parser.add_argument("--test_max_function_calls", type=positive_int, default=CutSettings.test_max_calls,
+                        help="most calls in a test sample (the scripts use 3)")
+    parser.add_argument("--train_multi_tool_ratios", default=ratios_text(CutSettings.train_ratios),
+                        help="shares of 2-tool and 3-tool train samples, summing to 1")
+    parser.add_argument("--test_multi_tool_ratios", default=ratios_text(CutSettings.test_ratios),
+                        help="shares of 2-tool and 3-tool test samples, summing to 1")
+    parser.add_argument("--output_dir", default="data", help="where training/, test/ and descriptions go")
+    parser.add_argument("--seed", type=int, default=CutSettings.seed, help="seed of the split and the synthesis")
     parser.add_argument("--source", choices=("synthetic", "xlam"), default="synthetic",
-                        help="synthetic rows (offline) or the real xLAM corpus (default synthetic)")
+                        help="synthetic rows (offline) or the real xLAM corpus")
     parser.add_argument("--xlam_path", default=None,
                         help=f"local copy of {HUB_FILENAME} (JSON list or JSON lines) for --source xlam "
                              "(default: none, download it from the hub)")
     parser.add_argument("--recut", choices=tuple(RECUTS), default="toolkit",
                         help="toolkit: this toolkit's sampling, split and synthesis; original: the original "
                              "toolkit's (first rows per tool, its split formula, lower-cased joins, 'type' in the "
-                             "descriptions) (default toolkit)")
+                             "descriptions)")
     parser.add_argument("--reuse_if_unchanged", action="store_true",
                         help="keep a range whose files exist and were made with the same settings (its manifest "
                              "says so); remake it otherwise, naming what changed")
     return parser
 
 
-def _ratios_for(args: argparse.Namespace, ratios: tuple[float, float], max_calls: int, flag: str
-                ) -> tuple[float, float]:
-    """The 2-/3-tool shares a split gets: under --recut original a cap below 3 drops the 3-tool share."""
-    if args.recut != "original":
-        return ratios
-    used = original_ratios(ratios, max_calls)
-    if used != ratios:
-        logger.warning("%s %d is below 3: no 3-tool samples, as in the original", flag, max_calls)
-    return used
+def cut_settings(args: argparse.Namespace) -> CutSettings:
+    """The parsed flags as CutSettings, the ratios as given."""
+    return CutSettings(max_samples_per_tool=args.max_samples_per_tool, train_size=args.train_size,
+                       test_size=args.test_size, train_max_calls=args.train_max_function_calls,
+                       test_max_calls=args.test_max_function_calls,
+                       train_ratios=parse_ratios(args.train_multi_tool_ratios, "--train_multi_tool_ratios"),
+                       test_ratios=parse_ratios(args.test_multi_tool_ratios, "--test_multi_tool_ratios"),
+                       seed=args.seed)
 
 
-def _stale_ranges(args: argparse.Namespace, settings: dict[tuple[int, int], dict]) -> list[tuple[int, int]]:
-    """The ranges to (re)make: all of them, or under --reuse_if_unchanged those whose files are stale."""
-    if not args.reuse_if_unchanged:
-        return list(settings)
+def used_ratios(cut: CutSettings, recut: str) -> CutSettings:
+    """The 2-/3-tool shares each split gets: under --recut original a cap below 3 drops the 3-tool share."""
+    if recut != "original":
+        return cut
+    ratios = []
+    for given, max_calls, flag in ((cut.train_ratios, cut.train_max_calls, "--train_max_function_calls"),
+                                   (cut.test_ratios, cut.test_max_calls, "--test_max_function_calls")):
+        ratios.append(original_ratios(given, max_calls))
+        if ratios[-1] != given:
+            logger.warning("%s %d is below 3: no 3-tool samples, as in the original", flag, max_calls)
+    return replace(cut, train_ratios=ratios[0], test_ratios=ratios[1])
+
+
+def _stale_ranges(output_dir: str, cut: CutSettings, settings: dict[tuple[int, int], dict]) -> list[tuple[int, int]]:
+    """The ranges under --reuse_if_unchanged whose files are stale (missing, or made otherwise)."""
     stale = []
     for (start, end), wanted in settings.items():
-        paths = round_file_paths(args.output_dir, start, end, args.train_max_function_calls,
-                                 args.test_max_function_calls)
-        reasons = round_files.stale_reasons(args.output_dir, start, end, wanted, paths)
+        paths = round_file_paths(output_dir, start, end, cut.train_max_calls, cut.test_max_calls)
+        reasons = round_files.stale_reasons(output_dir, start, end, wanted, paths)
         if reasons:
             logger.info("tools %d-%d: remaking the files: %s", start, end, "; ".join(reasons))
             stale.append((start, end))
         else:
-            logger.info("tools %d-%d: present in %s, made with the same settings", start, end, args.output_dir)
+            logger.info("tools %d-%d: present in %s, made with the same settings", start, end, output_dir)
     return stale
 
 
@@ -902,18 +900,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
     ranges = list(dict.fromkeys(parse_ranges(args.top_k)))
-    given_train = parse_ratios(args.train_multi_tool_ratios, "--train_multi_tool_ratios")
-    given_test = parse_ratios(args.test_multi_tool_ratios, "--test_multi_tool_ratios")
-    train_ratios = _ratios_for(args, given_train, args.train_max_function_calls, "--train_max_function_calls")
-    test_ratios = _ratios_for(args, given_test, args.test_max_function_calls, "--test_max_function_calls")
-    check_test_caps(args.test_max_function_calls, test_ratios)
+    given = cut_settings(args)
+    cut = used_ratios(given, args.recut)
+    check_test_caps(cut.test_max_calls, cut.test_ratios)
     check_output_dir(args.output_dir)
     with hold_logs():
         source_path = resolve_source(args.source, args.xlam_path)
         source, source_info = source_settings(args.source, source_path)
-        settings = {(start, end): round_settings(args, start, end, source, given_train, given_test)
-                    for start, end in ranges}
-        todo = _stale_ranges(args, settings)
+        settings = {(start, end): round_settings(given, args.recut, start, end, source) for start, end in ranges}
+        todo = _stale_ranges(args.output_dir, cut, settings) if args.reuse_if_unchanged else list(settings)
         rounds = []
         if todo:
             rows = rows_from(source_path, args.seed)
@@ -922,18 +917,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_range(start, end, ranked)
             logger.info("%d %s rows, %d tools ranked by single-tool use", len(rows), args.source, len(ranked))
             build = RECUTS[args.recut]
-            rounds = [(start, end, build(
-                rows, ranked, start, end, max_samples_per_tool=args.max_samples_per_tool, train_size=args.train_size,
-                test_size=args.test_size, train_max_calls=args.train_max_function_calls,
-                test_max_calls=args.test_max_function_calls, train_ratios=train_ratios, test_ratios=test_ratios,
-                seed=args.seed)) for start, end in todo]
+            rounds = [(start, end, build(rows, ranked, start, end, cut)) for start, end in todo]
     for start, end in ranges:
         if (start, end) not in todo:
             print(f"tools {start}-{end}: present, made with the same settings "
                   f"({round_files.manifest_path(args.output_dir, start, end)})")
     for start, end, (train, test, descriptions) in rounds:
-        paths = write_round_files(args.output_dir, start, end, train, test, descriptions,
-                                  args.train_max_function_calls, args.test_max_function_calls)
+        paths = write_round_files(args.output_dir, start, end, train, test, descriptions, cut.train_max_calls,
+                                  cut.test_max_calls)
         manifest = round_files.write_manifest(
             args.output_dir, start, end, settings[(start, end)], round_files.RoundPaths(*paths),
             {**source_info, "made_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})

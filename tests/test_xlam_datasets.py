@@ -95,7 +95,7 @@ def _round(rows, ranked, start=1, end=20, **overrides):
     settings = dict(max_samples_per_tool=30, train_size=1000, test_size=200, train_max_calls=4, test_max_calls=4,
                     train_ratios=(0.5, 0.5), test_ratios=(0.5, 0.5), seed=7)
     settings.update(overrides)
-    return xlam_datasets.build_round(rows, ranked, start, end, **settings)
+    return xlam_datasets.build_round(rows, ranked, start, end, xlam_datasets.CutSettings(**settings))
 
 
 def _single_tool_queries(rows) -> dict[str, str]:
@@ -382,9 +382,9 @@ def test_disjoint_ranges_share_no_tool(synthetic_rows, synthetic_ranked):
 def test_round_is_deterministic_from_the_seed(synthetic_rows, synthetic_ranked):
     here = _round(synthetic_rows, synthetic_ranked)
     imports = "import synthetic_xlam, xlam_datasets; rows = synthetic_xlam.generate_rows(seed=1, num_tools=60)"
-    expression = ("xlam_datasets.build_round(rows, xlam_datasets.rank_tools(rows), 1, 20, max_samples_per_tool=30, "
-                  "train_size=1000, test_size=200, train_max_calls=4, test_max_calls=4, train_ratios=(0.5, 0.5), "
-                  "test_ratios=(0.5, 0.5), seed=7)")
+    expression = ("xlam_datasets.build_round(rows, xlam_datasets.rank_tools(rows), 1, 20, xlam_datasets.CutSettings("
+                  "max_samples_per_tool=30, train_size=1000, test_size=200, train_max_calls=4, test_max_calls=4, "
+                  "train_ratios=(0.5, 0.5), test_ratios=(0.5, 0.5), seed=7))")
     assert digest(here) == digest_in_fresh_interpreter(imports, expression)
     assert here[1] != _round(synthetic_rows, synthetic_ranked, seed=8)[1]
 
@@ -570,7 +570,8 @@ def _original_round(rows, **overrides):
     settings = dict(max_samples_per_tool=50, train_size=70, test_size=30, train_max_calls=4, test_max_calls=4,
                     seed=42)
     settings.update(overrides)
-    return xlam_datasets.build_round_original(rows, xlam_datasets.rank_tools(rows), 1, 3, **settings)
+    return xlam_datasets.build_round_original(rows, xlam_datasets.rank_tools(rows), 1, 3,
+                                              xlam_datasets.CutSettings(**settings))
 
 
 def _query_of_call(rows) -> dict[tuple[str, str], str]:
