@@ -26,9 +26,9 @@ from transformers import GenerationConfig
 from common import CliParser, UserError, atomic_write_json, positive_int, run_cli, unit_interval
 from dataset import NativeFunctionCallingDataset, end_of_turn_id, make_dataloader
 from experiment import RoundData, print_final_report
-from model import (CallingOutput, GeneratedCalls, LoraSettings, attach_lora, backbone_and_lora_counts,
-                   load_base_model, load_lora_adapter, load_tokenizer, next_token_losses, resolve_device,
-                   resolve_dtype, save_lora_adapter, set_lora_requires_grad, trainable_lora_parameters)
+from model import (BackboneParts, CallingOutput, GeneratedCalls, LoraSettings, attach_lora, load_base_model,
+                   load_lora_adapter, load_tokenizer, next_token_losses, resolve_device, resolve_dtype,
+                   save_lora_adapter)
 from replay_buffer import (REPLAY_POLICIES, DisplacingBatchSampler, ReplaySettings, ReservoirBuffer,
                            check_replay_settings, mixed_dataloader, original_round_subset, sampled_dataloader)
 from sequential import prepare_run, run_rounds, start_run
@@ -80,7 +80,7 @@ class ToolMarkers:
         return {name: self.marker(name) for name in self.tool_names}
 
 
-class MarkerLoRAModel(nn.Module):
+class MarkerLoRAModel(BackboneParts, nn.Module):
     """A frozen causal LM with a LoRA adapter; tools are text markers (the duck-typed model of training.py)."""
 
     def __init__(
@@ -126,21 +126,6 @@ class MarkerLoRAModel(nn.Module):
         if tool_name not in self._marker_ids:
             raise KeyError(f"unknown tool {tool_name!r}")
         return list(self._marker_ids[tool_name])
-
-    def bank_parameters(self) -> list[nn.Parameter]:
-        return []
-
-    def lora_parameters(self) -> list[nn.Parameter]:
-        return trainable_lora_parameters(self.base_model)
-
-    def set_lora_trainable(self, trainable: bool) -> None:
-        set_lora_requires_grad(self.base_model, trainable)
-
-    def parameter_breakdown(self) -> dict[str, int]:
-        """Parameter counts: backbone (frozen), tool memory (none), LoRA, and the trainable total."""
-        backbone, lora = backbone_and_lora_counts(self.base_model)
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return {"backbone": backbone, "tool_memory": 0, "lora": lora, "trainable": trainable}
 
     @torch.no_grad()
     def reinit_lora(self, seed: int) -> None:

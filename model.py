@@ -249,6 +249,28 @@ def backbone_and_lora_counts(module: nn.Module) -> tuple[int, int]:
     return backbone, lora
 
 
+class BackboneParts:
+    """What the round loop asks of a model (mixed into an nn.Module) whose frozen `base_model` may carry a LoRA
+    adapter: its tool-memory rows (none here; FunctionCallingModel has them), LoRA's parameters, whether they train,
+    and the parameter counts."""
+
+    def bank_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return trainable_lora_parameters(self.base_model)
+
+    def set_lora_trainable(self, trainable: bool) -> None:
+        set_lora_requires_grad(self.base_model, trainable)
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameter counts: backbone (frozen), tool memory, LoRA, and the trainable total."""
+        backbone, lora = backbone_and_lora_counts(self.base_model)
+        memory = sum(p.numel() for p in self.bank_parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"backbone": backbone, "tool_memory": memory, "lora": lora, "trainable": trainable}
+
+
 def save_lora_adapter(peft_model, checkpoint: Path) -> None:
     """Write only the LoRA adapter (safetensors, atomically) and its peft config into `checkpoint/lora`."""
     from peft import get_peft_model_state_dict
@@ -395,7 +417,7 @@ class CallBoundaryTracker:
                     self.depth[row] = max(0, self.depth[row] - 1)
 
 
-class FunctionCallingModel(nn.Module):
+class FunctionCallingModel(BackboneParts, nn.Module):
     """A frozen causal LM whose tool tokens are a trainable memory bank, with optional LoRA."""
 
     def __init__(
@@ -530,19 +552,6 @@ class FunctionCallingModel(nn.Module):
 
     def bank_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.tool_embeddings, self.output_tool_embeddings) if p is not None]
-
-    def lora_parameters(self) -> list[nn.Parameter]:
-        return trainable_lora_parameters(self.base_model)
-
-    def set_lora_trainable(self, trainable: bool) -> None:
-        set_lora_requires_grad(self.base_model, trainable)
-
-    def parameter_breakdown(self) -> dict[str, int]:
-        """Parameter counts: backbone (frozen), tool memory, LoRA, and the trainable total."""
-        backbone, lora = backbone_and_lora_counts(self.base_model)
-        bank = sum(p.numel() for p in self.bank_parameters())
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return {"backbone": backbone, "tool_memory": bank, "lora": lora, "trainable": trainable}
 
     @torch.no_grad()
     def initialize_tool_embeddings(self, seed: int = 0, norm: str = "embedding") -> None:
