@@ -1,15 +1,32 @@
-# Shared data step of run_n_rounds_main.sh and run_n_rounds_lora.sh (sourced, not run).
+# The rounds' data, shared by run_n_rounds_main.sh, run_n_rounds_lora.sh and icl_baseline.sh (sourced, not run): its
+# variables, so that TokMem, the LoRA baseline and the in-context baselines read the same files, and the data step.
 #
-# generate_round_data reads NUM_ROUNDS, TOOLS_PER_ROUND, START_TOOL, SAMPLES_PER_TOOL, TRAIN_SIZE, TEST_SIZE,
-# EPOCHS_PER_ROUND (one value or one per round), TRAIN_MAX_CALLS / TEST_MAX_CALLS and the optional per-round lists
-# TRAIN_MAX_CALLS_PER_ROUND / TEST_MAX_CALLS_PER_ROUND, the multi-tool ratios, RECUT, DATA_SOURCE, XLAM_PATH, SEED,
-# DATA_DIR and PYTHON. For every round it runs xlam_datasets.py --reuse_if_unchanged, which keeps a round's files
-# when the manifest beside them says they were made with the same settings and remakes them otherwise; it sets
+# generate_round_data reads the variables below and the script's NUM_ROUNDS, TOOLS_PER_ROUND, START_TOOL,
+# EPOCHS_PER_ROUND (one value or one per round), SEED and PYTHON. For every round it runs xlam_datasets.py
+# --reuse_if_unchanged, which keeps a round's files when the manifest beside them says they were made with the same
+# settings and remakes them otherwise; it sets
 #   TRAINING_ROUNDS   e.g. "1-20:3,21-40:3,41-60:3"
 #   TRAIN_CALLS_LIST  e.g. "3,3,3"   (one call cap per round)
 #   TEST_CALLS_LIST   e.g. "3,3,3"
 
-source "$(dirname "${BASH_SOURCE[0]}")/presets.sh"
+declare -F run_step > /dev/null || source "$(dirname "${BASH_SOURCE[0]}")/presets.sh"
+
+# ---- the rounds' data (set a variable in the environment, or edit it here for all three scripts) ----------------
+SAMPLES_PER_TOOL=${SAMPLES_PER_TOOL:-30}
+TRAIN_SIZE=${TRAIN_SIZE:-600}
+TEST_SIZE=${TEST_SIZE:-60}
+TRAIN_MAX_CALLS=${TRAIN_MAX_CALLS:-3}
+TEST_MAX_CALLS=${TEST_MAX_CALLS:-3}
+TRAIN_MAX_CALLS_PER_ROUND=${TRAIN_MAX_CALLS_PER_ROUND:-}   # e.g. 4,4,2 (overrides TRAIN_MAX_CALLS)
+TEST_MAX_CALLS_PER_ROUND=${TEST_MAX_CALLS_PER_ROUND:-}
+TRAIN_MULTI_TOOL_RATIOS=${TRAIN_MULTI_TOOL_RATIOS:-0.5,0.5}  # shares of 2- and 3-tool samples synthesized
+TEST_MULTI_TOOL_RATIOS=${TEST_MULTI_TOOL_RATIOS:-0.5,0.5}
+RECUT=${RECUT:-toolkit}                            # toolkit | original: how xlam_datasets.py cuts the rows
+DATA_SOURCE=${DATA_SOURCE:-synthetic}              # synthetic | xlam
+XLAM_PATH=${XLAM_PATH:-}                           # local copy of xlam_function_calling_60k.json
+DATA_DIR=${DATA_DIR:-data}
+
+int_var SAMPLES_PER_TOOL TRAIN_SIZE TEST_SIZE TRAIN_MAX_CALLS TEST_MAX_CALLS
 
 # per_round_list NAME VALUE_OR_LIST DEFAULT: print a comma list of NUM_ROUNDS values; a shorter list is padded with
 # its last value (as the original's scripts do), a longer one is an error.
@@ -41,8 +58,8 @@ generate_round_data() {
     local python=${PYTHON:-python3}
     local epochs train_caps test_caps
     epochs=$(per_round_list EPOCHS_PER_ROUND "$EPOCHS_PER_ROUND" 1) || return 2
-    train_caps=$(per_round_list TRAIN_MAX_CALLS_PER_ROUND "${TRAIN_MAX_CALLS_PER_ROUND:-}" "$TRAIN_MAX_CALLS") || return 2
-    test_caps=$(per_round_list TEST_MAX_CALLS_PER_ROUND "${TEST_MAX_CALLS_PER_ROUND:-}" "$TEST_MAX_CALLS") || return 2
+    train_caps=$(per_round_list TRAIN_MAX_CALLS_PER_ROUND "$TRAIN_MAX_CALLS_PER_ROUND" "$TRAIN_MAX_CALLS") || return 2
+    test_caps=$(per_round_list TEST_MAX_CALLS_PER_ROUND "$TEST_MAX_CALLS_PER_ROUND" "$TEST_MAX_CALLS") || return 2
     local -a epoch_list train_list test_list specs=()
     IFS=',' read -r -a epoch_list <<< "$epochs"
     IFS=',' read -r -a train_list <<< "$train_caps"
@@ -59,11 +76,11 @@ generate_round_data() {
         local -a cmd=("$python" xlam_datasets.py --top_k "$range" --max_samples_per_tool "$SAMPLES_PER_TOOL"
                       --train_size "$TRAIN_SIZE" --test_size "$TEST_SIZE"
                       --train_max_function_calls "$train_k" --test_max_function_calls "$test_k"
-                      --train_multi_tool_ratios "${TRAIN_MULTI_TOOL_RATIOS:-0.5,0.5}"
-                      --test_multi_tool_ratios "${TEST_MULTI_TOOL_RATIOS:-0.5,0.5}"
-                      --recut "${RECUT:-toolkit}" --output_dir "$DATA_DIR" --source "$DATA_SOURCE"
+                      --train_multi_tool_ratios "$TRAIN_MULTI_TOOL_RATIOS"
+                      --test_multi_tool_ratios "$TEST_MULTI_TOOL_RATIOS"
+                      --recut "$RECUT" --output_dir "$DATA_DIR" --source "$DATA_SOURCE"
                       --seed "${SEED:-42}" --reuse_if_unchanged)
-        [[ "$DATA_SOURCE" == xlam && -n "${XLAM_PATH:-}" ]] && cmd+=(--xlam_path "$XLAM_PATH")
+        [[ "$DATA_SOURCE" == xlam && -n "$XLAM_PATH" ]] && cmd+=(--xlam_path "$XLAM_PATH")
         run_step "${cmd[@]}" || return $?
     done
 

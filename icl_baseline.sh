@@ -1,28 +1,19 @@
 #!/usr/bin/env bash
 # In-context baselines on one tool range: every tool described in the prompt (ICL), then only the top RETRIEVAL_K
-# retrieved tools (RAG). Edit the variables below and run `bash icl_baseline.sh`. The defaults are the embedded default
-# (synthetic xLAM-format data, the tiny backbone built offline, CPU). Each run prints its scores and the prompt tokens
-# per query of ICL, RAG and tool memory (TokMem), and writes runs/icl_<timestamp> or runs/icl_rag_<timestamp>.
+# retrieved tools (RAG). Edit the variables below (the data's: data_rounds.sh) and run `bash icl_baseline.sh`. The
+# defaults are the embedded default (synthetic xLAM-format data, the tiny backbone built offline, CPU). Each run
+# prints its scores and the prompt tokens per query of ICL, RAG and tool memory (TokMem), and writes
+# runs/icl_<timestamp> or runs/icl_rag_<timestamp>.
 # For the paper-scale setting: MODEL=meta-llama/Llama-3.2-3B-Instruct DATA_SOURCE=xlam XLAM_PATH=/path/to/xlam.json
 # TOOLS=1-50 SAMPLES_PER_TOOL=50 TRAIN_SIZE=5000 TEST_SIZE=500 BATCH_SIZE=4
 # PRESET=paper: the original's in-context run (tools 51-100, RAG only, k=5, its prompt and retrieval text); any
 # variable set in the environment wins over it. DRY_RUN=true prints the commands and runs nothing.
 set -euo pipefail
-cd "$(dirname "$0")"
-source ./presets.sh
-script_help "$0" "$@"
-apply_preset icl
+source "$(dirname "$0")/presets.sh"
+start_script icl "$0" "$@"   # cd here; --help; PRESET; the rounds' data variables (data_rounds.sh)
 
 # ---- experiment -------------------------------------------------------------------------------------------------
 TOOLS=${TOOLS:-1-20}                               # START-END: the tool ranks offered to the model
-SAMPLES_PER_TOOL=${SAMPLES_PER_TOOL:-30}
-TRAIN_SIZE=${TRAIN_SIZE:-600}                      # the data step writes the train file too (TokMem/LoRA use it)
-TEST_SIZE=${TEST_SIZE:-60}
-TRAIN_MAX_CALLS=${TRAIN_MAX_CALLS:-3}
-TEST_MAX_CALLS=${TEST_MAX_CALLS:-3}
-TRAIN_MULTI_TOOL_RATIOS=${TRAIN_MULTI_TOOL_RATIOS:-0.5,0.5}  # shares of 2- and 3-tool samples synthesized
-TEST_MULTI_TOOL_RATIOS=${TEST_MULTI_TOOL_RATIOS:-0.5,0.5}
-RECUT=${RECUT:-toolkit}                            # toolkit | original: how xlam_datasets.py cuts the rows
 # ---- generation and retrieval -----------------------------------------------------------------------------------
 BATCH_SIZE=${BATCH_SIZE:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}
@@ -33,17 +24,14 @@ RETRIEVAL_K=${RETRIEVAL_K:-5}
 RETRIEVAL_TEXT=${RETRIEVAL_TEXT:-toolkit}          # toolkit | original: the text each tool is embedded from
 ICL_PROMPT=${ICL_PROMPT:-toolkit}                  # toolkit | original: the original's hand-written prompt
 ICL_ANSWER=${ICL_ANSWER:-toolkit}                  # toolkit | original: how an answer is read into calls
-# ---- model, data, device ----------------------------------------------------------------------------------------
+# ---- model, device (the data's variables: data_rounds.sh) ------------------------------------------------------
 MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
 DTYPE=${DTYPE:-auto}                               # auto: bfloat16 on CUDA, float32 on CPU
-DATA_SOURCE=${DATA_SOURCE:-synthetic}              # synthetic | xlam
-XLAM_PATH=${XLAM_PATH:-}                           # local copy of xlam_function_calling_60k.json
-DATA_DIR=${DATA_DIR:-data}
 DEVICE=${DEVICE:-auto}
 GPU=${GPU:-0}                                      # used only when CUDA_VISIBLE_DEVICES is not already set
 SEED=${SEED:-42}
 
-int_var SAMPLES_PER_TOOL TRAIN_SIZE TEST_SIZE TRAIN_MAX_CALLS TEST_MAX_CALLS BATCH_SIZE MAX_NEW_TOKENS RETRIEVAL_K
+int_var BATCH_SIZE MAX_NEW_TOKENS RETRIEVAL_K
 bool_var RUN_ALL_TOOLS USE_RAG
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
 PYTHON=${PYTHON:-python3}
@@ -56,7 +44,6 @@ START_TOOL=${BASH_REMATCH[1]}
 TOOLS_PER_ROUND=$((BASH_REMATCH[2] - BASH_REMATCH[1] + 1))
 
 # Step 1: the range's test and description files, generated unless present (one round of data_rounds.sh).
-source ./data_rounds.sh
 NUM_ROUNDS=1
 EPOCHS_PER_ROUND=1
 generate_round_data

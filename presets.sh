@@ -6,6 +6,17 @@
 # even to an empty value: `PRESET=paper MODEL= bash run_n_rounds_main.sh` keeps the embedded backbone.
 # DRY_RUN=true prints each command a script would run, one line each, exactly as it would run, and runs nothing.
 
+# start_script NAME SCRIPT ARGS...: what every script does first: work in the scripts' folder, answer -h/--help, apply
+# PRESET (NAME: main, lora or icl), and set the rounds' data variables (data_rounds.sh, which the three share).
+start_script() {
+    local name=$1 script=$2
+    shift 2
+    cd "$(dirname "$script")"
+    script_help "$(basename "$script")" "$@"
+    apply_preset "$name"
+    source ./data_rounds.sh
+}
+
 # apply_preset SCRIPT: SCRIPT is main, lora or icl. Assigns only variables that are unset (${VAR=value}).
 apply_preset() {
     case "${PRESET:-}" in
@@ -87,6 +98,11 @@ int_var() {
     done
 }
 
+# list_variables FILE: each `NAME=${NAME:-default}  # comment` line of FILE as `  NAME (default: default)   # comment`.
+list_variables() {
+    grep -E '^[A-Z_]+=\$\{[A-Z_]+:-' "$1" | sed -E -e 's/^([A-Z_]+)=\$\{[A-Z_]+:-([^}]*)\}/  \1 (default: \2)/' -e 's/[[:space:]]+#/   #/'
+}
+
 # script_help SCRIPT ARGS...: with -h or --help among ARGS, print the script's header and variables and exit.
 script_help() {
     local script=$1 arg
@@ -95,8 +111,11 @@ script_help() {
         if [[ "$arg" == -h || "$arg" == --help ]]; then
             sed -n '2,/^set -euo pipefail/{/^set -euo/d;s/^# \{0,1\}//;p}' "$script"
             echo
-            echo "Variables (set them in the environment, e.g. NUM_ROUNDS=4 bash $script):"
-            grep -E '^[A-Z_]+=\$\{[A-Z_]+:-' "$script" | sed -E -e 's/^([A-Z_]+)=\$\{[A-Z_]+:-([^}]*)\}/  \1 (default: \2)/' -e 's/[[:space:]]+#/   #/'
+            echo "Variables (set them in the environment, e.g. SEED=7 bash $script):"
+            list_variables "$script"
+            echo
+            echo "The rounds' data (data_rounds.sh, shared by the three scripts):"
+            list_variables "$(dirname "${BASH_SOURCE[0]}")/data_rounds.sh"
             echo
             echo "PRESET=paper: the original toolkit's settings (see presets.sh); DRY_RUN=true: print the commands only."
             echo "Other arguments are passed on to the Python CLI; its own flags: python3 <cli>.py --help"

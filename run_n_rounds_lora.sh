@@ -1,34 +1,23 @@
 #!/usr/bin/env bash
 # The LoRA baseline over sequential rounds: a LoRA adapter learns each round's tools as text markers ([tool_N]),
 # optionally re-initialised each round and optionally with replay of earlier rounds' samples.
-# Edit the variables below and run `bash run_n_rounds_lora.sh`. The defaults are the embedded default (synthetic
-# xLAM-format data, the tiny backbone built offline, CPU), the same rounds and data as run_n_rounds_main.sh, and
-# finish in minutes on 2 cores. Compare with TokMem afterwards: python compare_runs.py runs/tokmem_* runs/lora_*
+# Edit the variables below (the rounds' data: data_rounds.sh) and run `bash run_n_rounds_lora.sh`. The defaults are
+# the embedded default (synthetic xLAM-format data, the tiny backbone built offline, CPU), the same rounds and data as
+# run_n_rounds_main.sh, and finish in minutes on 2 cores. Compare with TokMem afterwards: python compare_runs.py
+# runs/tokmem_* runs/lora_*
 # For the paper-scale setting: MODEL=meta-llama/Llama-3.2-3B-Instruct DATA_SOURCE=xlam XLAM_PATH=/path/to/xlam.json
 # NUM_ROUNDS=4 TOOLS_PER_ROUND=50 SAMPLES_PER_TOOL=50 TRAIN_SIZE=5000 TEST_SIZE=500 BATCH_SIZE=4 EPOCHS_PER_ROUND=1,3,3,3
 # PRESET=paper: the original toolkit's LoRA-baseline settings; any variable set in the environment wins over it.
 # DRY_RUN=true prints the commands and runs nothing.
 set -euo pipefail
-cd "$(dirname "$0")"
-source ./presets.sh
-script_help "$0" "$@"
-apply_preset lora
+source "$(dirname "$0")/presets.sh"
+start_script lora "$0" "$@"   # cd here; --help; PRESET; the rounds' data variables (data_rounds.sh)
 
 # ---- experiment (keep equal to run_n_rounds_main.sh to compare) -------------------------------------------------
 NUM_ROUNDS=${NUM_ROUNDS:-3}
 TOOLS_PER_ROUND=${TOOLS_PER_ROUND:-10}
 START_TOOL=${START_TOOL:-1}
-SAMPLES_PER_TOOL=${SAMPLES_PER_TOOL:-30}
 EPOCHS_PER_ROUND=${EPOCHS_PER_ROUND:-3}          # one value, or one per round: 1,3,3 (a short list repeats its last)
-TRAIN_SIZE=${TRAIN_SIZE:-600}
-TEST_SIZE=${TEST_SIZE:-60}
-TRAIN_MAX_CALLS=${TRAIN_MAX_CALLS:-3}
-TEST_MAX_CALLS=${TEST_MAX_CALLS:-3}
-TRAIN_MAX_CALLS_PER_ROUND=${TRAIN_MAX_CALLS_PER_ROUND:-}   # e.g. 4,4,2 (overrides TRAIN_MAX_CALLS)
-TEST_MAX_CALLS_PER_ROUND=${TEST_MAX_CALLS_PER_ROUND:-}
-TRAIN_MULTI_TOOL_RATIOS=${TRAIN_MULTI_TOOL_RATIOS:-0.5,0.5}  # shares of 2- and 3-tool samples synthesized
-TEST_MULTI_TOOL_RATIOS=${TEST_MULTI_TOOL_RATIOS:-0.5,0.5}
-RECUT=${RECUT:-toolkit}                            # toolkit | original: how xlam_datasets.py cuts the rows
 # ---- optimisation -----------------------------------------------------------------------------------------------
 BATCH_SIZE=${BATCH_SIZE:-8}
 LR=${LR:-}                                         # LoRA learning rate; empty: 3e-3 on the tiny backbone, else 5e-4
@@ -50,18 +39,14 @@ EVAL_ALL_PREVIOUS=${EVAL_ALL_PREVIOUS:-true}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-16}
 SAVE_CHECKPOINTS=${SAVE_CHECKPOINTS:-false}
 OUTPUT_DIR=${OUTPUT_DIR:-}                         # empty: runs/lora_<timestamp> or runs/lora_replay_<timestamp>
-# ---- model, data, device ----------------------------------------------------------------------------------------
+# ---- model, device (the data's variables: data_rounds.sh) ------------------------------------------------------
 MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
 DTYPE=${DTYPE:-auto}                               # auto: bfloat16 on CUDA, float32 on CPU
-DATA_SOURCE=${DATA_SOURCE:-synthetic}              # synthetic | xlam
-XLAM_PATH=${XLAM_PATH:-}                           # local copy of xlam_function_calling_60k.json
-DATA_DIR=${DATA_DIR:-data}
 DEVICE=${DEVICE:-auto}
 GPU=${GPU:-0}                                      # used only when CUDA_VISIBLE_DEVICES is not already set
 SEED=${SEED:-42}
 
-int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL SAMPLES_PER_TOOL TRAIN_SIZE TEST_SIZE BATCH_SIZE EVAL_BATCH_SIZE \
-    MAX_LENGTH LORA_R LORA_ALPHA REPLAY_BUFFER_SIZE
+int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH LORA_R LORA_ALPHA REPLAY_BUFFER_SIZE
 bool_var REINIT_LORA USE_REPLAY_BUFFER EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
 # The tiny backbone (1.6M parameters) learns the markers in a few hundred steps only with a larger rate and adapters on
@@ -76,7 +61,6 @@ else
 fi
 PYTHON=${PYTHON:-python3}
 
-source ./data_rounds.sh
 
 # Step 1: each round's train/test/description files (the same files TokMem uses; made again when their settings changed).
 generate_round_data

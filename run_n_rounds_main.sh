@@ -1,30 +1,19 @@
 #!/usr/bin/env bash
 # TokMem over sequential rounds: each round learns TOOLS_PER_ROUND new tools as rows of the tool memory.
-# Edit the variables below and run `bash run_n_rounds_main.sh`. The defaults are the embedded default (synthetic
-# xLAM-format data, the tiny backbone built offline, CPU) and finish in minutes on 2 cores.
+# Edit the variables below (the rounds' data: data_rounds.sh) and run `bash run_n_rounds_main.sh`. The defaults are
+# the embedded default (synthetic xLAM-format data, the tiny backbone built offline, CPU) and finish in minutes on 2
+# cores.
 # PRESET=paper: the original toolkit's settings and behaviour (Llama-3.2-3B-Instruct, the real xLAM file, 2 x 50
 # tools); any variable set in the environment wins over the preset. DRY_RUN=true prints the commands and runs nothing.
 set -euo pipefail
-cd "$(dirname "$0")"
-source ./presets.sh
-script_help "$0" "$@"
-apply_preset main
+source "$(dirname "$0")/presets.sh"
+start_script main "$0" "$@"   # cd here; --help; PRESET; the rounds' data variables (data_rounds.sh)
 
 # ---- experiment -------------------------------------------------------------------------------------------------
 NUM_ROUNDS=${NUM_ROUNDS:-3}
 TOOLS_PER_ROUND=${TOOLS_PER_ROUND:-10}
 START_TOOL=${START_TOOL:-1}
-SAMPLES_PER_TOOL=${SAMPLES_PER_TOOL:-30}
 EPOCHS_PER_ROUND=${EPOCHS_PER_ROUND:-3}                # one value, or one per round: 1,3,3 (a short list repeats its last)
-TRAIN_SIZE=${TRAIN_SIZE:-600}
-TEST_SIZE=${TEST_SIZE:-60}
-TRAIN_MAX_CALLS=${TRAIN_MAX_CALLS:-3}
-TEST_MAX_CALLS=${TEST_MAX_CALLS:-3}
-TRAIN_MAX_CALLS_PER_ROUND=${TRAIN_MAX_CALLS_PER_ROUND:-}   # e.g. 4,4,2 (overrides TRAIN_MAX_CALLS)
-TEST_MAX_CALLS_PER_ROUND=${TEST_MAX_CALLS_PER_ROUND:-}
-TRAIN_MULTI_TOOL_RATIOS=${TRAIN_MULTI_TOOL_RATIOS:-0.5,0.5}  # shares of 2- and 3-tool samples synthesized
-TEST_MULTI_TOOL_RATIOS=${TEST_MULTI_TOOL_RATIOS:-0.5,0.5}
-RECUT=${RECUT:-toolkit}                                # toolkit | original: how xlam_datasets.py cuts the rows
 # ---- optimisation -----------------------------------------------------------------------------------------------
 BATCH_SIZE=${BATCH_SIZE:-8}
 LR=${LR:-1e-2}
@@ -54,24 +43,19 @@ EVAL_ALL_PREVIOUS=${EVAL_ALL_PREVIOUS:-true}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-16}
 SAVE_CHECKPOINTS=${SAVE_CHECKPOINTS:-false}
 OUTPUT_DIR=${OUTPUT_DIR:-}                             # empty: runs/tokmem_<timestamp>
-# ---- model, data, device ----------------------------------------------------------------------------------------
+# ---- model, device (the data's variables: data_rounds.sh) ------------------------------------------------------
 MODEL=${MODEL:-}                                       # empty: the embedded tiny backbone (built on first use)
 DTYPE=${DTYPE:-auto}                                   # auto: bfloat16 on CUDA, float32 on CPU
-DATA_SOURCE=${DATA_SOURCE:-synthetic}                  # synthetic | xlam
-XLAM_PATH=${XLAM_PATH:-}                               # local copy of xlam_function_calling_60k.json
-DATA_DIR=${DATA_DIR:-data}
 DEVICE=${DEVICE:-auto}
 GPU=${GPU:-0}                                          # used only when CUDA_VISIBLE_DEVICES is not already set
 SEED=${SEED:-42}
 
-int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL SAMPLES_PER_TOOL TRAIN_SIZE TEST_SIZE BATCH_SIZE EVAL_BATCH_SIZE \
-    MAX_LENGTH RENORM_FROM_ROUND LORA_R LORA_ALPHA
+int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH RENORM_FROM_ROUND LORA_R LORA_ALPHA
 bool_var CURRICULUM_LEARNING RENORM_ACTIVE_TOOLS DECOUPLE_EMBEDDINGS USE_LORA FREEZE_LORA_AFTER_FIRST OFFER_ALL_TOOLS \
     UNCONSTRAINED_DECODING USE_GROUND_TRUTH_TOOLS EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
 PYTHON=${PYTHON:-python3}
 
-source ./data_rounds.sh
 
 # Step 1: each round's train/test/description files (made again when their settings changed).
 generate_round_data

@@ -1050,11 +1050,11 @@ def script_default(script: str, variable: str) -> str:
 
 @pytest.mark.parametrize("module, factory, flag, script, variable", [
     ("main_sequential", "build_parser", "--lr", "run_n_rounds_main.sh", "LR"),
-    ("main_sequential", "build_parser", "--train_max_function_calls", "run_n_rounds_main.sh", "TRAIN_MAX_CALLS"),
-    ("lora_sequential", "build_parser", "--test_max_function_calls", "run_n_rounds_lora.sh", "TEST_MAX_CALLS"),
-    ("xlam_datasets", "_parser", "--max_samples_per_tool", "run_n_rounds_main.sh", "SAMPLES_PER_TOOL"),
-    ("xlam_datasets", "_parser", "--train_size", "run_n_rounds_main.sh", "TRAIN_SIZE"),
-    ("xlam_datasets", "_parser", "--test_size", "icl_baseline.sh", "TEST_SIZE"),
+    ("main_sequential", "build_parser", "--train_max_function_calls", "data_rounds.sh", "TRAIN_MAX_CALLS"),
+    ("lora_sequential", "build_parser", "--test_max_function_calls", "data_rounds.sh", "TEST_MAX_CALLS"),
+    ("xlam_datasets", "_parser", "--max_samples_per_tool", "data_rounds.sh", "SAMPLES_PER_TOOL"),
+    ("xlam_datasets", "_parser", "--train_size", "data_rounds.sh", "TRAIN_SIZE"),
+    ("xlam_datasets", "_parser", "--test_size", "data_rounds.sh", "TEST_SIZE"),
 ], ids=lambda value: value if isinstance(value, str) and value.startswith("--") else None)
 def test_help_names_the_scripts_default_where_it_differs(module, factory, flag, script, variable):
     import importlib

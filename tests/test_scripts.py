@@ -129,6 +129,7 @@ def test_boolean_spellings(tmp_path, spelling, expected):
 def test_help_shows_the_variables_and_runs_nothing(tmp_path, script):
     result = run_script(script, tmp_path, "--help")
     assert result.returncode == 0 and "PRESET=paper" in result.stdout and "(default: " in result.stdout
+    assert "SEED (default: 42)" in result.stdout and "SAMPLES_PER_TOOL (default: 30)" in result.stdout  # data_rounds.sh's
     assert not (tmp_path / "data").exists()
 
 
