@@ -27,8 +27,7 @@ from common import CliParser, UserError, atomic_write_json, positive_int, run_cl
 from dataset import NativeFunctionCallingDataset, end_of_turn_id, make_dataloader
 from experiment import RoundData, print_final_report
 from model import (BackboneParts, CallingOutput, GeneratedCalls, LoraSettings, attach_lora, load_base_model,
-                   load_lora_adapter, load_tokenizer, next_token_losses, resolve_device, resolve_dtype,
-                   save_lora_adapter)
+                   load_lora_adapter, next_token_losses, save_lora_adapter)
 from replay_buffer import (REPLAY_POLICIES, DisplacingBatchSampler, ReplaySettings, ReservoirBuffer,
                            check_replay_settings, mixed_dataloader, original_round_subset, sampled_dataloader)
 from sequential import prepare_run, run_rounds, start_run
@@ -94,12 +93,7 @@ class MarkerLoRAModel(BackboneParts, nn.Module):
         marker_style: str = "number",
     ):
         super().__init__()
-        self.model_name = str(model_name)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_name)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._start_backbone(model_name, tokenizer, device, dtype)
         self.markers = ToolMarkers(tool_names, marker_style)
         self.lora_settings = lora_config
         self.base_model = attach_lora(load_base_model(self.model_name, self.device, self.dtype), lora_config)

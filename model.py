@@ -254,6 +254,17 @@ class BackboneParts:
     adapter: its tool-memory rows (none here; FunctionCallingModel has them), LoRA's parameters, whether they train,
     and the parameter counts."""
 
+    def _start_backbone(self, model_name: str, tokenizer, device: str | torch.device | None,
+                        dtype: str | torch.dtype | None) -> None:
+        """Set the model's name, device, dtype and tokenizer (the given one, else the model's; padding with the
+        end-of-sequence token when it has no pad token)."""
+        self.model_name = str(model_name)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_name)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
     def bank_parameters(self) -> list[nn.Parameter]:
         return []
 
@@ -437,12 +448,7 @@ class FunctionCallingModel(BackboneParts, nn.Module):
             raise UserError(f"num_tools ({num_tools}) must equal the number of tool names ({len(tool_names)}) and be > 0")
         if len(set(tool_names)) != len(tool_names):
             raise UserError("tool names must be unique")
-        self.model_name = str(model_name)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_name)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._start_backbone(model_name, tokenizer, device, dtype)
         self.tool_names = list(tool_names)
         self.decouple_embeddings = decouple_embeddings
         self.lora_settings = lora_config
