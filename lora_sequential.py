@@ -27,8 +27,9 @@ from common import CliParser, UserError, atomic_write_json, positive_int, run_cl
 from dataset import NativeFunctionCallingDataset, end_of_turn_id, make_dataloader
 from experiment import RoundData, print_final_report
 from model import (CallingOutput, GeneratedCalls, LoraSettings, attach_lora, backbone_and_lora_counts,
-                   load_base_model, load_lora_adapter, load_tokenizer, next_token_losses, resolve_device,
-                   resolve_dtype, save_lora_adapter, set_lora_requires_grad, trainable_lora_parameters)
+                   labelled_losses, labelled_positions, load_base_model, load_lora_adapter, load_tokenizer,
+                   resolve_device, resolve_dtype, save_lora_adapter, set_lora_requires_grad,
+                   trainable_lora_parameters)
 from replay_buffer import (REPLAY_POLICIES, DisplacingBatchSampler, ReservoirBuffer, check_replay_settings,
                            mixed_dataloader, original_round_subset, sampled_dataloader)
 from sequential import add_common_flags, lora_settings_from, prepare_run, run_rounds, start_run
@@ -158,15 +159,26 @@ class MarkerLoRAModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> CallingOutput:
+        """Logits and, with `labels`, the losses (the tool loss over the marker tokens).
+
+        With labels the LM head runs only at the positions whose next label is set and `logits` holds those rows
+        (rows x vocabulary, float32); without, it is the full batch x length x vocabulary.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False)
-        loss = tool_loss = None
-        if labels is not None:
-            loss, tool_loss = next_token_losses(out.logits, labels, self.marker_positions(labels))
-        return CallingOutput(logits=out.logits, loss=loss, tool_loss=tool_loss)
+        if labels is None:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False)
+            return CallingOutput(logits=out.logits)
+        causal_lm = self.base_model.get_base_model()
+        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids, use_cache=False).last_hidden_state
+        rows, positions = labelled_positions(labels)
+        logits = causal_lm.get_output_embeddings()(hidden[rows, positions]).float()
+        logits, loss, tool_loss = labelled_losses(logits, labels[rows, positions + 1],
+                                                  self.marker_positions(labels)[rows, positions + 1])
+        return CallingOutput(logits=logits, loss=loss, tool_loss=tool_loss)
 
     def marker_positions(self, labels: torch.Tensor) -> torch.Tensor:
         """Bool mask shaped like `labels`: True on the tokens of every marker in the labelled answer."""

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 from transformers.utils import logging as hf_logging
 
 from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with
-from dataset import end_of_turn_id
+from dataset import IGNORE_INDEX, end_of_turn_id
 
 logger = logging.getLogger(__name__)
 
@@ -275,21 +276,70 @@ def load_lora_adapter(peft_model, checkpoint: Path, device: torch.device) -> Non
     set_peft_model_state_dict(peft_model, load_file(str(adapter), device=str(device)))
 
 
-def next_token_losses(
-    logits: torch.Tensor, labels: torch.Tensor, tool_targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy on labelled positions, and the same over the targets that `tool_targets` marks.
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of every prediction the loss scores: position p predicts label p + 1, so p is kept where that
+    label is set. The labels are shifted, never the logits; the target of (r, p) is `labels[r, p + 1]`."""
+    return (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
 
-    `tool_targets` is a bool mask shaped like `labels` (True where the label is part of a tool's encoding).
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of float32 logits (one row per labelled position), after writing the tool columns
+    into them in place; returns the per-row losses and the logits.
+
+    The one vocabulary-sized tensor kept for backward is the log-probabilities, and backward turns it into the
+    logits' gradient in place (softmax minus one-hot, scaled; the tool columns go to the tool logits' gradient).
+    Autograd's composition of the same ops (index_copy_, log_softmax, nll_loss) would allocate three more in
+    backward. The saved tensor is consumed, so the graph takes a single backward (a second one raises).
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    per_token = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="none")
-    valid = shift_labels != -100
-    loss = per_token[valid].mean() if valid.any() else per_token.sum() * 0.0
-    is_tool = valid & tool_targets[:, 1:].reshape(-1)
-    tool_loss = per_token[is_tool].mean() if is_tool.any() else per_token.sum() * 0.0
-    return loss, tool_loss
+
+    @staticmethod
+    def forward(ctx, logits, targets, tool_ids, tool_logits):
+        if tool_ids is not None:
+            logits.index_copy_(1, tool_ids, tool_logits)
+        ctx.mark_dirty(logits)
+        ctx.set_materialize_grads(False)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(log_probs, targets, tool_ids)
+        return -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1), logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_logits):
+        log_probs, targets, tool_ids = ctx.saved_tensors
+        grad = log_probs.exp_()
+        if grad_loss is None:
+            grad.zero_()
+        else:
+            grad.mul_(grad_loss.unsqueeze(1))
+            grad.scatter_add_(1, targets.unsqueeze(1), -grad_loss.unsqueeze(1))
+        if grad_logits is not None:
+            grad.add_(grad_logits)
+        grad_tool = None
+        if tool_ids is not None:
+            grad_tool = grad.index_select(1, tool_ids)
+            grad.index_fill_(1, tool_ids, 0.0)
+        return grad, None, None, grad_tool
+
+
+def labelled_losses(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    tool_targets: torch.Tensor,
+    tool_ids: torch.Tensor | None = None,
+    tool_logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, loss, tool loss) from float32 head logits at the labelled positions, one row per target.
+
+    `tool_logits` (rows x tools), when given, replace the `tool_ids` columns of `logits` in place first. The loss is
+    the mean cross-entropy over every target, the tool loss the same over the targets `tool_targets` marks (zero,
+    still in the graph, where none is).
+    """
+    if logits.dtype != torch.float32:
+        raise ValueError(f"labelled_losses expects float32 logits, got {logits.dtype}")
+    per_token, logits = _HeadCrossEntropy.apply(logits, targets, tool_ids, tool_logits)
+    loss = per_token.mean() if per_token.numel() else per_token.sum() * 0.0
+    tool_loss = per_token[tool_targets].mean() if tool_targets.any() else per_token.sum() * 0.0
+    return logits, loss, tool_loss
 
 
 GROUND_TRUTH_STYLES = ("forced", "replace")
@@ -571,10 +621,13 @@ class FunctionCallingModel(nn.Module):
         bank_rows = self.tool_embeddings[slot.clamp(min=0)].to(embeddings.dtype)
         return torch.where((slot >= 0).unsqueeze(-1), bank_rows, embeddings)
 
+    def tool_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden . row` for every tool (one float32 matmul over all tools), shaped `hidden.shape[:-1] + (tools,)`."""
+        return hidden.float() @ self.output_rows.float().t()
+
     def tool_logits_into(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Overwrite the tool columns of `logits` with `hidden . row` (one matmul over all tools)."""
-        tool_logits = hidden.float() @ self.output_rows.float().t()
-        return logits.float().index_copy(-1, self.tool_token_ids, tool_logits)
+        """Overwrite the tool columns of float32 `logits` in place with the bank's logits of `hidden`; returns them."""
+        return logits.index_copy_(-1, self.tool_token_ids, self.tool_logits(hidden))
 
     def forward(
         self,
@@ -586,11 +639,20 @@ class FunctionCallingModel(nn.Module):
         use_cache: bool = False,
         last_position_only: bool = False,
     ) -> CallingOutput:
-        """Logits over the vocabulary with the bank's tool columns; `last_position_only` skips the lm head elsewhere."""
+        """Float32 logits over the vocabulary with the bank's tool columns, and the losses when `labels` are given.
+
+        With labels (training), the LM head and the loss run only at the positions whose next label is set, and
+        `logits` holds those rows alone (rows x vocabulary, batch-major, `labelled_positions`' order). Without
+        labels, `logits` is batch x length x vocabulary, or batch x 1 x vocabulary with `last_position_only`.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if labels is not None:
+            if past_key_values is not None or use_cache or last_position_only:
+                raise ValueError("a forward with labels takes no cache and scores every labelled position")
+            return self.answer_losses(self.training_hidden(input_ids, attention_mask, position_ids), labels)
         decoder_out = self.causal_lm.get_decoder()(
             inputs_embeds=self.embed(input_ids),
             attention_mask=attention_mask,
@@ -601,15 +663,50 @@ class FunctionCallingModel(nn.Module):
         hidden = decoder_out.last_hidden_state
         if last_position_only:
             hidden = hidden[:, -1:]
-        logits = self.tool_logits_into(hidden, self.causal_lm.get_output_embeddings()(hidden))
-        loss = tool_loss = None
-        if labels is not None:
-            loss, tool_loss = self.answer_losses(logits, labels)
-        return CallingOutput(logits=logits, loss=loss, tool_loss=tool_loss, past_key_values=decoder_out.past_key_values)
+        logits = self.tool_logits_into(hidden, self.causal_lm.get_output_embeddings()(hidden).float())
+        return CallingOutput(logits=logits, past_key_values=decoder_out.past_key_values)
 
-    def answer_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token cross-entropy on labelled positions, and the same restricted to tool-token targets."""
-        return next_token_losses(logits, labels, self.token_to_slot[labels.clamp(min=0)] >= 0)
+    def answer_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> CallingOutput:
+        """The LM head, the tool logits and the losses at the labelled positions of last hidden states `hidden`:
+        the loss over every labelled token, the tool loss over the tool-token targets."""
+        rows, positions = labelled_positions(labels)
+        picked = hidden[rows, positions]
+        targets = labels[rows, positions + 1]
+        head = self.causal_lm.get_output_embeddings()(picked).float()
+        logits, loss, tool_loss = labelled_losses(
+            head, targets, self.token_to_slot[targets] >= 0, self.tool_token_ids, self.tool_logits(picked)
+        )
+        return CallingOutput(logits=logits, loss=loss, tool_loss=tool_loss)
+
+    def training_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Last hidden states of a training batch.
+
+        With no trainable backbone parameter (LoRA off or frozen), nothing before the batch's first tool token
+        depends on a trained value: that prefix runs without autograd, and the rest attends to its cached keys and
+        values, so backward neither stores nor walks the prompt's activations.
+        """
+        decoder = self.causal_lm.get_decoder()
+        split = self.constant_prefix_length(input_ids) if torch.is_grad_enabled() else 0
+        if split == 0:
+            return decoder(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=False).last_hidden_state
+        with torch.no_grad():
+            prefix = decoder(inputs_embeds=self.embed(input_ids[:, :split]), attention_mask=attention_mask[:, :split],
+                             position_ids=position_ids[:, :split], use_cache=True)
+        if split == input_ids.shape[1]:
+            return prefix.last_hidden_state
+        rest = decoder(inputs_embeds=self.embed(input_ids[:, split:]), attention_mask=attention_mask,
+                       position_ids=position_ids[:, split:], past_key_values=prefix.past_key_values, use_cache=False)
+        return torch.cat([prefix.last_hidden_state, rest.last_hidden_state], dim=1)
+
+    def constant_prefix_length(self, input_ids: torch.Tensor) -> int:
+        """How many leading positions hold no tool token in any row, when no backbone parameter is trained (else 0)."""
+        if any(p.requires_grad for p in self.base_model.parameters()):
+            return 0
+        has_tool = (self.token_to_slot[input_ids] >= 0).any(dim=0).nonzero()
+        return int(has_tool[0]) if len(has_tool) else input_ids.shape[1]
 
     # --- generation ------------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from common import UserError
 from conftest import TOOL_NAMES, make_sample
 from dataset import NativeFunctionCallingDataset, left_pad_collate, make_dataloader
 from model import (CallingOutput, FunctionCallingModel, LoraSettings, ToolForcingProcessor,
-                   reserved_token_ids)
+                   labelled_losses, reserved_token_ids)
 from sequential import active_tool_mask
 from training import TrainSettings, train_round
 
@@ -120,7 +120,8 @@ def test_loss_is_the_mean_cross_entropy_over_the_answer_tokens_only(tiny_model_d
     batch = train_batch(model)
     with torch.no_grad():
         out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
-    log_probs = out.logits.float().log_softmax(-1)
+        full = model(batch["input_ids"], batch["attention_mask"])  # every position's logits, no labels
+    log_probs = full.logits.float().log_softmax(-1)
     tool_ids = set(model.tool_token_ids.tolist())
     answer, tools = [], []
     for row in range(batch["input_ids"].shape[0]):
@@ -157,6 +158,128 @@ def test_tool_logit_is_hidden_dot_row_and_input_is_bank_row(tiny_model_dir):
         assert torch.allclose(logits[..., model.get_tool_token_id(name)], expected, atol=1e-5)
     other = 7
     assert torch.allclose(logits[..., other], model.causal_lm.get_output_embeddings()(hidden)[..., other], atol=1e-5)
+
+
+def reference_losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-logits computation, written out here: tool rows put into the embeddings one tool at a time, one pass
+    over the whole sequence, the LM head at every position with the tool columns replaced, then the cross-entropy of
+    the shifted logits (mean over labelled tokens; the tool loss over tool-token targets)."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    embeddings = model.causal_lm.get_input_embeddings()(ids)
+    for slot, token_id in enumerate(model.tool_token_ids.tolist()):
+        row = model.tool_embeddings[slot].to(embeddings.dtype)
+        embeddings = torch.where((ids == token_id).unsqueeze(-1), row, embeddings)
+    hidden = model.causal_lm.get_decoder()(
+        inputs_embeds=embeddings, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+    ).last_hidden_state
+    logits = model.causal_lm.get_output_embeddings()(hidden).float().clone()
+    logits[..., model.tool_token_ids] = hidden.float() @ model.output_rows.float().t()
+    targets = labels[:, 1:].reshape(-1)
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets,
+                                                  ignore_index=-100, reduction="none")
+    labelled = targets != -100
+    is_tool = labelled & torch.isin(targets, model.tool_token_ids)
+    return per_token[labelled].mean(), per_token[is_tool].mean(), logits
+
+
+def _gradients(objective: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(objective, params))
+
+
+@pytest.mark.parametrize("decouple, use_lora", [(False, False), (True, False), (False, True)],
+                         ids=["coupled", "decoupled", "coupled-lora"])
+def test_labelled_head_equals_the_full_logits_loss_and_gradients(tiny_model_dir, decouple, use_lora):
+    lora = LoraSettings(r=4, dropout=0.0) if use_lora else None
+    model = build(tiny_model_dir, decouple_embeddings=decouple, lora_config=lora)
+    if use_lora:
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(2)
+            for param in model.lora_parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    batch = train_batch(model)
+    ids, labels = batch["input_ids"], batch["labels"]
+    # Without LoRA the prompt before the batch's first tool token runs without autograd; with it, nothing does.
+    assert (model.constant_prefix_length(ids) > 0) != use_lora
+    params = model.bank_parameters() + model.lora_parameters()
+    assert len(params) == (2 if decouple else 1) + (16 if use_lora else 0)  # 2 layers x 4 modules x (A, B)
+    model.train()
+    out = model(ids, batch["attention_mask"], labels)
+    # The tool loss weighted apart from the loss, so the per-token gradients are not all equal.
+    got = _gradients(out.loss + 0.5 * out.tool_loss, params)
+    loss, tool_loss, full_logits = reference_losses(model, batch)
+    expected = _gradients(loss + 0.5 * tool_loss, params)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.tool_loss, tool_loss, rtol=1e-5, atol=1e-6)
+    rows, positions = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    assert out.logits.shape == (int((labels[:, 1:] != -100).sum()), full_logits.shape[-1])
+    torch.testing.assert_close(out.logits.detach(), full_logits[rows, positions].detach(), rtol=1e-5, atol=1e-5)
+    for got_grad, expected_grad in zip(got, expected):
+        assert expected_grad.abs().sum() > 0
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_labelled_losses_gradients_through_the_losses_and_the_returned_logits():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=generator)
+    hidden = torch.randn(7, 8, generator=generator).requires_grad_()
+    rows = torch.randn(3, 8, generator=generator).requires_grad_()
+    tool_ids = torch.tensor([4, 9, 20])
+    targets = torch.tensor([9, 1, 20, 33, 4, 0, 49])
+    is_tool = torch.isin(targets, tool_ids)
+    probe = torch.randn(7, 50, generator=generator)
+
+    def reference(use_loss: bool) -> list[torch.Tensor]:
+        logits = torch.nn.functional.linear(hidden, weight).clone()
+        logits[:, tool_ids] = hidden @ rows.t()
+        per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        objective = (logits * probe).sum()
+        if use_loss:
+            objective = objective + per_token.mean() + 0.3 * per_token[is_tool].mean()
+        return list(torch.autograd.grad(objective, [hidden, rows]))
+
+    for use_loss in (True, False):
+        logits, loss, tool_loss = labelled_losses(torch.nn.functional.linear(hidden, weight), targets, is_tool,
+                                                  tool_ids, hidden @ rows.t())
+        objective = (logits * probe).sum() + ((loss + 0.3 * tool_loss) if use_loss else 0.0)
+        for got, expected in zip(torch.autograd.grad(objective, [hidden, rows]), reference(use_loss)):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_labelled_losses_without_labels_are_zero_and_backward_runs_once(tiny_model_dir):
+    model = build(tiny_model_dir)
+    batch = train_batch(model)
+    unlabelled = torch.full_like(batch["labels"], -100)
+    out = model(batch["input_ids"], batch["attention_mask"], unlabelled)
+    assert out.loss.item() == 0.0 and out.tool_loss.item() == 0.0 and out.logits.shape[0] == 0
+    out.loss.backward()
+    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize("memory_dtype", ["model", "float32"])
+def test_bfloat16_backbone_trains_rows_of_either_precision(tiny_model_dir, memory_dtype):
+    model = build(tiny_model_dir, dtype="bfloat16", memory_dtype=memory_dtype)
+    row_dtype = torch.bfloat16 if memory_dtype == "model" else torch.float32
+    assert model.tool_embeddings.dtype == row_dtype
+    batch = train_batch(model)
+    model.train()
+    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert out.logits.dtype == torch.float32
+    (grad,) = _gradients(out.loss, model.bank_parameters())
+    loss, tool_loss, _ = reference_losses(model, batch)
+    (expected,) = _gradients(loss, model.bank_parameters())
+    assert grad.dtype == row_dtype
+    torch.testing.assert_close(out.loss, loss, rtol=2e-2, atol=0)
+    torch.testing.assert_close(out.tool_loss, tool_loss, rtol=2e-2, atol=0)
+    cosine = torch.nn.functional.cosine_similarity(grad.float().flatten(), expected.float().flatten(), dim=0)
+    assert cosine > 0.99
+    model.eval()
+    data = NativeFunctionCallingDataset(SAMPLES, model.tokenizer, model.encode_tool, mode="train")
+    before = model.tool_embeddings.detach().clone()
+    stats = train_round(model, make_dataloader(data, 3, model.tokenizer.pad_token_id, False), TrainSettings(lr=1e-2))
+    assert stats.steps == 1 and not torch.equal(before, model.tool_embeddings.detach())
 
 
 def test_coupled_shares_one_tensor_decoupled_has_two(tiny_model_dir):
