@@ -315,11 +315,6 @@ def _select_tools(seed: int, num_tools: int) -> list[ToolSpec]:
     return [_with_templates(tool, seed) for tool in [_search_tool(), *first_of_object, *variants]]
 
 
-def build_tool_catalog(seed: int = 0, num_tools: int = 400) -> list[dict]:
-    """xLAM tool dicts: `search` first, then `num_tools` tools in the order of intended use (most used first)."""
-    return [tool.to_xlam() for tool in _select_tools(seed, num_tools)]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Rows
 # ---------------------------------------------------------------------------------------------------------------
