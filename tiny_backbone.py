@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_BACKBONE_DIR = REPO_ROOT / "models" / "tiny-llama-fc"
 DEFAULT_MODEL_NAME = str(DEFAULT_BACKBONE_DIR)
-_DEFAULT_RELATIVE_NAME = "models/tiny-llama-fc"
 
 REPORT_FILE = "backbone_report.json"
 FINISHED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", REPORT_FILE)
@@ -161,16 +160,6 @@ class Example(NamedTuple):
 
     input_ids: list[int]
     labels: list[int]
-
-
-def is_default_backbone(name: str | os.PathLike | None) -> bool:
-    """Whether a --model_name means the embedded tiny backbone (its repo-relative name or its path)."""
-    if name is None:
-        return False
-    text = os.fspath(name)
-    if os.path.normpath(text) == os.path.normpath(_DEFAULT_RELATIVE_NAME):
-        return True
-    return Path(text).expanduser().resolve() == DEFAULT_BACKBONE_DIR
 
 
 # ---------------------------------------------------------------------------------------------------------------------

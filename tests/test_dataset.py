@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 
 import pytest
 import torch
 
-from common import UserError
 from conftest import TOOL_NAMES, make_sample
 from dataset import (IGNORE_INDEX, NativeFunctionCallingDataset, build_answer_ids, curriculum_order,
-                     discover_available_tools, left_pad_collate, make_dataloader, split_validation)
+                     discover_available_tools, left_pad_collate, make_dataloader)
 
 SAMPLE = make_sample(["book_table", "get_weather"], [{"n": 4}, {"city": "Paris"}], "Book for 4, then Paris weather")
 
@@ -139,17 +137,6 @@ def test_tools_are_listed_round_by_round_sorted_within_a_round_once_each():
     second = [make_sample(["translate_text"], [{}]), make_sample(["get_weather", "calculate_bmi"], [{}, {}])]
     assert discover_available_tools([first, second]) == ["book_table", "get_weather", "search_flights",
                                                          "calculate_bmi", "translate_text"]
-
-
-def test_validation_split_is_seeded_disjoint_and_of_the_asked_size():
-    samples = [{"id": i} for i in range(20)]
-    train, held = split_validation(samples, 0.25, seed=3)
-    assert len(held) == 5 and len(train) == 15
-    assert sorted(json.dumps(s) for s in train + held) == sorted(json.dumps(s) for s in samples)
-    assert split_validation(samples, 0.25, seed=3) == (train, held)
-    assert train == [s for s in samples if s in train], "the kept samples stay in their order"
-    with pytest.raises(UserError, match="validation fraction"):
-        split_validation(samples, 1.0, seed=0)
 
 
 def test_collated_batch_matches_its_items(tiny_tokenizer, encode_tool):
