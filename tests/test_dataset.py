@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
+from common import UserError
 from conftest import TOOL_NAMES, make_sample
 from dataset import (IGNORE_INDEX, NativeFunctionCallingDataset, build_answer_ids, curriculum_order,
                      discover_available_tools, left_pad_collate, make_dataloader)
