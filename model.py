@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.autograd.function import once_differentiable
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with
 from dataset import IGNORE_INDEX, end_of_turn_id
+from decoding import (GROUND_TRUTH_STYLES, CallBoundaryTracker, OfferedTools, ScoreProcessor, ToolForcingProcessor,
+                      greedy_decode)
 
 logger = logging.getLogger(__name__)
 
@@ -342,108 +344,6 @@ def labelled_losses(
     return logits, loss, tool_loss
 
 
-GROUND_TRUTH_STYLES = ("forced", "replace")
-
-
-class ToolForcingProcessor(LogitsProcessor):
-    """Ground-truth-tool decoding: the gold tools take the tool positions in order, batched.
-
-    `forced` (this toolkit): a tool position is the first answer step and any step where the model would emit a tool
-    token or end the turn at a call boundary; while gold tools remain the next one is forced there, once all are used
-    the turn is ended. `replace` (the original): only a tool token the model emits itself is replaced by the next gold
-    tool. Either way a tool is never forced inside an unfinished call: `tracker` says where a call boundary is.
-    """
-
-    def __init__(self, gold_token_ids: list[list[int]], tool_token_ids: torch.Tensor, end_id: int,
-                 tracker: "CallBoundaryTracker", style: str = "forced"):
-        if style not in GROUND_TRUTH_STYLES:
-            raise UserError(f"--ground_truth_style: expected one of {', '.join(GROUND_TRUTH_STYLES)}, got {style!r}")
-        device = tool_token_ids.device
-        max_gold = max(1, max(len(g) for g in gold_token_ids))
-        self.gold = torch.full((len(gold_token_ids), max_gold), end_id, dtype=torch.long, device=device)
-        for i, gold in enumerate(gold_token_ids):
-            self.gold[i, : len(gold)] = torch.tensor(gold, dtype=torch.long, device=device)
-        self.num_gold = torch.tensor([len(g) for g in gold_token_ids], device=device)
-        self.used = torch.zeros_like(self.num_gold)
-        self.tool_token_ids = tool_token_ids
-        self.end_id = end_id
-        self.tracker = tracker
-        self.style = style
-        self.first_step = True
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        choice = scores.argmax(dim=-1)
-        emits_tool = torch.isin(choice, self.tool_token_ids)
-        remaining = self.used < self.num_gold
-        if self.style == "replace":
-            at_tool = emits_tool & remaining
-        else:
-            at_tool = emits_tool | (choice == self.end_id)
-            if self.first_step:
-                at_tool = torch.ones_like(at_tool)
-        self.first_step = False
-        at_tool &= torch.tensor(self.tracker.allowed(), device=scores.device)
-        next_gold = self.gold.gather(1, self.used.clamp(max=self.gold.shape[1] - 1).unsqueeze(1)).squeeze(1)
-        forced = torch.where(remaining, next_gold, torch.full_like(next_gold, self.end_id))
-        forced_scores = torch.full_like(scores, float("-inf"))
-        forced_scores.scatter_(1, forced.unsqueeze(1), 0.0)
-        self.used = self.used + (at_tool & remaining).long()
-        return torch.where(at_tool.unsqueeze(1), forced_scores, scores)
-
-
-class CallBoundaryTracker:
-    """Where a tool token may come next in a batch of answers: before the first call, or once a call's JSON closed.
-
-    The answer grammar is `[tool][JSON object][tool][JSON object]...`; a tool token inside an unfinished object is
-    malformed (a weak backbone is least sure exactly there, at argument values). The tracker follows each row's
-    brace depth outside JSON strings from the characters of the generated tokens. Written by hand: transformers'
-    logits processors see token ids, not the JSON state, and this needs only `{`, `}`, `"` and backslash.
-    """
-
-    JSON_CHARS = frozenset('{}"\\')
-
-    def __init__(self, pieces: dict[int, str], tool_token_ids: torch.Tensor, batch: int):
-        self.pieces = pieces
-        self.tool_ids = set(tool_token_ids.tolist())
-        self.seen_tool = [False] * batch
-        self.opened = [False] * batch
-        self.depth = [0] * batch
-        self.in_string = [False] * batch
-        self.escaped = [False] * batch
-
-    @staticmethod
-    def json_pieces(tokenizer) -> dict[int, str]:
-        """Token id -> token text, for the tokens whose text holds a JSON brace, quote or backslash."""
-        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        return {i: t for i, t in enumerate(tokens) if t and not CallBoundaryTracker.JSON_CHARS.isdisjoint(t)}
-
-    def allowed(self) -> list[bool]:
-        """Per row: may the next token be a tool token?"""
-        return [not seen or (opened and depth == 0 and not in_string)
-                for seen, opened, depth, in_string in zip(self.seen_tool, self.opened, self.depth, self.in_string)]
-
-    def update(self, next_ids: Sequence[int]) -> None:
-        for row, token in enumerate(next_ids):
-            if token in self.tool_ids:
-                self.seen_tool[row], self.opened[row], self.depth[row] = True, False, 0
-                self.in_string[row] = self.escaped[row] = False
-                continue
-            for char in self.pieces.get(token, ""):
-                if self.in_string[row]:
-                    if self.escaped[row]:
-                        self.escaped[row] = False
-                    elif char == "\\":
-                        self.escaped[row] = True
-                    elif char == '"':
-                        self.in_string[row] = False
-                elif char == '"':
-                    self.in_string[row] = True
-                elif char == "{":
-                    self.opened[row] = True
-                    self.depth[row] += 1
-                elif char == "}":
-                    self.depth[row] = max(0, self.depth[row] - 1)
-
 
 class FunctionCallingModel(nn.Module):
     """A frozen causal LM whose tool tokens are a trainable memory bank, with optional LoRA."""
@@ -562,21 +462,22 @@ class FunctionCallingModel(nn.Module):
         return self.tool_token_ids[torch.tensor(blocked, dtype=torch.long, device=self.device)]
 
     def call_boundary_tracker(self, batch: int) -> CallBoundaryTracker:
-        """A tracker of where the call boundaries of `batch` answers are."""
+        """A tracker of the call boundaries of `batch` answers; it masks tool tokens inside calls with
+        `constrain_calls`."""
         if self._json_pieces is None:
             self._json_pieces = CallBoundaryTracker.json_pieces(self.tokenizer)
-        return CallBoundaryTracker(self._json_pieces, self.tool_token_ids, batch)
+        return CallBoundaryTracker(self._json_pieces, self.tool_token_ids, batch, enforce=self.constrain_calls)
 
-    def restrict_tool_scores(
-        self, scores: torch.Tensor, blocked: torch.Tensor, tracker: CallBoundaryTracker | None
-    ) -> torch.Tensor:
-        """A copy of next-token `scores` where the tool tokens generation may not emit now are -inf."""
-        scores = scores.clone()
-        scores[:, blocked] = float("-inf")
-        if tracker is not None:
-            inside_call = ~torch.tensor(tracker.allowed(), device=scores.device)
-            scores[inside_call.nonzero(as_tuple=True)[0].unsqueeze(1), self.tool_token_ids] = float("-inf")
-        return scores
+    def decoding_processors(self, batch: int, gold_tools: Sequence[Sequence[str]] | None = None,
+                            style: str = "forced") -> list[ScoreProcessor]:
+        """TokMem's decoding rules for `batch` answers: offered tools only, tools only at call boundaries, and with
+        `gold_tools` the gold tools forced into the tool positions (see ToolForcingProcessor)."""
+        tracker = self.call_boundary_tracker(batch)
+        processors: list[ScoreProcessor] = [OfferedTools(self.blocked_tool_token_ids()), tracker]
+        if gold_tools is not None:
+            gold_ids = [[self.get_tool_token_id(t) for t in tools] for tools in gold_tools]
+            processors.append(ToolForcingProcessor(gold_ids, self.tool_token_ids, self.end_id, tracker, style))
+        return processors
 
     def bank_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.tool_embeddings, self.output_tool_embeddings) if p is not None]
@@ -710,54 +611,21 @@ class FunctionCallingModel(nn.Module):
 
     # --- generation ------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate_ids(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        max_new_tokens: int = 256,
-        logits_processor: LogitsProcessor | None = None,
-        tracker: CallBoundaryTracker | None = None,
-    ) -> list[list[int]]:
-        """Greedy, batched, left-padded decoding with the KV cache; returns each row's new ids up to end-of-turn.
+    def decoding_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                      cache) -> tuple[torch.Tensor, object]:
+        """One step for decoding.greedy_decode: the last position's scores (tool columns from the rows) and cache."""
+        out = self.forward(input_ids, attention_mask, past_key_values=cache, position_ids=position_ids,
+                           use_cache=True, last_position_only=True)
+        return out.logits[:, -1, :], out.past_key_values
 
-        Tools outside `generation_tools` are never emitted, and with `constrain_calls` a tool token comes only
-        before the first call or after a call's JSON object has closed; `logits_processor` sees the scores after that.
-        `tracker` (made here when None) follows the call boundaries of the generated ids.
-        """
-        input_ids = input_ids.to(self.device)
-        attention_mask = attention_mask.to(self.device)
-        batch = input_ids.shape[0]
-        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        generated = []
-        blocked = self.blocked_tool_token_ids()
-        tracker = tracker if tracker is not None else self.call_boundary_tracker(batch)
-        out = self.forward(input_ids, attention_mask, use_cache=True, last_position_only=True)
-        position = (attention_mask.long().sum(-1) - 1).unsqueeze(1)
-        for _ in range(max_new_tokens):
-            scores = self.restrict_tool_scores(out.logits[:, -1, :], blocked, tracker if self.constrain_calls else None)
-            if logits_processor is not None:
-                scores = logits_processor(input_ids, scores)
-            next_ids = scores.argmax(dim=-1)
-            next_ids = torch.where(finished, torch.full_like(next_ids, self.end_id), next_ids)
-            tracker.update(next_ids.tolist())
-            generated.append(next_ids)
-            finished |= next_ids == self.end_id
-            if finished.all():
-                break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            position = position + 1
-            out = self.forward(
-                next_ids.unsqueeze(1),
-                attention_mask,
-                past_key_values=out.past_key_values,
-                position_ids=position,
-                use_cache=True,
-            )
-        if not generated:
-            return [[] for _ in range(batch)]
-        rows = torch.stack(generated, dim=1).tolist()
-        return [row[: row.index(self.end_id) + 1] if self.end_id in row else row for row in rows]
+    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 256,
+                     processors: Sequence[ScoreProcessor] | None = None) -> list[list[int]]:
+        """Greedy decoding (decoding.greedy_decode) under `processors` (default: `decoding_processors`); each row's
+        new ids up to end-of-turn."""
+        if processors is None:
+            processors = self.decoding_processors(input_ids.shape[0])
+        return greedy_decode(self.decoding_step, input_ids.to(self.device), attention_mask.to(self.device),
+                             max_new_tokens, [self.end_id], processors)
 
     def parse_generated(self, token_ids: Sequence[int]) -> GeneratedCalls:
         """Split generated ids at tool tokens into tools and their argument strings (text before a tool is dropped)."""
@@ -791,10 +659,8 @@ class FunctionCallingModel(nn.Module):
         style: str = "forced",
     ) -> list[GeneratedCalls]:
         """The gold tools take the tool positions (see ToolForcingProcessor); the model writes the arguments."""
-        gold_ids = [[self.get_tool_token_id(t) for t in tools] for tools in gold_tools]
-        tracker = self.call_boundary_tracker(input_ids.shape[0])
-        processor = ToolForcingProcessor(gold_ids, self.tool_token_ids, self.end_id, tracker, style)
-        ids = self.generate_ids(input_ids, attention_mask, max_new_tokens, logits_processor=processor, tracker=tracker)
+        processors = self.decoding_processors(input_ids.shape[0], gold_tools, style)
+        ids = self.generate_ids(input_ids, attention_mask, max_new_tokens, processors)
         return [self.parse_generated(row) for row in ids]
 
     # --- checkpoints -----------------------------------------------------------------------------------------------

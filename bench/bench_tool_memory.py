@@ -54,7 +54,6 @@ from dataset import IGNORE_INDEX, left_pad_collate  # noqa: E402
 from model import (  # noqa: E402
     CallingOutput,
     FunctionCallingModel,
-    ToolForcingProcessor,
     labelled_positions,
     resolve_device,
     resolve_dtype,
@@ -510,22 +509,20 @@ def decode_one_by_one(
 ) -> list[list[int]]:
     """The naive way: one example at a time, the whole sequence re-run through the model at every step, no cache.
 
-    The same decoding rules as the toolkit's path (`restrict_tool_scores`: offered tools, call boundaries).
+    The same decoding rules as the toolkit's path (`decoding_processors`: offered tools, call boundaries, forcing).
     """
     results = []
     for prompt, tools in zip(prompts, gold_tools):
-        tracker = model.call_boundary_tracker(1)
-        processor = ToolForcingProcessor(
-            [[model.get_tool_token_id(t) for t in tools]], model.tool_token_ids, model.end_id, tracker
-        )
-        blocked = model.blocked_tool_token_ids()
+        processors = model.decoding_processors(1, [tools])
         ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
         new: list[int] = []
         for _ in range(max_new_tokens):
-            restricted = model.restrict_tool_scores(
-                model(ids).logits[:, -1, :], blocked, tracker if model.constrain_calls else None)
-            next_id = int(processor(ids, restricted).argmax(dim=-1))
-            tracker.update([next_id])
+            scores = model(ids).logits[:, -1, :]
+            for processor in processors:
+                scores = processor(scores)
+            next_id = int(scores.argmax(dim=-1))
+            for processor in processors:
+                processor.observe([next_id])
             new.append(next_id)
             if next_id == model.end_id:
                 break

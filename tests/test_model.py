@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from common import UserError
 from conftest import TOOL_NAMES, make_sample
 from dataset import NativeFunctionCallingDataset, left_pad_collate, make_dataloader
-from model import (CallingOutput, FunctionCallingModel, LoraSettings, ToolForcingProcessor,
-                   labelled_losses, reserved_token_ids)
+from decoding import ToolForcingProcessor
+from model import CallingOutput, FunctionCallingModel, LoraSettings, labelled_losses, reserved_token_ids
 from sequential import active_tool_mask
 from training import TrainSettings, train_round
 
@@ -333,7 +333,7 @@ def _forcing_steps(model, style: str, steps: list[tuple[str, int]]) -> list[int]
     for wanted, emitted in steps:
         scores = torch.zeros(1, vocab)
         scores[0, int(wanted)] = 1.0
-        picked.append(int(processor(None, scores).argmax(dim=-1)))
+        picked.append(int(processor(scores).argmax(dim=-1)))
         tracker.update([picked[-1] if emitted is None else emitted])
     return picked
 
@@ -347,7 +347,7 @@ def test_ground_truth_forcing_takes_tool_positions_but_never_inside_a_call(tiny_
     end = model.end_id
     # forced: the first step is a tool position whatever the model wants; inside the open object neither an
     # end-of-turn nor a tool choice is replaced; after the object closed, end-of-turn becomes the next gold tool.
-    # (The tool the model wants inside the call is left to restrict_tool_scores, so `}` is emitted there.)
+    # (The tool the model wants inside the call is left to the call-boundary processor, so `}` is emitted there.)
     picked = _forcing_steps(model, "forced", [(brace_open, None), (brace_open, None), (end, None),
                                               (weather, brace_close), (end, None), (brace_open, None)])
     assert picked == [book, brace_open, end, weather, bmi, brace_open]
