@@ -127,7 +127,8 @@ class MarkerLoRAModel(nn.Module):
             raise KeyError(f"unknown tool {tool_name!r}")
         return list(self._marker_ids[tool_name])
 
-    def bank_parameters(self) -> list[nn.Parameter]:
+    def row_parameters(self) -> list[nn.Parameter]:
+        """No tool memory: the markers are plain text."""
         return []
 
     def lora_parameters(self) -> list[nn.Parameter]:

@@ -1,9 +1,10 @@
-"""FunctionCallingModel: a frozen causal LM plus a tool memory bank (one trainable row per tool) and optional LoRA.
+"""FunctionCallingModel: a frozen causal LM, its tool memory (tool_memory.ToolMemory: one trainable row per tool)
+and optional LoRA.
 
 Every tool is one special token of the tokenizer (Llama-3's reserved special tokens, in id order; new special tokens
-when the tokenizer has none). The bank replaces that token's embedding on the input side and its logit on the output
-side (`logit = hidden . row`), both vectorized over all tools. The bank and the LoRA adapter are the whole trainable
-state, and a checkpoint holds exactly that (safetensors + JSON), never backbone weights.
+when the tokenizer has none). The tool's rows replace that token's embedding on the input side and its logit on the
+output side (`logit = hidden . row`), both vectorized over all tools. The rows and the LoRA adapter are the whole
+trainable state, and a checkpoint holds exactly that (safetensors + JSON), never backbone weights.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -29,6 +29,7 @@ from common import UserError, atomic_write_json, atomic_write_text, atomic_write
 from dataset import IGNORE_INDEX, end_of_turn_id
 from decoding import (GROUND_TRUTH_STYLES, CallBoundaryTracker, OfferedTools, ScoreProcessor, ToolForcingProcessor,
                       greedy_decode)
+from tool_memory import MEMORY_DTYPES, TOOL_INIT_NORMS, ToolMemory
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ MEMORY_FILE = "tool_memory.safetensors"
 MEMORY_META_FILE = "tool_memory.json"
 LORA_DIR = "lora"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MEMORY_DTYPES = ("float32", "model")
-TOOL_INIT_NORMS = ("embedding", "unit")
 
 
 @dataclass
@@ -55,7 +54,7 @@ class LoraSettings:
 
 @dataclass
 class CallingOutput:
-    """Forward result: full-vocabulary logits (tool columns from the bank) and the losses when labels are given."""
+    """Forward result: full-vocabulary logits (tool columns from the rows) and the losses when labels are given."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
@@ -346,7 +345,7 @@ def labelled_losses(
 
 
 class FunctionCallingModel(nn.Module):
-    """A frozen causal LM whose tool tokens are a trainable memory bank, with optional LoRA."""
+    """A frozen causal LM whose tool tokens are the trainable rows of a ToolMemory (`memory`), with optional LoRA."""
 
     def __init__(
         self,
@@ -384,26 +383,16 @@ class FunctionCallingModel(nn.Module):
         self.base_model = attach_lora(base, lora_config) if lora_config else base
         self.end_id = end_of_turn_id(self.tokenizer)
 
-        vocab_size = self.causal_lm.get_input_embeddings().weight.shape[0]
-        self.register_buffer("tool_token_ids", torch.tensor(token_ids, dtype=torch.long, device=self.device))
-        slot = torch.full((vocab_size,), -1, dtype=torch.long, device=self.device)
-        slot[self.tool_token_ids] = torch.arange(num_tools, device=self.device)
-        self.register_buffer("token_to_slot", slot)
         self._name_to_index = {name: i for i, name in enumerate(self.tool_names)}
-
-        hidden = self.causal_lm.get_input_embeddings().weight.shape[1]
+        vocab_size, hidden = self.causal_lm.get_input_embeddings().weight.shape
         # The rows are kept in float32 (the optimizer's precision) and cast to the backbone's dtype where used, unless
         # `memory_dtype` is `model`: the backbone's dtype, as the original keeps them (bf16 rows lose small updates).
         if memory_dtype not in MEMORY_DTYPES:
             raise UserError(f"--memory_dtype: expected one of {', '.join(MEMORY_DTYPES)}, got {memory_dtype!r}")
         self.memory_dtype = memory_dtype
         row_dtype = torch.float32 if memory_dtype == "float32" else self.dtype
-        self.tool_embeddings = nn.Parameter(torch.zeros(num_tools, hidden, device=self.device, dtype=row_dtype))
-        self.output_tool_embeddings = (
-            nn.Parameter(torch.zeros(num_tools, hidden, device=self.device, dtype=row_dtype))
-            if decouple_embeddings else None
-        )
-        self.initialize_tool_embeddings(seed=0)
+        self.memory = ToolMemory(token_ids, vocab_size, hidden, self.device, row_dtype, decouple_embeddings)
+        self.initialize_rows(seed=0)
         # Generation: tool tokens only at call boundaries (see CallBoundaryTracker), and only of the tools in
         # `generation_tools` (None: all); a sequential run offers only the tools learned so far.
         self.constrain_calls = True
@@ -424,8 +413,14 @@ class FunctionCallingModel(nn.Module):
         return len(self.tool_names)
 
     @property
-    def output_rows(self) -> torch.Tensor:
-        return self.output_tool_embeddings if self.decouple_embeddings else self.tool_embeddings
+    def tool_token_ids(self) -> torch.Tensor:
+        """The tool tokens' ids, in tool order (the memory's)."""
+        return self.memory.tool_token_ids
+
+    @property
+    def token_to_slot(self) -> torch.Tensor:
+        """Token id -> tool index, -1 for a token that is no tool (the memory's)."""
+        return self.memory.token_to_slot
 
     def get_tool_token_id(self, tool_name: str) -> int:
         """The token id that stands for a tool."""
@@ -445,7 +440,7 @@ class FunctionCallingModel(nn.Module):
         return [self.get_tool_token_id(tool_name)]
 
     def set_generation_tools(self, tool_names: Sequence[str] | None) -> None:
-        """Offer only these tools during generation (None: every tool of the bank)."""
+        """Offer only these tools during generation (None: every tool of the memory)."""
         if tool_names is not None:
             unknown = [name for name in tool_names if name not in self._name_to_index]
             if unknown:
@@ -479,8 +474,9 @@ class FunctionCallingModel(nn.Module):
             processors.append(ToolForcingProcessor(gold_ids, self.tool_token_ids, self.end_id, tracker, style))
         return processors
 
-    def bank_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.tool_embeddings, self.output_tool_embeddings) if p is not None]
+    def row_parameters(self) -> list[nn.Parameter]:
+        """The memory's rows (input rows, and output rows when decoupled)."""
+        return self.memory.rows()
 
     def lora_parameters(self) -> list[nn.Parameter]:
         return trainable_lora_parameters(self.base_model)
@@ -491,44 +487,28 @@ class FunctionCallingModel(nn.Module):
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameter counts: backbone (frozen), tool memory, LoRA, and the trainable total."""
         backbone, lora = backbone_and_lora_counts(self.base_model)
-        bank = sum(p.numel() for p in self.bank_parameters())
+        rows = sum(p.numel() for p in self.row_parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return {"backbone": backbone, "tool_memory": bank, "lora": lora, "trainable": trainable}
+        return {"backbone": backbone, "tool_memory": rows, "lora": lora, "trainable": trainable}
 
-    @torch.no_grad()
-    def initialize_tool_embeddings(self, seed: int = 0, norm: str = "embedding") -> None:
-        """Orthogonal rows, scaled to the backbone's mean embedding norm (input side) and lm-head norm (output side)
-        with `norm="embedding"`, or left at unit norm with `norm="unit"` (the original's initialisation)."""
-        if norm not in TOOL_INIT_NORMS:
-            raise UserError(f"--tool_init_norm: expected one of {', '.join(TOOL_INIT_NORMS)}, got {norm!r}")
-        generator = torch.Generator().manual_seed(seed)
-        targets = [(self.tool_embeddings, self.causal_lm.get_input_embeddings().weight)]
-        if self.decouple_embeddings:
-            targets.append((self.output_tool_embeddings, self.causal_lm.get_output_embeddings().weight))
-        for bank, reference in targets:
-            rows = torch.empty(bank.shape, dtype=torch.float32)
-            nn.init.orthogonal_(rows, generator=generator)
-            rows = F.normalize(rows, dim=-1)
-            if norm == "embedding":
-                rows = rows * reference.float().norm(dim=-1).mean().item()
-            bank.copy_(rows.to(device=bank.device, dtype=bank.dtype))
+    def initialize_rows(self, seed: int = 0, norm: str = "embedding") -> None:
+        """Re-initialise the memory's rows against the backbone's embeddings and LM head (ToolMemory.initialize)."""
+        self.memory.initialize(self.causal_lm.get_input_embeddings().weight,
+                               self.causal_lm.get_output_embeddings().weight, seed, norm)
 
     # --- forward ---------------------------------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Input embeddings where every tool token's vector is its bank row (one lookup, no loop over tools)."""
-        embeddings = self.causal_lm.get_input_embeddings()(input_ids)
-        slot = self.token_to_slot[input_ids]
-        bank_rows = self.tool_embeddings[slot.clamp(min=0)].to(embeddings.dtype)
-        return torch.where((slot >= 0).unsqueeze(-1), bank_rows, embeddings)
+        """Input embeddings where every tool token's vector is its input row (one lookup, no loop over tools)."""
+        return self.memory.embed(input_ids, self.causal_lm.get_input_embeddings()(input_ids))
 
     def tool_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden . row` for every tool (one float32 matmul over all tools), shaped `hidden.shape[:-1] + (tools,)`."""
-        return hidden.float() @ self.output_rows.float().t()
+        """The memory's tool logits of `hidden` (ToolMemory.tool_logits)."""
+        return self.memory.tool_logits(hidden)
 
     def tool_logits_into(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Overwrite the tool columns of float32 `logits` in place with the bank's logits of `hidden`; returns them."""
-        return logits.index_copy_(-1, self.tool_token_ids, self.tool_logits(hidden))
+        """Overwrite the tool columns of float32 `logits` with the memory's logits of `hidden`; returns them."""
+        return self.memory.tool_logits_into(hidden, logits)
 
     def forward(
         self,
@@ -540,7 +520,7 @@ class FunctionCallingModel(nn.Module):
         use_cache: bool = False,
         last_position_only: bool = False,
     ) -> CallingOutput:
-        """Float32 logits over the vocabulary with the bank's tool columns, and the losses when `labels` are given.
+        """Float32 logits over the vocabulary with the memory's tool columns, and the losses when `labels` are given.
 
         With labels (training), the LM head and the loss run only at the positions whose next label is set, and
         `logits` holds those rows alone (rows x vocabulary, batch-major, `labelled_positions`' order). Without
@@ -575,7 +555,7 @@ class FunctionCallingModel(nn.Module):
         targets = labels[rows, positions + 1]
         head = self.causal_lm.get_output_embeddings()(picked).float()
         logits, loss, tool_loss = labelled_losses(
-            head, targets, self.token_to_slot[targets] >= 0, self.tool_token_ids, self.tool_logits(picked)
+            head, targets, self.memory.is_tool(targets), self.tool_token_ids, self.tool_logits(picked)
         )
         return CallingOutput(logits=logits, loss=loss, tool_loss=tool_loss)
 
@@ -606,7 +586,7 @@ class FunctionCallingModel(nn.Module):
         """How many leading positions hold no tool token in any row, when no backbone parameter is trained (else 0)."""
         if any(p.requires_grad for p in self.base_model.parameters()):
             return 0
-        has_tool = (self.token_to_slot[input_ids] >= 0).any(dim=0).nonzero()
+        has_tool = self.memory.is_tool(input_ids).any(dim=0).nonzero()
         return int(has_tool[0]) if len(has_tool) else input_ids.shape[1]
 
     # --- generation ------------------------------------------------------------------------------------------------
@@ -667,13 +647,10 @@ class FunctionCallingModel(nn.Module):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The rows as float32 tensors (the checkpoint's content beside the LoRA adapter)."""
-        state = {"input_rows": self.tool_embeddings.detach().float().cpu().contiguous()}
-        if self.decouple_embeddings:
-            state["output_rows"] = self.output_tool_embeddings.detach().float().cpu().contiguous()
-        return state
+        return self.memory.trainable_state()
 
     def save(self, directory: str | Path) -> None:
-        """Write the bank (safetensors + JSON of names and token ids) and the LoRA adapter (peft); nothing else."""
+        """Write the rows (safetensors + JSON of names and token ids) and the LoRA adapter (peft); nothing else."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_with(directory / MEMORY_FILE, lambda tmp: save_file(self.trainable_state(), tmp))
@@ -702,10 +679,6 @@ class FunctionCallingModel(nn.Module):
         if bool(meta["decouple_embeddings"]) != self.decouple_embeddings:
             raise UserError(f"checkpoint {directory} differs in --decouple_embeddings")
         self.set_generation_tools(meta.get("generation_tools"))
-        state = load_file(str(memory_path))
-        with torch.no_grad():
-            self.tool_embeddings.copy_(state["input_rows"].to(self.device, self.tool_embeddings.dtype))
-            if self.decouple_embeddings:
-                self.output_tool_embeddings.copy_(state["output_rows"].to(self.device, self.tool_embeddings.dtype))
+        self.memory.load_trainable_state(load_file(str(memory_path)))
         if self.lora_settings:
             load_lora_adapter(self.base_model, directory, self.device)

@@ -49,9 +49,9 @@ def naive_tokmem(model: FunctionCallingModel, prompt: list[int], gold: list[str]
 
 def test_tokmem_decoding_equals_the_uncached_one_by_one_decoder(tiny_model_dir):
     model = FunctionCallingModel(str(tiny_model_dir), len(TOOL_NAMES), TOOL_NAMES, device="cpu")
-    model.initialize_tool_embeddings(seed=1)
+    model.initialize_rows(seed=1)
     with torch.no_grad():
-        model.tool_embeddings.mul_(30.0)  # tool tokens compete at many steps, so the processors have work to do
+        model.memory.input_rows.mul_(30.0)  # tool tokens compete at many steps, so the processors have work to do
     model.set_generation_tools(TOOL_NAMES[:4])
     batch = eval_batch(model)
     prompts = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
