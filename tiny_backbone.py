@@ -5,7 +5,7 @@ synthetic xLAM corpus, pretrains a small `LlamaForCausalLM` (tied embeddings, ev
 calling over synthetic tools the experiments never use (ranks 201-400; the default rounds use ranks 1-200 at most),
 scores greedy generation on held-out samples of those tools, and saves everything with `save_pretrained` to
 `models/tiny-llama-fc/`. Each pretraining tool is one reserved special token, so the frozen backbone learns the grammar
-"tool token, then a JSON object whose values come from the query" that TokMem's memory bank plugs into.
+"tool token, then a JSON object whose values come from the query" that TokMem's tool memory plugs into.
 """
 
 from __future__ import annotations
