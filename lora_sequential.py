@@ -21,10 +21,10 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from transformers import GenerationConfig
 
 from common import CliParser, UserError, atomic_write_json, positive_int, run_cli, unit_interval
 from dataset import NativeFunctionCallingDataset, end_of_turn_id, make_dataloader
+from decoding import causal_lm_step, greedy_decode
 from experiment import RoundData, print_final_report
 from model import (CallingOutput, GeneratedCalls, LoraSettings, attach_lora, backbone_and_lora_counts,
                    labelled_losses, labelled_positions, load_base_model, load_lora_adapter, load_tokenizer,
@@ -127,7 +127,8 @@ class MarkerLoRAModel(nn.Module):
             raise KeyError(f"unknown tool {tool_name!r}")
         return list(self._marker_ids[tool_name])
 
-    def bank_parameters(self) -> list[nn.Parameter]:
+    def row_parameters(self) -> list[nn.Parameter]:
+        """No tool memory: the markers are plain text."""
         return []
 
     def lora_parameters(self) -> list[nn.Parameter]:
@@ -194,16 +195,11 @@ class MarkerLoRAModel(nn.Module):
 
     # --- generation ------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      max_new_tokens: int = 256) -> list[list[int]]:
-        """Greedy, batched, left-padded decoding with the KV cache (transformers' generate), cut at end-of-turn."""
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                                  eos_token_id=self.end_id, pad_token_id=self.tokenizer.pad_token_id)
-        out = self.base_model.generate(input_ids=input_ids.to(self.device),
-                                       attention_mask=attention_mask.to(self.device), generation_config=config)
-        rows = out[:, input_ids.shape[1]:].tolist()
-        return [row[: row.index(self.end_id) + 1] if self.end_id in row else row for row in rows]
+        """Greedy decoding (decoding.greedy_decode, adapter on, no processors); each row's new ids up to end-of-turn."""
+        return greedy_decode(causal_lm_step(self.base_model.get_base_model()), input_ids.to(self.device),
+                             attention_mask.to(self.device), max_new_tokens, [self.end_id])
 
     def set_generation_tools(self, tool_names: Sequence[str] | None) -> None:
         """Part of the shared round loop's interface; markers are plain text, so no marker is ever blocked."""

@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lora_config=lora,
         memory_dtype=args.memory_dtype,
     )
-    model.initialize_tool_embeddings(seed=args.seed, norm=args.tool_init_norm)
+    model.initialize_rows(seed=args.seed, norm=args.tool_init_norm)
     model.constrain_calls = not args.unconstrained_decoding
     run = start_run(args, plan, model)
     data = plan.data

@@ -1,4 +1,4 @@
-"""What the tool memory bank costs: training steps and ground-truth-tool decoding, on random-weight Llama backbones.
+"""What the tool memory's rows costs: training steps and ground-truth-tool decoding, on random-weight Llama backbones.
 
 Training step (forward + backward + AdamW step, median over repeats after warm-up), four ways on one backbone:
 the plain causal LM's usual step (full logits), the plain LM at its limit (LM head and loss only at labelled
@@ -54,7 +54,6 @@ from dataset import IGNORE_INDEX, left_pad_collate  # noqa: E402
 from model import (  # noqa: E402
     CallingOutput,
     FunctionCallingModel,
-    ToolForcingProcessor,
     labelled_positions,
     resolve_device,
     resolve_dtype,
@@ -294,7 +293,7 @@ def load_shape_model(
             tmp, len(names), names, tokenizer=tokenizer, device=device, dtype=dtype,
             decouple_embeddings=decouple_embeddings,
         )
-    model.initialize_tool_embeddings(seed=seed)
+    model.initialize_rows(seed=seed)
     return model
 
 
@@ -313,23 +312,23 @@ class LoopedToolModel(FunctionCallingModel):
 
     @classmethod
     def sharing(cls, model: FunctionCallingModel) -> LoopedToolModel:
-        """A view of `model` with the looped methods: same backbone, bank and buffers (nothing is copied)."""
+        """A view of `model` with the looped methods: same backbone, memory and buffers (nothing is copied)."""
         looped = cls.__new__(cls)
         looped.__dict__.update(model.__dict__)
         return looped
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """For each tool: mask its token and write its bank row there."""
+        """For each tool: mask its token and write its row there."""
         embeddings = self.causal_lm.get_input_embeddings()(input_ids)
         for index, token_id in enumerate(self.tool_token_ids.tolist()):
             mask = input_ids == token_id
-            embeddings[mask] = self.tool_embeddings[index].to(embeddings.dtype)
+            embeddings[mask] = self.memory.input_rows[index].to(embeddings.dtype)
         return embeddings
 
     def tool_logits_into(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """For each tool: write `hidden . row` into its logit column."""
         hidden = hidden.float()
-        rows = self.output_rows
+        rows = self.memory.output_rows
         for index, token_id in enumerate(self.tool_token_ids.tolist()):
             logits[..., token_id] = hidden @ rows[index].float()
         return logits
@@ -398,8 +397,8 @@ def plain_loss(model: FunctionCallingModel, stand_in: nn.Parameter) -> Callable[
     """The backbone's usual training loss: its own forward with labels (full logits, the library's loss), its input
     embeddings requiring grad so backward runs through every layer.
 
-    `stand_in` (as many values as the bank) enters the loss with weight zero, so the plain step's AdamW updates as
-    many parameters as the bank's.
+    `stand_in` (as many values as the rows) enters the loss with weight zero, so the plain step's AdamW updates as
+    many parameters as the rows'.
     """
     lm = model.causal_lm
 
@@ -435,8 +434,8 @@ def limit_loss(model: FunctionCallingModel, stand_in: nn.Parameter) -> Callable[
     return loss
 
 
-def bank_loss(model: FunctionCallingModel) -> Callable[[dict], torch.Tensor]:
-    """FunctionCallingModel's answer loss (the bank on both sides)."""
+def rows_loss(model: FunctionCallingModel) -> Callable[[dict], torch.Tensor]:
+    """FunctionCallingModel's answer loss (the rows on both sides)."""
 
     def loss(batch: dict) -> torch.Tensor:
         return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
@@ -453,26 +452,26 @@ class TrainVariant:
     optimizer: torch.optim.Optimizer
 
 
-PLAIN, LIMIT, BANK, LOOP = (
+PLAIN, LIMIT, ROWS, LOOP = (
     "train: plain backbone",
     "train: plain, logits at labels",
-    "train: bank (TokMem)",
-    "train: bank, loop over tools",
+    "train: rows (TokMem)",
+    "train: rows, loop over tools",
 )
 
 
 def train_variants(model: FunctionCallingModel, lr: float = 5e-3) -> list[TrainVariant]:
-    """Plain backbone, plain at its limit, TokMem's bank, the seed's loop; each with its own AdamW (the bank's from
-    build_optimizer, the plain ones' over a stand-in of the bank's size)."""
-    size = sum(p.numel() for p in model.bank_parameters())
+    """Plain backbone, plain at its limit, TokMem's rows, the seed's loop; each with its own AdamW (the rows' from
+    build_optimizer, the plain ones' over a stand-in of the rows' size)."""
+    size = sum(p.numel() for p in model.row_parameters())
     stand_ins = [nn.Parameter(torch.zeros(size, device=model.device)) for _ in range(2)]
     looped = LoopedToolModel.sharing(model)
     settings = TrainSettings(lr=lr)
     return [
         TrainVariant(PLAIN, plain_loss(model, stand_ins[0]), torch.optim.AdamW([stand_ins[0]], lr=lr)),
         TrainVariant(LIMIT, limit_loss(model, stand_ins[1]), torch.optim.AdamW([stand_ins[1]], lr=lr)),
-        TrainVariant(BANK, bank_loss(model), build_optimizer(model, settings, train_lora=False)),
-        TrainVariant(LOOP, bank_loss(looped), build_optimizer(looped, settings, False)),
+        TrainVariant(ROWS, rows_loss(model), build_optimizer(model, settings, train_lora=False)),
+        TrainVariant(LOOP, rows_loss(looped), build_optimizer(looped, settings, False)),
     ]
 
 
@@ -510,22 +509,20 @@ def decode_one_by_one(
 ) -> list[list[int]]:
     """The naive way: one example at a time, the whole sequence re-run through the model at every step, no cache.
 
-    The same decoding rules as the toolkit's path (`restrict_tool_scores`: offered tools, call boundaries).
+    The same decoding rules as the toolkit's path (`decoding_processors`: offered tools, call boundaries, forcing).
     """
     results = []
     for prompt, tools in zip(prompts, gold_tools):
-        tracker = model.call_boundary_tracker(1)
-        processor = ToolForcingProcessor(
-            [[model.get_tool_token_id(t) for t in tools]], model.tool_token_ids, model.end_id, tracker
-        )
-        blocked = model.blocked_tool_token_ids()
+        processors = model.decoding_processors(1, [tools])
         ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
         new: list[int] = []
         for _ in range(max_new_tokens):
-            restricted = model.restrict_tool_scores(
-                model(ids).logits[:, -1, :], blocked, tracker if model.constrain_calls else None)
-            next_id = int(processor(ids, restricted).argmax(dim=-1))
-            tracker.update([next_id])
+            scores = model(ids).logits[:, -1, :]
+            for processor in processors:
+                scores = processor(scores)
+            next_id = int(scores.argmax(dim=-1))
+            for processor in processors:
+                processor.observe([next_id])
             new.append(next_id)
             if next_id == model.end_id:
                 break
@@ -611,11 +608,11 @@ def timing_rows(labels: Sequence[str], timings: Sequence[Timing]) -> list[dict]:
 
 BATCHED, ONE_BY_ONE = "eval: GT tools, batched + KV cache", "eval: one at a time, no cache"
 RATIO_NAMES = {
-    "bank_vs_plain": "TokMem step / plain backbone's usual step (full logits, its own loss)",
-    "bank_vs_limit": "TokMem step / plain backbone with logits only at labelled positions",
-    "loop_vs_bank": "seed-style per-tool loop / TokMem step",
+    "rows_vs_plain": "TokMem step / plain backbone's usual step (full logits, its own loss)",
+    "rows_vs_limit": "TokMem step / plain backbone with logits only at labelled positions",
+    "loop_vs_rows": "seed-style per-tool loop / TokMem step",
     "decode_speedup": "one-by-one uncached / batched cached decoding",
-    "bank_peak_vs_plain": "peak memory of the TokMem step / the plain step's",
+    "rows_peak_vs_plain": "peak memory of the TokMem step / the plain step's",
 }
 
 
@@ -628,11 +625,11 @@ def ratios(train_rows: Sequence[dict], eval_rows: Sequence[dict]) -> dict[str, f
         return top[key] / bottom[key] if top[key] is not None and bottom[key] else None
 
     return {
-        "bank_vs_plain": over(train[BANK], train[PLAIN]),
-        "bank_vs_limit": over(train[BANK], train[LIMIT]),
-        "loop_vs_bank": over(train[LOOP], train[BANK]),
+        "rows_vs_plain": over(train[ROWS], train[PLAIN]),
+        "rows_vs_limit": over(train[ROWS], train[LIMIT]),
+        "loop_vs_rows": over(train[LOOP], train[ROWS]),
         "decode_speedup": over(decode[ONE_BY_ONE], decode[BATCHED]),
-        "bank_peak_vs_plain": over(train[BANK], train[PLAIN], "peak_mb"),
+        "rows_peak_vs_plain": over(train[ROWS], train[PLAIN], "peak_mb"),
     }
 
 
@@ -641,7 +638,7 @@ def bench_shape(
 ) -> dict:
     """Every measurement on one shape; returns its figures.
 
-    The bank rows are re-initialised after the training steps: rows trained on random data make a random model pick
+    The rows are re-initialised after the training steps: rows trained on random data make a random model pick
     tools everywhere, which would end ground-truth decoding after a few tokens instead of a realistic answer length.
     """
     start = time.perf_counter()
@@ -658,7 +655,7 @@ def bench_shape(
         [lambda v=v: train_step(v, batch) for v in variants], device, shape.warmup, shape.repeats
     )
     model.eval()
-    model.initialize_tool_embeddings(seed=seed)
+    model.initialize_rows(seed=seed)
     train_rows = timing_rows([v.label for v in variants], timings)
     for row in train_rows:
         logger.info("%s  %s: median %s", shape.name, row["label"], format_seconds(row["median_s"]))
@@ -713,7 +710,7 @@ def format_table(figures: dict) -> str:
     settings = figures["settings"]
     lines = [
         f"device {settings['device']} ({settings['device_name']}), {settings['dtype']}, torch {settings['torch']}, "
-        f"{settings['threads']} threads, {'decoupled' if settings['decouple_embeddings'] else 'coupled'} bank; "
+        f"{settings['threads']} threads, {'decoupled' if settings['decouple_embeddings'] else 'coupled'} rows; "
         f"peak MB: {settings['memory']}",
     ]
     header = f"{'shape':<8} {'measurement':<36} {'workload':<26} {'time':>10} {'x ref':>8} {'peak MB':>9}"
@@ -760,7 +757,7 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (about 30 s on CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
-    parser.add_argument("--num_tools", type=positive_int, help="tools in the bank (default 200, at most 248)")
+    parser.add_argument("--num_tools", type=positive_int, help="tools in the rows (default 200, at most 248)")
     parser.add_argument("--batch_size", type=positive_int, help="training batch (default: tiny 8, 1b-like 1)")
     parser.add_argument("--seq_len", type=positive_int, help="training sequence length (default 128)")
     parser.add_argument("--eval_examples", type=positive_int, help="prompts decoded (default: tiny 16, 1b-like 4)")

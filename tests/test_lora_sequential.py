@@ -67,7 +67,7 @@ def test_encode_tool_is_the_marker_text_and_the_same_in_every_round(marker_model
     answer = build_answer_ids(tokenizer, sample["tools"], sample["function_calls"], marker_model.encode_tool)
     marker, call = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("[tool_3]", '{"city": "Oslo"}'))
     assert answer == marker + call + [marker_model.end_id]
-    assert marker_model.parameter_breakdown()["tool_memory"] == 0 and marker_model.bank_parameters() == []
+    assert marker_model.parameter_breakdown()["tool_memory"] == 0 and marker_model.row_parameters() == []
 
 
 def test_losses_cover_the_answer_and_the_tool_loss_the_markers(marker_model):
