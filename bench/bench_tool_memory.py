@@ -608,11 +608,11 @@ def timing_rows(labels: Sequence[str], timings: Sequence[Timing]) -> list[dict]:
 
 BATCHED, ONE_BY_ONE = "eval: GT tools, batched + KV cache", "eval: one at a time, no cache"
 RATIO_NAMES = {
-    "rows_vs_plain": "TokMem step / plain backbone's usual step (full logits, its own loss)",
-    "rows_vs_limit": "TokMem step / plain backbone with logits only at labelled positions",
-    "loop_vs_rows": "seed-style per-tool loop / TokMem step",
+    "bank_vs_plain": "TokMem step / plain backbone's usual step (full logits, its own loss)",
+    "bank_vs_limit": "TokMem step / plain backbone with logits only at labelled positions",
+    "loop_vs_bank": "seed-style per-tool loop / TokMem step",
     "decode_speedup": "one-by-one uncached / batched cached decoding",
-    "rows_peak_vs_plain": "peak memory of the TokMem step / the plain step's",
+    "bank_peak_vs_plain": "peak memory of the TokMem step / the plain step's",
 }
 
 
@@ -625,11 +625,11 @@ def ratios(train_rows: Sequence[dict], eval_rows: Sequence[dict]) -> dict[str, f
         return top[key] / bottom[key] if top[key] is not None and bottom[key] else None
 
     return {
-        "rows_vs_plain": over(train[ROWS], train[PLAIN]),
-        "rows_vs_limit": over(train[ROWS], train[LIMIT]),
-        "loop_vs_rows": over(train[LOOP], train[ROWS]),
+        "bank_vs_plain": over(train[ROWS], train[PLAIN]),
+        "bank_vs_limit": over(train[ROWS], train[LIMIT]),
+        "loop_vs_bank": over(train[LOOP], train[ROWS]),
         "decode_speedup": over(decode[ONE_BY_ONE], decode[BATCHED]),
-        "rows_peak_vs_plain": over(train[ROWS], train[PLAIN], "peak_mb"),
+        "bank_peak_vs_plain": over(train[ROWS], train[PLAIN], "peak_mb"),
     }
 
 
