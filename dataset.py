@@ -271,17 +271,6 @@ def left_pad_collate(batch: Sequence[dict], pad_token_id: int) -> dict:
     return out
 
 
-def split_validation(samples: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out a seeded random `fraction` of samples for validation; returns (train, validation)."""
-    if not 0.0 <= fraction < 1.0:
-        raise UserError(f"validation fraction must be in [0, 1), got {fraction}")
-    order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
-    cut = int(round(len(samples) * fraction))
-    held = set(order[:cut])
-    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
-
-
 def curriculum_order(samples: Sequence[dict], seed: int) -> list[dict]:
     """Fewest calls first; seeded shuffle within each call count."""
     shuffled = list(samples)

@@ -23,7 +23,6 @@ import logging
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable, Sequence
 
 from common import CliParser, UserError, atomic_write_json, read_json, run_cli, setup_logging
@@ -230,17 +229,6 @@ def normalize_call(call: str | dict | None) -> str | None:
 # Scores
 
 
-@dataclass
-class EvalResult:
-    """Comparison of one list of predicted calls with one list of gold calls."""
-
-    exact_match: bool
-    f1_score: float
-    precision: float
-    recall: float
-    details: dict = field(default_factory=dict)
-
-
 def calculate_f1_score(outputs: Iterable[Hashable], targets: Iterable[Hashable]) -> dict[str, float]:
     """F1, precision and recall of `outputs` against `targets`, both taken as multisets.
 
@@ -283,47 +271,6 @@ def _gold_key(call: Any, where: str) -> str:
     if normalized is None:
         raise UserError(f"{where}: gold call {call!r} is not a JSON object of arguments")
     return normalized
-
-
-def _compare_keys(output_keys: Sequence[Hashable], target_keys: Sequence[Hashable], ignore_order: bool) -> EvalResult:
-    """Score predicted against gold keys, as multisets or position by position."""
-    if ignore_order:
-        output_counts, target_counts = Counter(output_keys), Counter(target_keys)
-        matched = sum((output_counts & target_counts).values())
-        exact = output_counts == target_counts
-        unmatched = list((output_counts - target_counts).elements())
-        missing = list((target_counts - output_counts).elements())
-    else:
-        n_common = min(len(output_keys), len(target_keys))
-        same = [output_keys[i] == target_keys[i] for i in range(n_common)]
-        matched = sum(same)
-        exact = len(output_keys) == len(target_keys) and all(same)
-        unmatched = [key for i, key in enumerate(output_keys) if i >= n_common or not same[i]]
-        missing = [key for i, key in enumerate(target_keys) if i >= n_common or not same[i]]
-    details = {
-        "n_output": len(output_keys),
-        "n_target": len(target_keys),
-        "n_matched": matched,
-        "n_unparseable": sum(isinstance(key, _Unparseable) for key in output_keys),
-        "unmatched_outputs": [None if isinstance(key, _Unparseable) else key for key in unmatched],
-        "missing_targets": missing,
-    }
-    return EvalResult(exact_match=exact, details=details, **_prf(matched, len(output_keys), len(target_keys)))
-
-
-def compare_function_calls_advanced(
-    output_calls: Sequence[Any], target_calls: Sequence[Any], ignore_order: bool = True
-) -> EvalResult:
-    """Compare predicted calls with gold calls after normalization.
-
-    Calls are dicts or text (see `normalize_call`); a dict such as {"name": ..., "arguments": {...}} is compared as a
-    whole, so its tool is part of its identity. With `ignore_order` the calls are multisets (a duplicate counts twice);
-    without it, call i is compared with gold call i. An unparseable prediction is a false positive (an unmatched
-    output, listed as None in details); an unparseable gold call is a UserError.
-    """
-    output_keys = [normalize_call(call) or _Unparseable(call) for call in output_calls]
-    target_keys = [_gold_key(call, f"gold call {index}") for index, call in enumerate(target_calls)]
-    return _compare_keys(output_keys, target_keys, ignore_order)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -450,15 +397,15 @@ def _sample_scores(prediction: Any, index: int) -> dict[str, float | int]:
         (tool, _gold_key(call, f"{where}, gold call {position}"))
         for position, (tool, call) in enumerate(zip(gold_tools, gold_calls))
     ]
-    calls = _compare_keys(predicted_keys, gold_keys, ignore_order=True)
+    calls = calculate_f1_score(predicted_keys, gold_keys)
     tool_scores = calculate_f1_score(predicted_tools, gold_tools)
     return {
         "n_gold_calls": len(gold_calls),
-        "exact": float(calls.exact_match),
+        "exact": float(Counter(predicted_keys) == Counter(gold_keys)),
         "tool_exact": float(Counter(predicted_tools) == Counter(gold_tools)),
-        "f1_score": calls.f1_score,
-        "precision": calls.precision,
-        "recall": calls.recall,
+        "f1_score": calls["f1_score"],
+        "precision": calls["precision"],
+        "recall": calls["recall"],
         "tool_f1_score": tool_scores["f1_score"],
         "tool_precision": tool_scores["precision"],
         "tool_recall": tool_scores["recall"],

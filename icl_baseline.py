@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import torch
 from tqdm import tqdm
 
 from common import (
@@ -41,7 +40,8 @@ from common import (
     set_seed,
     setup_logging,
 )
-from dataset import build_prompt_ids, end_of_turn_id, left_pad_collate, load_samples, tool_system_prompt
+from dataset import build_prompt_ids, end_of_turn_id, load_samples, tool_system_prompt
+from decoding import causal_lm_step, decode_prompts
 from eval import format_metrics_table, parse_function_call, score_predictions
 from experiment import DEFAULT_RUNS_ROOT, RunDirectory, claim_default_run_dir
 from model import load_base_model, load_tokenizer, model_positions, resolve_device, resolve_dtype
@@ -558,31 +558,13 @@ def _decode_answer(tokenizer, new_ids: Sequence[int], stops: Sequence[int]) -> s
     return tokenizer.decode(list(new_ids[:end]), skip_special_tokens=True).strip()
 
 
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompts: Sequence[list[int]], samples: Sequence[dict], batch_size: int,
+def generate_answers(model, tokenizer, prompts: Sequence[list[int]], batch_size: int,
                      max_new_tokens: int) -> list[str]:
-    """Greedy answers for token-id prompts: batches of similar length, left-padded, decoded with the KV cache."""
+    """Greedy answers for token-id prompts (decoding.decode_prompts), each decoded up to its first stop token."""
     stops = _stop_ids(tokenizer)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [""] * len(prompts)
-    for first in tqdm(range(0, len(order), batch_size), desc="generating", leave=False, dynamic_ncols=True):
-        chunk = order[first:first + batch_size]
-        items = [{"input_ids": prompts[i], "labels": None, "gold_tools": samples[i]["tools"],
-                  "gold_calls": samples[i]["function_calls"], "user_input": samples[i]["user_input"]} for i in chunk]
-        batch = left_pad_collate(items, tokenizer.pad_token_id)
-        width = batch["input_ids"].shape[1]
-        output = model.generate(
-            input_ids=batch["input_ids"].to(model.device),
-            attention_mask=batch["attention_mask"].to(model.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        for row, index in enumerate(chunk):
-            answers[index] = _decode_answer(tokenizer, output[row, width:].tolist(), stops)
-    return answers
+    rows = decode_prompts(causal_lm_step(model), prompts, tokenizer.pad_token_id, batch_size, max_new_tokens, stops,
+                          model.device, lambda chunks: tqdm(chunks, desc="generating", leave=False, dynamic_ncols=True))
+    return [_decode_answer(tokenizer, row, stops) for row in rows]
 
 
 def refuse_if_too_long(limit: int | None, prompts: Sequence[list[int]], max_new_tokens: int) -> None:
@@ -768,7 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("%s on %d test samples, %d described tools, model %s", method, len(samples), len(descriptions),
                 model_name)
     generation_start = time.time()
-    answers = generate_answers(model, tokenizer, prompts, samples, icl.batch_size, model_settings.max_new_tokens)
+    answers = generate_answers(model, tokenizer, prompts, icl.batch_size, model_settings.max_new_tokens)
     generation_seconds = time.time() - generation_start
     predictions = predictions_for(samples, answers, descriptions, offered if retrieval.use_rag else None, prompts,
                                   icl.icl_answer)

@@ -21,13 +21,13 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from transformers import GenerationConfig
 
 from common import CliParser, UserError, atomic_write_json, positive_int, run_cli, unit_interval
 from dataset import NativeFunctionCallingDataset, end_of_turn_id, make_dataloader
+from decoding import causal_lm_step, greedy_decode
 from experiment import RoundData, print_final_report
-from model import (BackboneParts, CallingOutput, GeneratedCalls, LoraSettings, attach_lora, load_base_model,
-                   load_lora_adapter, next_token_losses, save_lora_adapter)
+from model import (BackboneParts, CallingOutput, GeneratedCalls, LoraSettings, attach_lora, labelled_losses,
+                   labelled_positions, load_base_model, load_lora_adapter, save_lora_adapter)
 from replay_buffer import (REPLAY_POLICIES, DisplacingBatchSampler, ReplaySettings, ReservoirBuffer,
                            check_replay_settings, mixed_dataloader, original_round_subset, sampled_dataloader)
 from sequential import prepare_run, run_rounds, start_run
@@ -138,15 +138,26 @@ class MarkerLoRAModel(BackboneParts, nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> CallingOutput:
+        """Logits and, with `labels`, the losses (the tool loss over the marker tokens).
+
+        With labels the LM head runs only at the positions whose next label is set and `logits` holds those rows
+        (rows x vocabulary, float32); without, it is the full batch x length x vocabulary.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False)
-        loss = tool_loss = None
-        if labels is not None:
-            loss, tool_loss = next_token_losses(out.logits, labels, self.marker_positions(labels))
-        return CallingOutput(logits=out.logits, loss=loss, tool_loss=tool_loss)
+        if labels is None:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False)
+            return CallingOutput(logits=out.logits)
+        causal_lm = self.base_model.get_base_model()
+        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids, use_cache=False).last_hidden_state
+        rows, positions = labelled_positions(labels)
+        logits = causal_lm.get_output_embeddings()(hidden[rows, positions]).float()
+        logits, loss, tool_loss = labelled_losses(logits, labels[rows, positions + 1],
+                                                  self.marker_positions(labels)[rows, positions + 1])
+        return CallingOutput(logits=logits, loss=loss, tool_loss=tool_loss)
 
     def marker_positions(self, labels: torch.Tensor) -> torch.Tensor:
         """Bool mask shaped like `labels`: True on the tokens of every marker in the labelled answer."""
@@ -162,16 +173,11 @@ class MarkerLoRAModel(BackboneParts, nn.Module):
 
     # --- generation ------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      max_new_tokens: int = 256) -> list[list[int]]:
-        """Greedy, batched, left-padded decoding with the KV cache (transformers' generate), cut at end-of-turn."""
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                                  eos_token_id=self.end_id, pad_token_id=self.tokenizer.pad_token_id)
-        out = self.base_model.generate(input_ids=input_ids.to(self.device),
-                                       attention_mask=attention_mask.to(self.device), generation_config=config)
-        rows = out[:, input_ids.shape[1]:].tolist()
-        return [row[: row.index(self.end_id) + 1] if self.end_id in row else row for row in rows]
+        """Greedy decoding (decoding.greedy_decode, adapter on, no processors); each row's new ids up to end-of-turn."""
+        return greedy_decode(causal_lm_step(self.base_model.get_base_model()), input_ids.to(self.device),
+                             attention_mask.to(self.device), max_new_tokens, [self.end_id])
 
     def set_generation_tools(self, tool_names: Sequence[str] | None) -> None:
         """Part of the shared round loop's interface; markers are plain text, so no marker is ever blocked."""

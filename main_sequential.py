@@ -103,7 +103,7 @@ def build_model(plan: RunPlan, memory: MemorySettings) -> FunctionCallingModel:
         lora_config=settings.lora,
         memory_dtype=memory.memory_dtype,
     )
-    model.initialize_tool_embeddings(seed=settings.seed, norm=memory.tool_init_norm)
+    model.initialize_rows(seed=settings.seed, norm=memory.tool_init_norm)
     model.constrain_calls = not settings.decoding.unconstrained_decoding
     return model
 

@@ -1,9 +1,10 @@
-"""FunctionCallingModel: a frozen causal LM plus a tool memory bank (one trainable row per tool) and optional LoRA.
+"""FunctionCallingModel: a frozen causal LM, its tool memory (tool_memory.ToolMemory: one trainable row per tool)
+and optional LoRA.
 
 Every tool is one special token of the tokenizer (Llama-3's reserved special tokens, in id order; new special tokens
-when the tokenizer has none). The bank replaces that token's embedding on the input side and its logit on the output
-side (`logit = hidden . row`), both vectorized over all tools. The bank and the LoRA adapter are the whole trainable
-state, and a checkpoint holds exactly that (safetensors + JSON), never backbone weights.
+when the tokenizer has none). The tool's rows replace that token's embedding on the input side and its logit on the
+output side (`logit = hidden . row`), both vectorized over all tools. The rows and the LoRA adapter are the whole
+trainable state, and a checkpoint holds exactly that (safetensors + JSON), never backbone weights.
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
+from torch.autograd.function import once_differentiable
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with
-from dataset import end_of_turn_id
+from dataset import IGNORE_INDEX, end_of_turn_id
+from decoding import CallBoundaryTracker, OfferedTools, ScoreProcessor, ToolForcingProcessor, greedy_decode
+from decoding import GROUND_TRUTH_STYLES  # noqa: F401 - the TokMem CLI's choices, offered beside the model
+from tool_memory import MEMORY_DTYPES, ToolMemory
+from tool_memory import TOOL_INIT_NORMS  # noqa: F401 - the TokMem CLI's choices, offered beside the model
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +40,6 @@ MEMORY_FILE = "tool_memory.safetensors"
 MEMORY_META_FILE = "tool_memory.json"
 LORA_DIR = "lora"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MEMORY_DTYPES = ("float32", "model")
-TOOL_INIT_NORMS = ("embedding", "unit")
 
 
 @dataclass
@@ -52,7 +55,7 @@ class LoraSettings:
 
 @dataclass
 class CallingOutput:
-    """Forward result: full-vocabulary logits (tool columns from the bank) and the losses when labels are given."""
+    """Forward result: full-vocabulary logits (tool columns from the rows) and the losses when labels are given."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
@@ -265,7 +268,7 @@ class BackboneParts:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
-    def bank_parameters(self) -> list[nn.Parameter]:
+    def row_parameters(self) -> list[nn.Parameter]:
         return []
 
     def lora_parameters(self) -> list[nn.Parameter]:
@@ -277,7 +280,7 @@ class BackboneParts:
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameter counts: backbone (frozen), tool memory, LoRA, and the trainable total."""
         backbone, lora = backbone_and_lora_counts(self.base_model)
-        memory = sum(p.numel() for p in self.bank_parameters())
+        memory = sum(p.numel() for p in self.row_parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"backbone": backbone, "tool_memory": memory, "lora": lora, "trainable": trainable}
 
@@ -308,128 +311,75 @@ def load_lora_adapter(peft_model, checkpoint: Path, device: torch.device) -> Non
     set_peft_model_state_dict(peft_model, load_file(str(adapter), device=str(device)))
 
 
-def next_token_losses(
-    logits: torch.Tensor, labels: torch.Tensor, tool_targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy on labelled positions, and the same over the targets that `tool_targets` marks.
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of every prediction the loss scores: position p predicts label p + 1, so p is kept where that
+    label is set. The labels are shifted, never the logits; the target of (r, p) is `labels[r, p + 1]`."""
+    return (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
 
-    `tool_targets` is a bool mask shaped like `labels` (True where the label is part of a tool's encoding).
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of float32 logits (one row per labelled position), after writing the tool columns
+    into them in place; returns the per-row losses and the logits.
+
+    The one vocabulary-sized tensor kept for backward is the log-probabilities, and backward turns it into the
+    logits' gradient in place (softmax minus one-hot, scaled; the tool columns go to the tool logits' gradient).
+    Autograd's composition of the same ops (index_copy_, log_softmax, nll_loss) would allocate three more in
+    backward. The saved tensor is consumed, so the graph takes a single backward (a second one raises).
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    per_token = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="none")
-    valid = shift_labels != -100
-    loss = per_token[valid].mean() if valid.any() else per_token.sum() * 0.0
-    is_tool = valid & tool_targets[:, 1:].reshape(-1)
-    tool_loss = per_token[is_tool].mean() if is_tool.any() else per_token.sum() * 0.0
-    return loss, tool_loss
-
-
-GROUND_TRUTH_STYLES = ("forced", "replace")
-
-
-class ToolForcingProcessor(LogitsProcessor):
-    """Ground-truth-tool decoding: the gold tools take the tool positions in order, batched.
-
-    `forced` (this toolkit): a tool position is the first answer step and any step where the model would emit a tool
-    token or end the turn at a call boundary; while gold tools remain the next one is forced there, once all are used
-    the turn is ended. `replace` (the original): only a tool token the model emits itself is replaced by the next gold
-    tool. Either way a tool is never forced inside an unfinished call: `tracker` says where a call boundary is.
-    """
-
-    def __init__(self, gold_token_ids: list[list[int]], tool_token_ids: torch.Tensor, end_id: int,
-                 tracker: "CallBoundaryTracker", style: str = "forced"):
-        if style not in GROUND_TRUTH_STYLES:
-            raise UserError(f"--ground_truth_style: expected one of {', '.join(GROUND_TRUTH_STYLES)}, got {style!r}")
-        device = tool_token_ids.device
-        max_gold = max(1, max(len(g) for g in gold_token_ids))
-        self.gold = torch.full((len(gold_token_ids), max_gold), end_id, dtype=torch.long, device=device)
-        for i, gold in enumerate(gold_token_ids):
-            self.gold[i, : len(gold)] = torch.tensor(gold, dtype=torch.long, device=device)
-        self.num_gold = torch.tensor([len(g) for g in gold_token_ids], device=device)
-        self.used = torch.zeros_like(self.num_gold)
-        self.tool_token_ids = tool_token_ids
-        self.end_id = end_id
-        self.tracker = tracker
-        self.style = style
-        self.first_step = True
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        choice = scores.argmax(dim=-1)
-        emits_tool = torch.isin(choice, self.tool_token_ids)
-        remaining = self.used < self.num_gold
-        if self.style == "replace":
-            at_tool = emits_tool & remaining
-        else:
-            at_tool = emits_tool | (choice == self.end_id)
-            if self.first_step:
-                at_tool = torch.ones_like(at_tool)
-        self.first_step = False
-        at_tool &= torch.tensor(self.tracker.allowed(), device=scores.device)
-        next_gold = self.gold.gather(1, self.used.clamp(max=self.gold.shape[1] - 1).unsqueeze(1)).squeeze(1)
-        forced = torch.where(remaining, next_gold, torch.full_like(next_gold, self.end_id))
-        forced_scores = torch.full_like(scores, float("-inf"))
-        forced_scores.scatter_(1, forced.unsqueeze(1), 0.0)
-        self.used = self.used + (at_tool & remaining).long()
-        return torch.where(at_tool.unsqueeze(1), forced_scores, scores)
-
-
-class CallBoundaryTracker:
-    """Where a tool token may come next in a batch of answers: before the first call, or once a call's JSON closed.
-
-    The answer grammar is `[tool][JSON object][tool][JSON object]...`; a tool token inside an unfinished object is
-    malformed (a weak backbone is least sure exactly there, at argument values). The tracker follows each row's
-    brace depth outside JSON strings from the characters of the generated tokens. Written by hand: transformers'
-    logits processors see token ids, not the JSON state, and this needs only `{`, `}`, `"` and backslash.
-    """
-
-    JSON_CHARS = frozenset('{}"\\')
-
-    def __init__(self, pieces: dict[int, str], tool_token_ids: torch.Tensor, batch: int):
-        self.pieces = pieces
-        self.tool_ids = set(tool_token_ids.tolist())
-        self.seen_tool = [False] * batch
-        self.opened = [False] * batch
-        self.depth = [0] * batch
-        self.in_string = [False] * batch
-        self.escaped = [False] * batch
 
     @staticmethod
-    def json_pieces(tokenizer) -> dict[int, str]:
-        """Token id -> token text, for the tokens whose text holds a JSON brace, quote or backslash."""
-        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        return {i: t for i, t in enumerate(tokens) if t and not CallBoundaryTracker.JSON_CHARS.isdisjoint(t)}
+    def forward(ctx, logits, targets, tool_ids, tool_logits):
+        if tool_ids is not None:
+            logits.index_copy_(1, tool_ids, tool_logits)
+        ctx.mark_dirty(logits)
+        ctx.set_materialize_grads(False)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(log_probs, targets, tool_ids)
+        return -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1), logits
 
-    def allowed(self) -> list[bool]:
-        """Per row: may the next token be a tool token?"""
-        return [not seen or (opened and depth == 0 and not in_string)
-                for seen, opened, depth, in_string in zip(self.seen_tool, self.opened, self.depth, self.in_string)]
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_logits):
+        log_probs, targets, tool_ids = ctx.saved_tensors
+        grad = log_probs.exp_()
+        if grad_loss is None:
+            grad.zero_()
+        else:
+            grad.mul_(grad_loss.unsqueeze(1))
+            grad.scatter_add_(1, targets.unsqueeze(1), -grad_loss.unsqueeze(1))
+        if grad_logits is not None:
+            grad.add_(grad_logits)
+        grad_tool = None
+        if tool_ids is not None:
+            grad_tool = grad.index_select(1, tool_ids)
+            grad.index_fill_(1, tool_ids, 0.0)
+        return grad, None, None, grad_tool
 
-    def update(self, next_ids: Sequence[int]) -> None:
-        for row, token in enumerate(next_ids):
-            if token in self.tool_ids:
-                self.seen_tool[row], self.opened[row], self.depth[row] = True, False, 0
-                self.in_string[row] = self.escaped[row] = False
-                continue
-            for char in self.pieces.get(token, ""):
-                if self.in_string[row]:
-                    if self.escaped[row]:
-                        self.escaped[row] = False
-                    elif char == "\\":
-                        self.escaped[row] = True
-                    elif char == '"':
-                        self.in_string[row] = False
-                elif char == '"':
-                    self.in_string[row] = True
-                elif char == "{":
-                    self.opened[row] = True
-                    self.depth[row] += 1
-                elif char == "}":
-                    self.depth[row] = max(0, self.depth[row] - 1)
+
+def labelled_losses(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    tool_targets: torch.Tensor,
+    tool_ids: torch.Tensor | None = None,
+    tool_logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, loss, tool loss) from float32 head logits at the labelled positions, one row per target.
+
+    `tool_logits` (rows x tools), when given, replace the `tool_ids` columns of `logits` in place first. The loss is
+    the mean cross-entropy over every target, the tool loss the same over the targets `tool_targets` marks (zero,
+    still in the graph, where none is).
+    """
+    if logits.dtype != torch.float32:
+        raise ValueError(f"labelled_losses expects float32 logits, got {logits.dtype}")
+    per_token, logits = _HeadCrossEntropy.apply(logits, targets, tool_ids, tool_logits)
+    loss = per_token.mean() if per_token.numel() else per_token.sum() * 0.0
+    tool_loss = per_token[tool_targets].mean() if tool_targets.any() else per_token.sum() * 0.0
+    return logits, loss, tool_loss
+
 
 
 class FunctionCallingModel(BackboneParts, nn.Module):
-    """A frozen causal LM whose tool tokens are a trainable memory bank, with optional LoRA."""
+    """A frozen causal LM whose tool tokens are the trainable rows of a ToolMemory (`memory`), with optional LoRA."""
 
     def __init__(
         self,
@@ -462,26 +412,16 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         self.base_model = attach_lora(base, lora_config) if lora_config else base
         self.end_id = end_of_turn_id(self.tokenizer)
 
-        vocab_size = self.causal_lm.get_input_embeddings().weight.shape[0]
-        self.register_buffer("tool_token_ids", torch.tensor(token_ids, dtype=torch.long, device=self.device))
-        slot = torch.full((vocab_size,), -1, dtype=torch.long, device=self.device)
-        slot[self.tool_token_ids] = torch.arange(num_tools, device=self.device)
-        self.register_buffer("token_to_slot", slot)
         self._name_to_index = {name: i for i, name in enumerate(self.tool_names)}
-
-        hidden = self.causal_lm.get_input_embeddings().weight.shape[1]
+        vocab_size, hidden = self.causal_lm.get_input_embeddings().weight.shape
         # The rows are kept in float32 (the optimizer's precision) and cast to the backbone's dtype where used, unless
         # `memory_dtype` is `model`: the backbone's dtype, as the original keeps them (bf16 rows lose small updates).
         if memory_dtype not in MEMORY_DTYPES:
             raise UserError(f"--memory_dtype: expected one of {', '.join(MEMORY_DTYPES)}, got {memory_dtype!r}")
         self.memory_dtype = memory_dtype
         row_dtype = torch.float32 if memory_dtype == "float32" else self.dtype
-        self.tool_embeddings = nn.Parameter(torch.zeros(num_tools, hidden, device=self.device, dtype=row_dtype))
-        self.output_tool_embeddings = (
-            nn.Parameter(torch.zeros(num_tools, hidden, device=self.device, dtype=row_dtype))
-            if decouple_embeddings else None
-        )
-        self.initialize_tool_embeddings(seed=0)
+        self.memory = ToolMemory(token_ids, vocab_size, hidden, self.device, row_dtype, decouple_embeddings)
+        self.initialize_rows(seed=0)
         # Generation: tool tokens only at call boundaries (see CallBoundaryTracker), and only of the tools in
         # `generation_tools` (None: all); a sequential run offers only the tools learned so far.
         self.constrain_calls = True
@@ -502,8 +442,14 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         return len(self.tool_names)
 
     @property
-    def output_rows(self) -> torch.Tensor:
-        return self.output_tool_embeddings if self.decouple_embeddings else self.tool_embeddings
+    def tool_token_ids(self) -> torch.Tensor:
+        """The tool tokens' ids, in tool order (the memory's)."""
+        return self.memory.tool_token_ids
+
+    @property
+    def token_to_slot(self) -> torch.Tensor:
+        """Token id -> tool index, -1 for a token that is no tool (the memory's)."""
+        return self.memory.token_to_slot
 
     def get_tool_token_id(self, tool_name: str) -> int:
         """The token id that stands for a tool."""
@@ -523,7 +469,7 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         return [self.get_tool_token_id(tool_name)]
 
     def set_generation_tools(self, tool_names: Sequence[str] | None) -> None:
-        """Offer only these tools during generation (None: every tool of the bank)."""
+        """Offer only these tools during generation (None: every tool of the memory)."""
         if tool_names is not None:
             unknown = [name for name in tool_names if name not in self._name_to_index]
             if unknown:
@@ -540,56 +486,45 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         return self.tool_token_ids[torch.tensor(blocked, dtype=torch.long, device=self.device)]
 
     def call_boundary_tracker(self, batch: int) -> CallBoundaryTracker:
-        """A tracker of where the call boundaries of `batch` answers are."""
+        """A tracker of the call boundaries of `batch` answers; it masks tool tokens inside calls with
+        `constrain_calls`."""
         if self._json_pieces is None:
             self._json_pieces = CallBoundaryTracker.json_pieces(self.tokenizer)
-        return CallBoundaryTracker(self._json_pieces, self.tool_token_ids, batch)
+        return CallBoundaryTracker(self._json_pieces, self.tool_token_ids, batch, enforce=self.constrain_calls)
 
-    def restrict_tool_scores(
-        self, scores: torch.Tensor, blocked: torch.Tensor, tracker: CallBoundaryTracker | None
-    ) -> torch.Tensor:
-        """A copy of next-token `scores` where the tool tokens generation may not emit now are -inf."""
-        scores = scores.clone()
-        scores[:, blocked] = float("-inf")
-        if tracker is not None:
-            inside_call = ~torch.tensor(tracker.allowed(), device=scores.device)
-            scores[inside_call.nonzero(as_tuple=True)[0].unsqueeze(1), self.tool_token_ids] = float("-inf")
-        return scores
+    def decoding_processors(self, batch: int, gold_tools: Sequence[Sequence[str]] | None = None,
+                            style: str = "forced") -> list[ScoreProcessor]:
+        """TokMem's decoding rules for `batch` answers: offered tools only, tools only at call boundaries, and with
+        `gold_tools` the gold tools forced into the tool positions (see ToolForcingProcessor)."""
+        tracker = self.call_boundary_tracker(batch)
+        processors: list[ScoreProcessor] = [OfferedTools(self.blocked_tool_token_ids()), tracker]
+        if gold_tools is not None:
+            gold_ids = [[self.get_tool_token_id(t) for t in tools] for tools in gold_tools]
+            processors.append(ToolForcingProcessor(gold_ids, self.tool_token_ids, self.end_id, tracker, style))
+        return processors
 
-    def bank_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.tool_embeddings, self.output_tool_embeddings) if p is not None]
+    def row_parameters(self) -> list[nn.Parameter]:
+        """The memory's rows (input rows, and output rows when decoupled)."""
+        return self.memory.rows()
 
-    @torch.no_grad()
-    def initialize_tool_embeddings(self, seed: int = 0, norm: str = "embedding") -> None:
-        """Orthogonal rows, scaled to the backbone's mean embedding norm (input side) and lm-head norm (output side)
-        with `norm="embedding"`, or left at unit norm with `norm="unit"` (the original's initialisation)."""
-        if norm not in TOOL_INIT_NORMS:
-            raise UserError(f"--tool_init_norm: expected one of {', '.join(TOOL_INIT_NORMS)}, got {norm!r}")
-        generator = torch.Generator().manual_seed(seed)
-        targets = [(self.tool_embeddings, self.causal_lm.get_input_embeddings().weight)]
-        if self.decouple_embeddings:
-            targets.append((self.output_tool_embeddings, self.causal_lm.get_output_embeddings().weight))
-        for bank, reference in targets:
-            rows = torch.empty(bank.shape, dtype=torch.float32)
-            nn.init.orthogonal_(rows, generator=generator)
-            rows = F.normalize(rows, dim=-1)
-            if norm == "embedding":
-                rows = rows * reference.float().norm(dim=-1).mean().item()
-            bank.copy_(rows.to(device=bank.device, dtype=bank.dtype))
+    def initialize_rows(self, seed: int = 0, norm: str = "embedding") -> None:
+        """Re-initialise the memory's rows against the backbone's embeddings and LM head (ToolMemory.initialize)."""
+        self.memory.initialize(self.causal_lm.get_input_embeddings().weight,
+                               self.causal_lm.get_output_embeddings().weight, seed, norm)
 
     # --- forward ---------------------------------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Input embeddings where every tool token's vector is its bank row (one lookup, no loop over tools)."""
-        embeddings = self.causal_lm.get_input_embeddings()(input_ids)
-        slot = self.token_to_slot[input_ids]
-        bank_rows = self.tool_embeddings[slot.clamp(min=0)].to(embeddings.dtype)
-        return torch.where((slot >= 0).unsqueeze(-1), bank_rows, embeddings)
+        """Input embeddings where every tool token's vector is its input row (one lookup, no loop over tools)."""
+        return self.memory.embed(input_ids, self.causal_lm.get_input_embeddings()(input_ids))
+
+    def tool_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The memory's tool logits of `hidden` (ToolMemory.tool_logits)."""
+        return self.memory.tool_logits(hidden)
 
     def tool_logits_into(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Overwrite the tool columns of `logits` with `hidden . row` (one matmul over all tools)."""
-        tool_logits = hidden.float() @ self.output_rows.float().t()
-        return logits.float().index_copy(-1, self.tool_token_ids, tool_logits)
+        """Overwrite the tool columns of float32 `logits` with the memory's logits of `hidden`; returns them."""
+        return self.memory.tool_logits_into(hidden, logits)
 
     def forward(
         self,
@@ -601,11 +536,20 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         use_cache: bool = False,
         last_position_only: bool = False,
     ) -> CallingOutput:
-        """Logits over the vocabulary with the bank's tool columns; `last_position_only` skips the lm head elsewhere."""
+        """Float32 logits over the vocabulary with the memory's tool columns, and the losses when `labels` are given.
+
+        With labels (training), the LM head and the loss run only at the positions whose next label is set, and
+        `logits` holds those rows alone (rows x vocabulary, batch-major, `labelled_positions`' order). Without
+        labels, `logits` is batch x length x vocabulary, or batch x 1 x vocabulary with `last_position_only`.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if labels is not None:
+            if past_key_values is not None or use_cache or last_position_only:
+                raise ValueError("a forward with labels takes no cache and scores every labelled position")
+            return self.answer_losses(self.training_hidden(input_ids, attention_mask, position_ids), labels)
         decoder_out = self.causal_lm.get_decoder()(
             inputs_embeds=self.embed(input_ids),
             attention_mask=attention_mask,
@@ -616,66 +560,68 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         hidden = decoder_out.last_hidden_state
         if last_position_only:
             hidden = hidden[:, -1:]
-        logits = self.tool_logits_into(hidden, self.causal_lm.get_output_embeddings()(hidden))
-        loss = tool_loss = None
-        if labels is not None:
-            loss, tool_loss = self.answer_losses(logits, labels)
-        return CallingOutput(logits=logits, loss=loss, tool_loss=tool_loss, past_key_values=decoder_out.past_key_values)
+        logits = self.tool_logits_into(hidden, self.causal_lm.get_output_embeddings()(hidden).float())
+        return CallingOutput(logits=logits, past_key_values=decoder_out.past_key_values)
 
-    def answer_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token cross-entropy on labelled positions, and the same restricted to tool-token targets."""
-        return next_token_losses(logits, labels, self.token_to_slot[labels.clamp(min=0)] >= 0)
+    def answer_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> CallingOutput:
+        """The LM head, the tool logits and the losses at the labelled positions of last hidden states `hidden`:
+        the loss over every labelled token, the tool loss over the tool-token targets."""
+        rows, positions = labelled_positions(labels)
+        picked = hidden[rows, positions]
+        targets = labels[rows, positions + 1]
+        head = self.causal_lm.get_output_embeddings()(picked).float()
+        logits, loss, tool_loss = labelled_losses(
+            head, targets, self.memory.is_tool(targets), self.tool_token_ids, self.tool_logits(picked)
+        )
+        return CallingOutput(logits=logits, loss=loss, tool_loss=tool_loss)
+
+    def training_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Last hidden states of a training batch.
+
+        With no trainable backbone parameter (LoRA off or frozen), nothing before the batch's first tool token
+        depends on a trained value: that prefix runs without autograd, and the rest attends to its cached keys and
+        values, so backward neither stores nor walks the prompt's activations.
+        """
+        decoder = self.causal_lm.get_decoder()
+        split = self.constant_prefix_length(input_ids) if torch.is_grad_enabled() else 0
+        if split == 0:
+            return decoder(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=False).last_hidden_state
+        with torch.no_grad():
+            prefix = decoder(inputs_embeds=self.embed(input_ids[:, :split]), attention_mask=attention_mask[:, :split],
+                             position_ids=position_ids[:, :split], use_cache=True)
+        if split == input_ids.shape[1]:
+            return prefix.last_hidden_state
+        rest = decoder(inputs_embeds=self.embed(input_ids[:, split:]), attention_mask=attention_mask,
+                       position_ids=position_ids[:, split:], past_key_values=prefix.past_key_values, use_cache=False)
+        return torch.cat([prefix.last_hidden_state, rest.last_hidden_state], dim=1)
+
+    def constant_prefix_length(self, input_ids: torch.Tensor) -> int:
+        """How many leading positions hold no tool token in any row, when no backbone parameter is trained (else 0)."""
+        if any(p.requires_grad for p in self.base_model.parameters()):
+            return 0
+        has_tool = self.memory.is_tool(input_ids).any(dim=0).nonzero()
+        return int(has_tool[0]) if len(has_tool) else input_ids.shape[1]
 
     # --- generation ------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate_ids(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        max_new_tokens: int = 256,
-        logits_processor: LogitsProcessor | None = None,
-        tracker: CallBoundaryTracker | None = None,
-    ) -> list[list[int]]:
-        """Greedy, batched, left-padded decoding with the KV cache; returns each row's new ids up to end-of-turn.
+    def decoding_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                      cache) -> tuple[torch.Tensor, object]:
+        """One step for decoding.greedy_decode: the last position's scores (tool columns from the rows) and cache."""
+        out = self.forward(input_ids, attention_mask, past_key_values=cache, position_ids=position_ids,
+                           use_cache=True, last_position_only=True)
+        return out.logits[:, -1, :], out.past_key_values
 
-        Tools outside `generation_tools` are never emitted, and with `constrain_calls` a tool token comes only
-        before the first call or after a call's JSON object has closed; `logits_processor` sees the scores after that.
-        `tracker` (made here when None) follows the call boundaries of the generated ids.
-        """
-        input_ids = input_ids.to(self.device)
-        attention_mask = attention_mask.to(self.device)
-        batch = input_ids.shape[0]
-        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        generated = []
-        blocked = self.blocked_tool_token_ids()
-        tracker = tracker if tracker is not None else self.call_boundary_tracker(batch)
-        out = self.forward(input_ids, attention_mask, use_cache=True, last_position_only=True)
-        position = (attention_mask.long().sum(-1) - 1).unsqueeze(1)
-        for _ in range(max_new_tokens):
-            scores = self.restrict_tool_scores(out.logits[:, -1, :], blocked, tracker if self.constrain_calls else None)
-            if logits_processor is not None:
-                scores = logits_processor(input_ids, scores)
-            next_ids = scores.argmax(dim=-1)
-            next_ids = torch.where(finished, torch.full_like(next_ids, self.end_id), next_ids)
-            tracker.update(next_ids.tolist())
-            generated.append(next_ids)
-            finished |= next_ids == self.end_id
-            if finished.all():
-                break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            position = position + 1
-            out = self.forward(
-                next_ids.unsqueeze(1),
-                attention_mask,
-                past_key_values=out.past_key_values,
-                position_ids=position,
-                use_cache=True,
-            )
-        if not generated:
-            return [[] for _ in range(batch)]
-        rows = torch.stack(generated, dim=1).tolist()
-        return [row[: row.index(self.end_id) + 1] if self.end_id in row else row for row in rows]
+    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 256,
+                     processors: Sequence[ScoreProcessor] | None = None) -> list[list[int]]:
+        """Greedy decoding (decoding.greedy_decode) under `processors` (default: `decoding_processors`); each row's
+        new ids up to end-of-turn."""
+        if processors is None:
+            processors = self.decoding_processors(input_ids.shape[0])
+        return greedy_decode(self.decoding_step, input_ids.to(self.device), attention_mask.to(self.device),
+                             max_new_tokens, [self.end_id], processors)
 
     def parse_generated(self, token_ids: Sequence[int]) -> GeneratedCalls:
         """Split generated ids at tool tokens into tools and their argument strings (text before a tool is dropped)."""
@@ -709,23 +655,18 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         style: str = "forced",
     ) -> list[GeneratedCalls]:
         """The gold tools take the tool positions (see ToolForcingProcessor); the model writes the arguments."""
-        gold_ids = [[self.get_tool_token_id(t) for t in tools] for tools in gold_tools]
-        tracker = self.call_boundary_tracker(input_ids.shape[0])
-        processor = ToolForcingProcessor(gold_ids, self.tool_token_ids, self.end_id, tracker, style)
-        ids = self.generate_ids(input_ids, attention_mask, max_new_tokens, logits_processor=processor, tracker=tracker)
+        processors = self.decoding_processors(input_ids.shape[0], gold_tools, style)
+        ids = self.generate_ids(input_ids, attention_mask, max_new_tokens, processors)
         return [self.parse_generated(row) for row in ids]
 
     # --- checkpoints -----------------------------------------------------------------------------------------------
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The rows as float32 tensors (the checkpoint's content beside the LoRA adapter)."""
-        state = {"input_rows": self.tool_embeddings.detach().float().cpu().contiguous()}
-        if self.decouple_embeddings:
-            state["output_rows"] = self.output_tool_embeddings.detach().float().cpu().contiguous()
-        return state
+        return self.memory.trainable_state()
 
     def save(self, directory: str | Path) -> None:
-        """Write the bank (safetensors + JSON of names and token ids) and the LoRA adapter (peft); nothing else."""
+        """Write the rows (safetensors + JSON of names and token ids) and the LoRA adapter (peft); nothing else."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_with(directory / MEMORY_FILE, lambda tmp: save_file(self.trainable_state(), tmp))
@@ -754,10 +695,6 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         if bool(meta["decouple_embeddings"]) != self.decouple_embeddings:
             raise UserError(f"checkpoint {directory} differs in --decouple_embeddings")
         self.set_generation_tools(meta.get("generation_tools"))
-        state = load_file(str(memory_path))
-        with torch.no_grad():
-            self.tool_embeddings.copy_(state["input_rows"].to(self.device, self.tool_embeddings.dtype))
-            if self.decouple_embeddings:
-                self.output_tool_embeddings.copy_(state["output_rows"].to(self.device, self.tool_embeddings.dtype))
+        self.memory.load_trainable_state(load_file(str(memory_path)))
         if self.lora_settings:
             load_lora_adapter(self.base_model, directory, self.device)

@@ -232,8 +232,8 @@ def run_rounds(
 
 
 def active_tool_mask(model, tools: Sequence[str]) -> torch.Tensor | None:
-    """Bool mask over the bank rows of this round's tools (None for a model without a bank)."""
-    if not model.bank_parameters():
+    """Bool mask over the memory's rows: this round's tools (None for a model without rows)."""
+    if not model.row_parameters():
         return None
     mask = torch.zeros(model.num_tools, dtype=torch.bool)
     for tool in tools:

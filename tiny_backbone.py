@@ -5,7 +5,7 @@ synthetic xLAM corpus, pretrains a small `LlamaForCausalLM` (tied embeddings, ev
 calling over synthetic tools the experiments never use (ranks 201-400; the default rounds use ranks 1-200 at most),
 scores greedy generation on held-out samples of those tools, and saves everything with `save_pretrained` to
 `models/tiny-llama-fc/`. Each pretraining tool is one reserved special token, so the frozen backbone learns the grammar
-"tool token, then a JSON object whose values come from the query" that TokMem's memory bank plugs into.
+"tool token, then a JSON object whose values come from the query" that TokMem's tool memory plugs into.
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ from transformers import (
 
 from common import CliParser, UserError, atomic_write_json, positive_int, run_cli, set_seed, setup_logging
 from dataset import IGNORE_INDEX, build_answer_ids, build_prompt_ids, end_of_turn_id, icl_answer_text, tool_system_prompt
+from decoding import causal_lm_step, decode_prompts
+from eval import parse_function_call, score_predictions
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_BACKBONE_DIR = REPO_ROOT / "models" / "tiny-llama-fc"
 DEFAULT_MODEL_NAME = str(DEFAULT_BACKBONE_DIR)
-_DEFAULT_RELATIVE_NAME = "models/tiny-llama-fc"
 
 REPORT_FILE = "backbone_report.json"
 FINISHED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", REPORT_FILE)
@@ -161,16 +162,6 @@ class Example(NamedTuple):
 
     input_ids: list[int]
     labels: list[int]
-
-
-def is_default_backbone(name: str | os.PathLike | None) -> bool:
-    """Whether a --model_name means the embedded tiny backbone (its repo-relative name or its path)."""
-    if name is None:
-        return False
-    text = os.fspath(name)
-    if os.path.normpath(text) == os.path.normpath(_DEFAULT_RELATIVE_NAME):
-        return True
-    return Path(text).expanduser().resolve() == DEFAULT_BACKBONE_DIR
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -485,63 +476,12 @@ def pretrain(model: LlamaForCausalLM, examples: Sequence[Example], settings: Bui
 # Evaluation
 
 
-def _local_normalize_call(call: str) -> str | None:
-    """Canonical form of a call's arguments JSON (keys sorted, 3.0 == 3); None when it does not parse."""
-    try:
-        value = json.loads(call)
-    except (json.JSONDecodeError, TypeError):
-        return None
-    if not isinstance(value, dict):
-        return None
-    return json.dumps(_canonical(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _canonical(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _canonical(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_canonical(v) for v in value]
-    return value
-
-
-try:
-    from eval import normalize_call as _normalize_call
-except ImportError:
-    _normalize_call = _local_normalize_call
-
-
-@torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: Sequence[list[int]], batch_size: int, max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations of token-id prompts (left-padded batches, KV cache), each cut at the end of turn."""
-    eot = end_of_turn_id(tokenizer)
-    pad = tokenizer.pad_token_id
-    stops = {eot, tokenizer.convert_tokens_to_ids(END_OF_TEXT_TOKEN)}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outputs: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, index in enumerate(chunk):
-            ids = prompts[index]
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=sorted(stops),
-            pad_token_id=pad,
-        )
-        for row, index in enumerate(chunk):
-            new = generated[row, width:].tolist()
-            cut = next((k for k, t in enumerate(new) if t in stops), len(new))
-            outputs[index] = new[:cut]
-    return outputs
+    """Greedy continuations of token-id prompts (decoding.decode_prompts), each cut before its end of turn."""
+    stops = sorted({end_of_turn_id(tokenizer), tokenizer.convert_tokens_to_ids(END_OF_TEXT_TOKEN)})
+    rows = decode_prompts(causal_lm_step(model), prompts, tokenizer.pad_token_id, batch_size, max_new_tokens, stops,
+                          model.device)
+    return [row[:-1] if row and row[-1] in stops else row for row in rows]
 
 
 def parse_memory_answer(tokenizer, ids: Sequence[int], slot_tools: dict[int, str]) -> tuple[list[str], list[str]]:
@@ -558,40 +498,24 @@ def parse_memory_answer(tokenizer, ids: Sequence[int], slot_tools: dict[int, str
 
 
 def parse_icl_answer(text: str) -> tuple[list[str], list[str]]:
-    """Tools and arguments JSON from in-context answer lines `{"name": ..., "arguments": {...}}`."""
+    """Tools and arguments JSON from in-context answer lines `{"name": ..., "arguments": {...}}` (read by
+    eval.parse_function_call; an unreadable line is a call with no tool)."""
     tools, calls = [], []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            tools.append("")
-            calls.append("")
-            continue
-        if not isinstance(obj, dict):
-            tools.append("")
-            calls.append("")
-            continue
-        tools.append(str(obj.get("name", "")))
-        calls.append(json.dumps(obj.get("arguments"), ensure_ascii=False))
+    for line in filter(None, (line.strip() for line in text.splitlines())):
+        call = parse_function_call(line)
+        tools.append(str(call.get("name", "")) if call else "")
+        calls.append(json.dumps(call.get("arguments"), ensure_ascii=False) if call else "")
     return tools, calls
 
 
 def score(samples: Sequence[dict], predictions: Sequence[tuple[list[str], list[str]]]) -> dict[str, float]:
-    """Tool accuracy (the exact tool sequence) and exact match (tool sequence and every normalized call)."""
-    tool_hits = exact_hits = 0
-    for sample, (tools, calls) in zip(samples, predictions, strict=True):
-        if list(tools) != list(sample["tools"]):
-            continue
-        tool_hits += 1
-        gold = [_normalize_call(c) for c in sample["function_calls"]]
-        predicted = [_normalize_call(c) for c in calls]
-        if all(p is not None for p in predicted) and predicted == gold:
-            exact_hits += 1
-    total = max(1, len(samples))
-    return {"tool_accuracy": tool_hits / total, "exact_accuracy": exact_hits / total, "total_examples": len(samples)}
+    """Tool accuracy and exact match of eval.score_predictions (the toolkit's scores), and the sample count."""
+    metrics = score_predictions([
+        {"predicted_tools": list(tools), "function_calls": list(calls), "gold_tools": sample["tools"],
+         "gold_calls": sample["function_calls"]}
+        for sample, (tools, calls) in zip(samples, predictions, strict=True)
+    ])
+    return {key: metrics[key] for key in ("tool_accuracy", "exact_accuracy", "total_examples")}
 
 
 def evaluate_memory(model, tokenizer, data: PretrainingData, samples: Sequence[dict], settings: BuildSettings) -> dict:

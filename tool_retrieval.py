@@ -246,12 +246,11 @@ class ToolRetriever:
         )
         return embeddings.float()
 
-    def retrieve(self, query: str, k: int) -> list[tuple[str, float]]:
-        """The k best tools for `query` as (name, cosine score), best first (all tools when k exceeds their number)."""
-        return self.retrieve_batch([query], k)[0]
-
     def retrieve_batch(self, queries: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
-        """`retrieve` for many queries: one encode call and one matrix product."""
+        """Per query, the k best tools as (name, cosine score), best first (all tools when k exceeds their number).
+
+        One encode call and one matrix product for all queries.
+        """
         k = _check_k(k)
         queries = list(queries)
         for index, query in enumerate(queries):

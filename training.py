@@ -1,7 +1,7 @@
 """One round of training and one evaluation pass, shared by TokMem and the LoRA baseline.
 
 A model here is anything with `forward(input_ids, attention_mask, labels) -> output with .loss and .tool_loss`,
-`bank_parameters()`, `lora_parameters()`, `generate_with_tool_prediction(...)` and, for ground-truth-tool mode,
+`row_parameters()`, `lora_parameters()`, `generate_with_tool_prediction(...)` and, for ground-truth-tool mode,
 `generate_with_ground_truth_tools(...)`: FunctionCallingModel and the LoRA baseline's marker model both are.
 """
 
@@ -65,11 +65,11 @@ class RoundStats:
 
 
 def build_optimizer(model, settings: TrainSettings, train_lora: bool) -> torch.optim.AdamW:
-    """AdamW with the bank rows (no weight decay) and, when trained, LoRA (own lr and weight decay)."""
+    """AdamW with the memory's rows (no weight decay) and, when trained, LoRA (own lr and weight decay)."""
     groups = []
-    bank = [p for p in model.bank_parameters() if p.requires_grad]
-    if bank:
-        groups.append({"params": bank, "lr": settings.lr, "weight_decay": 0.0})
+    rows = [p for p in model.row_parameters() if p.requires_grad]
+    if rows:
+        groups.append({"params": rows, "lr": settings.lr, "weight_decay": 0.0})
     lora = model.lora_parameters() if train_lora else []
     if lora:
         groups.append({"params": lora, "lr": settings.lora_lr, "weight_decay": settings.lora_weight_decay})
@@ -81,8 +81,8 @@ def build_optimizer(model, settings: TrainSettings, train_lora: bool) -> torch.o
 def _restore_inactive_rows(model, active: torch.Tensor, snapshots: Sequence[torch.Tensor]) -> None:
     """Put back the rows of tools outside the round, bit for bit."""
     with torch.no_grad():
-        for bank, snapshot in zip(model.bank_parameters(), snapshots):
-            bank[~active] = snapshot
+        for rows, snapshot in zip(model.row_parameters(), snapshots):
+            rows[~active] = snapshot
 
 
 RENORM_ROWS = ("all", "output")
@@ -91,17 +91,17 @@ RENORM_ROWS = ("all", "output")
 def _renormalize_active_rows(model, active: torch.Tensor, rows: str = "all") -> None:
     """Scale the active rows to the mean norm of the inactive ones (nothing to match when every row is active).
 
-    `rows`: `all` renormalises every bank (input and output rows when decoupled), `output` only the rows that
-    score tools (the one bank when coupled), as the original does.
+    `rows`: `all` renormalises every row tensor (input and output rows when decoupled), `output` only the rows that
+    score tools (the input rows when coupled), as the original does.
     """
     if active.all():
         return
-    banks = model.bank_parameters() if rows == "all" else [model.output_rows]
+    tensors = model.row_parameters() if rows == "all" else [model.memory.output_rows]
     with torch.no_grad():
-        for bank in banks:
-            target = bank[~active].norm(dim=-1).mean()
-            rows = bank[active]
-            bank[active] = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12) * target
+        for tensor in tensors:
+            target = tensor[~active].norm(dim=-1).mean()
+            picked = tensor[active]
+            tensor[active] = picked / picked.norm(dim=-1, keepdim=True).clamp(min=1e-12) * target
 
 
 def train_round(
@@ -112,7 +112,7 @@ def train_round(
     train_lora: bool = False,
     description: str = "train",
 ) -> RoundStats:
-    """Train one round: only the `active_tools` rows of the bank (a bool mask over tools) change.
+    """Train one round: only the memory's rows of the `active_tools` (a bool mask over tools) change.
 
     A NaN or infinite loss raises TrainingDiverged before the optimizer applies it.
     """
@@ -121,10 +121,10 @@ def train_round(
     # An epoch ends with a flush of its last, possibly partial, group: that is one optimizer step too.
     total_steps = max(1, math.ceil(len(loader) / accumulation) * settings.epochs)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
-    banks = model.bank_parameters()
+    row_tensors = model.row_parameters()
     if active_tools is not None:
-        active_tools = active_tools.to(banks[0].device)
-        snapshots = [bank.detach()[~active_tools].clone() for bank in banks]
+        active_tools = active_tools.to(row_tensors[0].device)
+        snapshots = [rows.detach()[~active_tools].clone() for rows in row_tensors]
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
 
     model.train()
@@ -153,9 +153,9 @@ def train_round(
             if (batch_index + 1) % accumulation and not last_of_epoch:
                 continue
             if active_tools is not None:
-                for bank in banks:
-                    if bank.grad is not None:
-                        bank.grad[~active_tools] = 0
+                for rows in row_tensors:
+                    if rows.grad is not None:
+                        rows.grad[~active_tools] = 0
             if settings.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
             optimizer.step()

@@ -782,9 +782,10 @@ def check_output_dir(output_dir: str | Path) -> None:
 
 
 def _code_sha256(source: str) -> str:
-    """One digest of the code that makes the files (this module, and the generator for synthetic rows)."""
+    """One digest of the code that makes the files: this module, and for synthetic rows the generator and its tables."""
     here = Path(__file__).resolve()
-    files = [here] + ([here.with_name("synthetic_xlam.py")] if source == "synthetic" else [])
+    generator = [here.with_name(name) for name in ("synthetic_xlam.py", "synthetic_tables.py")]
+    files = [here] + (generator if source == "synthetic" else [])
     return hashlib.sha256("".join(round_files.file_sha256(path) for path in files).encode()).hexdigest()
 
 

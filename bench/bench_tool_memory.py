@@ -1,11 +1,12 @@
-"""What the tool memory bank costs: training steps and ground-truth-tool decoding, on random-weight Llama backbones.
+"""What the tool memory's rows costs: training steps and ground-truth-tool decoding, on random-weight Llama backbones.
 
-Training step (forward + backward + AdamW step, median over repeats after warm-up), three ways on one backbone:
-the plain causal LM, FunctionCallingModel (vectorized bank: one lookup, one matmul) and a naive override that loops
-over the tools on both sides. Evaluation: ground-truth-tool decoding of a batch of prompts, batched with the KV cache
-(`generate_with_ground_truth_tools`) against one example at a time re-running the whole sequence at every step.
-Two shapes: the tiny backbone's, and Llama-3.2-1B's widths with few layers. Weights are random: the figures are
-about cost, never quality.
+Training step (forward + backward + AdamW step, median over repeats after warm-up), four ways on one backbone:
+the plain causal LM's usual step (full logits), the plain LM at its limit (LM head and loss only at labelled
+positions), FunctionCallingModel (TokMem) and the seed's per-tool loop. Evaluation: ground-truth-tool decoding of a
+batch of prompts, batched with the KV cache (`generate_with_ground_truth_tools`) against one example at a time
+re-running the whole sequence at every step. Two shapes: the tiny backbone's, and Llama-3.2-1B's widths with few
+layers. Weights are random: the figures are about cost, never quality. Per shape, `ratios` sums it up
+(`RATIO_NAMES`).
 
     python bench/bench_tool_memory.py            # both shapes, a few minutes on 2 CPU cores
     python bench/bench_tool_memory.py --quick    # about 30 s
@@ -34,6 +35,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from torch import nn  # noqa: E402
@@ -49,7 +51,13 @@ from common import (  # noqa: E402
     setup_logging,
 )
 from dataset import IGNORE_INDEX, left_pad_collate  # noqa: E402
-from model import FunctionCallingModel, ToolForcingProcessor, resolve_device, resolve_dtype  # noqa: E402
+from model import (  # noqa: E402
+    CallingOutput,
+    FunctionCallingModel,
+    labelled_positions,
+    resolve_device,
+    resolve_dtype,
+)
 from tiny_backbone import (  # noqa: E402
     BOS_TOKEN,
     EOT_TOKEN,
@@ -285,7 +293,7 @@ def load_shape_model(
             tmp, len(names), names, tokenizer=tokenizer, device=device, dtype=dtype,
             decouple_embeddings=decouple_embeddings,
         )
-    model.initialize_tool_embeddings(seed=seed)
+    model.initialize_rows(seed=seed)
     return model
 
 
@@ -299,31 +307,50 @@ def ordinary_id_limit(tokenizer) -> int:
 
 
 class LoopedToolModel(FunctionCallingModel):
-    """The naive override: a Python loop over the tools builds the input embeddings and the tool logits."""
+    """The seed's way: a Python loop over the tools builds the input embeddings and writes the tool logits, the LM
+    head runs at every position, and the loss comes from the shifted full logits."""
 
     @classmethod
     def sharing(cls, model: FunctionCallingModel) -> LoopedToolModel:
-        """A view of `model` with the looped methods: same backbone, bank and buffers (nothing is copied)."""
+        """A view of `model` with the looped methods: same backbone, memory and buffers (nothing is copied)."""
         looped = cls.__new__(cls)
         looped.__dict__.update(model.__dict__)
         return looped
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """For each tool: mask its token and write its bank row there."""
+        """For each tool: mask its token and write its row there."""
         embeddings = self.causal_lm.get_input_embeddings()(input_ids)
         for index, token_id in enumerate(self.tool_token_ids.tolist()):
             mask = input_ids == token_id
-            embeddings[mask] = self.tool_embeddings[index].to(embeddings.dtype)
+            embeddings[mask] = self.memory.input_rows[index].to(embeddings.dtype)
         return embeddings
 
     def tool_logits_into(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """For each tool: write `hidden . row` into its logit column."""
-        logits = logits.float()
         hidden = hidden.float()
-        rows = self.output_rows
+        rows = self.memory.output_rows
         for index, token_id in enumerate(self.tool_token_ids.tolist()):
-            logits[..., token_id] = hidden @ rows[index]
+            logits[..., token_id] = hidden @ rows[index].float()
         return logits
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs) -> CallingOutput:
+        """With labels: full logits (looped tool columns) and the loss over the shifted logits; else the parent's."""
+        if labels is None:
+            return super().forward(input_ids, attention_mask, **kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.causal_lm.get_decoder()(
+            inputs_embeds=self.embed(input_ids), attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        logits = self.tool_logits_into(hidden, self.causal_lm.get_output_embeddings()(hidden).float())
+        shifted = labels[:, 1:].reshape(-1)
+        per_token = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        valid = shifted != IGNORE_INDEX
+        is_tool = valid & (self.token_to_slot[shifted.clamp(min=0)] >= 0)
+        return CallingOutput(logits=logits, loss=per_token[valid].mean(), tool_loss=per_token[is_tool].mean())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -367,10 +394,11 @@ def make_eval_prompts(
 
 
 def plain_loss(model: FunctionCallingModel, stand_in: nn.Parameter) -> Callable[[dict], torch.Tensor]:
-    """The backbone's own causal-LM loss, its input embeddings requiring grad so backward runs through every layer.
+    """The backbone's usual training loss: its own forward with labels (full logits, the library's loss), its input
+    embeddings requiring grad so backward runs through every layer.
 
-    `stand_in` (as many values as the bank) enters the loss with weight zero, so the plain step's AdamW updates as
-    many parameters as the bank's.
+    `stand_in` (as many values as the rows) enters the loss with weight zero, so the plain step's AdamW updates as
+    many parameters as the rows'.
     """
     lm = model.causal_lm
 
@@ -388,8 +416,26 @@ def plain_loss(model: FunctionCallingModel, stand_in: nn.Parameter) -> Callable[
     return loss
 
 
-def bank_loss(model: FunctionCallingModel) -> Callable[[dict], torch.Tensor]:
-    """FunctionCallingModel's answer loss (the bank on both sides)."""
+def limit_loss(model: FunctionCallingModel, stand_in: nn.Parameter) -> Callable[[dict], torch.Tensor]:
+    """The plain backbone at its limit: the decoder's forward and backward over every position (input embeddings
+    requiring grad, as in `plain_loss`), the LM head and torch's cross-entropy only at the labelled positions."""
+    lm = model.causal_lm
+
+    def loss(batch: dict) -> torch.Tensor:
+        embeddings = lm.get_input_embeddings()(batch["input_ids"]).requires_grad_()
+        position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        hidden = lm.get_decoder()(
+            inputs_embeds=embeddings, attention_mask=batch["attention_mask"], position_ids=position_ids
+        ).last_hidden_state
+        rows, positions = labelled_positions(batch["labels"])
+        logits = lm.get_output_embeddings()(hidden[rows, positions]).float()
+        return F.cross_entropy(logits, batch["labels"][rows, positions + 1]) + stand_in.sum() * 0.0
+
+    return loss
+
+
+def rows_loss(model: FunctionCallingModel) -> Callable[[dict], torch.Tensor]:
+    """FunctionCallingModel's answer loss (the rows on both sides)."""
 
     def loss(batch: dict) -> torch.Tensor:
         return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
@@ -406,15 +452,26 @@ class TrainVariant:
     optimizer: torch.optim.Optimizer
 
 
+PLAIN, LIMIT, ROWS, LOOP = (
+    "train: plain backbone",
+    "train: plain, logits at labels",
+    "train: rows (TokMem)",
+    "train: rows, loop over tools",
+)
+
+
 def train_variants(model: FunctionCallingModel, lr: float = 5e-3) -> list[TrainVariant]:
-    """Plain backbone, vectorized bank, looped bank; each with its own AdamW (the bank's from build_optimizer)."""
-    stand_in = nn.Parameter(torch.zeros(sum(p.numel() for p in model.bank_parameters()), device=model.device))
+    """Plain backbone, plain at its limit, TokMem's rows, the seed's loop; each with its own AdamW (the rows' from
+    build_optimizer, the plain ones' over a stand-in of the rows' size)."""
+    size = sum(p.numel() for p in model.row_parameters())
+    stand_ins = [nn.Parameter(torch.zeros(size, device=model.device)) for _ in range(2)]
     looped = LoopedToolModel.sharing(model)
     settings = TrainSettings(lr=lr)
     return [
-        TrainVariant("train: plain backbone", plain_loss(model, stand_in), torch.optim.AdamW([stand_in], lr=lr)),
-        TrainVariant("train: bank, vectorized", bank_loss(model), build_optimizer(model, settings, train_lora=False)),
-        TrainVariant("train: bank, loop over tools", bank_loss(looped), build_optimizer(looped, settings, False)),
+        TrainVariant(PLAIN, plain_loss(model, stand_ins[0]), torch.optim.AdamW([stand_ins[0]], lr=lr)),
+        TrainVariant(LIMIT, limit_loss(model, stand_ins[1]), torch.optim.AdamW([stand_ins[1]], lr=lr)),
+        TrainVariant(ROWS, rows_loss(model), build_optimizer(model, settings, train_lora=False)),
+        TrainVariant(LOOP, rows_loss(looped), build_optimizer(looped, settings, False)),
     ]
 
 
@@ -452,22 +509,20 @@ def decode_one_by_one(
 ) -> list[list[int]]:
     """The naive way: one example at a time, the whole sequence re-run through the model at every step, no cache.
 
-    The same decoding rules as the toolkit's path (`restrict_tool_scores`: offered tools, call boundaries).
+    The same decoding rules as the toolkit's path (`decoding_processors`: offered tools, call boundaries, forcing).
     """
     results = []
     for prompt, tools in zip(prompts, gold_tools):
-        tracker = model.call_boundary_tracker(1)
-        processor = ToolForcingProcessor(
-            [[model.get_tool_token_id(t) for t in tools]], model.tool_token_ids, model.end_id, tracker
-        )
-        blocked = model.blocked_tool_token_ids()
+        processors = model.decoding_processors(1, [tools])
         ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
         new: list[int] = []
         for _ in range(max_new_tokens):
-            restricted = model.restrict_tool_scores(
-                model(ids).logits[:, -1, :], blocked, tracker if model.constrain_calls else None)
-            next_id = int(processor(ids, restricted).argmax(dim=-1))
-            tracker.update([next_id])
+            scores = model(ids).logits[:, -1, :]
+            for processor in processors:
+                scores = processor(scores)
+            next_id = int(scores.argmax(dim=-1))
+            for processor in processors:
+                processor.observe([next_id])
             new.append(next_id)
             if next_id == model.end_id:
                 break
@@ -551,12 +606,39 @@ def timing_rows(labels: Sequence[str], timings: Sequence[Timing]) -> list[dict]:
     return rows
 
 
+BATCHED, ONE_BY_ONE = "eval: GT tools, batched + KV cache", "eval: one at a time, no cache"
+RATIO_NAMES = {
+    "bank_vs_plain": "TokMem step / plain backbone's usual step (full logits, its own loss)",
+    "bank_vs_limit": "TokMem step / plain backbone with logits only at labelled positions",
+    "loop_vs_bank": "seed-style per-tool loop / TokMem step",
+    "decode_speedup": "one-by-one uncached / batched cached decoding",
+    "bank_peak_vs_plain": "peak memory of the TokMem step / the plain step's",
+}
+
+
+def ratios(train_rows: Sequence[dict], eval_rows: Sequence[dict]) -> dict[str, float | None]:
+    """The headline ratios of one shape (medians; peaks as measured, None where no peak was measured)."""
+    train = {row["label"]: row for row in train_rows}
+    decode = {row["label"]: row for row in eval_rows}
+
+    def over(top: dict, bottom: dict, key: str = "median_s") -> float | None:
+        return top[key] / bottom[key] if top[key] is not None and bottom[key] else None
+
+    return {
+        "bank_vs_plain": over(train[ROWS], train[PLAIN]),
+        "bank_vs_limit": over(train[ROWS], train[LIMIT]),
+        "loop_vs_bank": over(train[LOOP], train[ROWS]),
+        "decode_speedup": over(decode[ONE_BY_ONE], decode[BATCHED]),
+        "bank_peak_vs_plain": over(train[ROWS], train[PLAIN], "peak_mb"),
+    }
+
+
 def bench_shape(
     shape: ShapeSpec, device: torch.device, dtype: torch.dtype, seed: int, decouple_embeddings: bool = False
 ) -> dict:
     """Every measurement on one shape; returns its figures.
 
-    The bank rows are re-initialised after the training steps: rows trained on random data make a random model pick
+    The rows are re-initialised after the training steps: rows trained on random data make a random model pick
     tools everywhere, which would end ground-truth decoding after a few tokens instead of a realistic answer length.
     """
     start = time.perf_counter()
@@ -573,16 +655,13 @@ def bench_shape(
         [lambda v=v: train_step(v, batch) for v in variants], device, shape.warmup, shape.repeats
     )
     model.eval()
-    model.initialize_tool_embeddings(seed=seed)
+    model.initialize_rows(seed=seed)
     train_rows = timing_rows([v.label for v in variants], timings)
     for row in train_rows:
         logger.info("%s  %s: median %s", shape.name, row["label"], format_seconds(row["median_s"]))
 
     prompts, gold = make_eval_prompts(model, shape.eval_examples, shape.prompt_len, seed)
-    decoders = {
-        "eval: GT tools, batched + KV cache": decode_batched,
-        "eval: one at a time, no cache": decode_one_by_one,
-    }
+    decoders = {BATCHED: decode_batched, ONE_BY_ONE: decode_one_by_one}
     decoded: dict[str, list[list[int]]] = {}
 
     def runner(label: str) -> Callable[[], None]:
@@ -614,6 +693,7 @@ def bench_shape(
         "eval": eval_rows,
         "eval_generated_tokens": sum(len(ids) for ids in batched_ids),
         "eval_same_ids": same_ids,
+        "ratios": ratios(train_rows, eval_rows),
     }
 
 
@@ -630,7 +710,7 @@ def format_table(figures: dict) -> str:
     settings = figures["settings"]
     lines = [
         f"device {settings['device']} ({settings['device_name']}), {settings['dtype']}, torch {settings['torch']}, "
-        f"{settings['threads']} threads, {'decoupled' if settings['decouple_embeddings'] else 'coupled'} bank; "
+        f"{settings['threads']} threads, {'decoupled' if settings['decouple_embeddings'] else 'coupled'} rows; "
         f"peak MB: {settings['memory']}",
     ]
     header = f"{'shape':<8} {'measurement':<36} {'workload':<26} {'time':>10} {'x ref':>8} {'peak MB':>9}"
@@ -646,8 +726,15 @@ def format_table(figures: dict) -> str:
                     f"{shape['name']:<8} {row['label']:<36} {size:<26} {format_seconds(row['median_s']):>10} "
                     f"{row['ratio']:>7.2f}x {peak:>9}"
                 )
-    lines.append("x ref: time over the first line of its group (plain backbone; batched decoding), so the loop's "
-                 "overhead and the batched decoder's speed-up.")
+    lines.append("x ref: time over the first line of its group (plain backbone; batched decoding).")
+    names = list(RATIO_NAMES)
+    lines += ["", f"{'shape':<8} " + " ".join(f"{name:>18}" for name in names)]
+    for result in figures["results"]:
+        values = [result["ratios"][name] for name in names]
+        lines.append(f"{result['shape']['name']:<8} " + " ".join(
+            f"{value:>17.2f}x" if value is not None else f"{'-':>18}" for value in values))
+    lines += [f"  {name}: {meaning}" for name, meaning in RATIO_NAMES.items()]
+    lines.append("")
     for result in figures["results"]:
         shape = result["shape"]
         lines.append(
@@ -670,7 +757,7 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (about 30 s on CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
-    parser.add_argument("--num_tools", type=positive_int, help="tools in the bank (default 200, at most 248)")
+    parser.add_argument("--num_tools", type=positive_int, help="tools in the rows (default 200, at most 248)")
     parser.add_argument("--batch_size", type=positive_int, help="training batch (default: tiny 8, 1b-like 1)")
     parser.add_argument("--seq_len", type=positive_int, help="training sequence length (default 128)")
     parser.add_argument("--eval_examples", type=positive_int, help="prompts decoded (default: tiny 16, 1b-like 4)")

@@ -271,8 +271,8 @@ class RoundRecord:
     active: torch.Tensor | None
     train_lora: bool
     steps: int
-    banks_before: list[torch.Tensor]
-    banks_after: list[torch.Tensor]
+    rows_before: list[torch.Tensor]
+    rows_after: list[torch.Tensor]
     lora_before: dict[str, torch.Tensor]
     lora_after: dict[str, torch.Tensor]
     batches: list[list[str]] = field(default_factory=list)
@@ -318,13 +318,13 @@ class TrainingRecorder:
     def __call__(self, model, loader, settings, active, train_lora, description):
         if description == self.stop_at:
             raise Interrupted(description)
-        banks_before = [bank.detach().clone() for bank in model.bank_parameters()]
+        rows_before = [rows.detach().clone() for rows in model.row_parameters()]
         lora_before = lora_state(model)
         batches: list[list[str]] = []
         stats = self.real(model, RecordingLoader(loader, batches), settings, active, train_lora, description)
         self.records.append(RoundRecord(
-            description, None if active is None else active.clone(), train_lora, stats.steps, banks_before,
-            [bank.detach().clone() for bank in model.bank_parameters()], lora_before, lora_state(model), batches))
+            description, None if active is None else active.clone(), train_lora, stats.steps, rows_before,
+            [rows.detach().clone() for rows in model.row_parameters()], lora_before, lora_state(model), batches))
         return stats
 
 

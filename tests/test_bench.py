@@ -56,7 +56,7 @@ def test_llama3_id_tokenizer_has_llama3_layout():
     assert bench.ordinary_id_limit(tokenizer) == 128000
 
 
-def test_looped_and_vectorized_bank_give_the_same_logits_losses_and_gradients(toy_model):
+def test_looped_and_vectorized_rows_give_the_same_logits_losses_and_gradients(toy_model):
     shape, model = toy_model
     batch = bench.make_train_batch(model, shape.batch_size, shape.seq_len, seed=0)
     assert torch.isin(batch["input_ids"], model.tool_token_ids).sum() >= shape.batch_size
@@ -65,10 +65,13 @@ def test_looped_and_vectorized_bank_give_the_same_logits_losses_and_gradients(to
     for variant in (model, looped):
         variant.zero_grad(set_to_none=True)
         out = variant(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-        out.loss.backward()
-        results.append((out, [p.grad.clone() for p in variant.bank_parameters()]))
+        (out.loss + out.tool_loss).backward()
+        results.append((out, [p.grad.clone() for p in variant.row_parameters()]))
     (fast, fast_grads), (slow, slow_grads) = results
-    torch.testing.assert_close(slow.logits, fast.logits, rtol=1e-5, atol=1e-5)
+    # The seed-style loop computes every position's logits; TokMem only the labelled positions'.
+    assert slow.logits.shape[:2] == batch["input_ids"].shape
+    rows, positions = (batch["labels"][:, 1:] != -100).nonzero(as_tuple=True)
+    torch.testing.assert_close(slow.logits[rows, positions], fast.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(slow.loss, fast.loss)
     torch.testing.assert_close(slow.tool_loss, fast.tool_loss)
     for slow_grad, fast_grad in zip(slow_grads, fast_grads):
@@ -77,14 +80,15 @@ def test_looped_and_vectorized_bank_give_the_same_logits_losses_and_gradients(to
     model.zero_grad(set_to_none=True)
 
 
-def test_plain_loss_equals_bank_loss_when_the_rows_are_the_backbone_rows():
+def test_plain_losses_equal_the_rows_loss_when_the_rows_are_the_backbone_rows():
     model = bench.load_shape_model(TOY, CPU, torch.float32, seed=0, decouple_embeddings=False)
     with torch.no_grad():
-        model.tool_embeddings.copy_(model.causal_lm.get_input_embeddings().weight[model.tool_token_ids])
+        model.memory.input_rows.copy_(model.causal_lm.get_input_embeddings().weight[model.tool_token_ids])
     batch = bench.make_train_batch(model, TOY.batch_size, TOY.seq_len, seed=1)
     stand_in = torch.nn.Parameter(torch.zeros(3))
-    plain = bench.plain_loss(model, stand_in)(batch)
-    torch.testing.assert_close(plain, bench.bank_loss(model)(batch), rtol=1e-5, atol=1e-6)
+    rows = bench.rows_loss(model)(batch)
+    torch.testing.assert_close(bench.plain_loss(model, stand_in)(batch), rows, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bench.limit_loss(model, stand_in)(batch), rows, rtol=1e-5, atol=1e-6)
 
 
 def test_every_train_variant_steps(toy_model):
@@ -97,7 +101,7 @@ def test_every_train_variant_steps(toy_model):
             loss = bench.train_step(variant, batch)
             assert math.isfinite(loss.item())
             after = variant.optimizer.param_groups[0]["params"]
-            if "bank" in variant.label:
+            if "rows" in variant.label:
                 assert not torch.equal(before[0], after[0].detach())
     finally:
         model.eval()
@@ -126,8 +130,11 @@ def test_cli_at_toy_sizes_prints_the_table_and_writes_json(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     table = capsys.readouterr().out
-    for label in ("train: plain backbone", "train: bank, vectorized", "train: bank, loop over tools",
-                  "eval: GT tools, batched + KV cache", "eval: one at a time, no cache"):
+    labels = (bench.PLAIN, bench.LIMIT, bench.ROWS, bench.LOOP, bench.BATCHED, bench.ONE_BY_ONE)
+    assert labels == ("train: plain backbone", "train: plain, logits at labels", "train: rows (TokMem)",
+                      "train: rows, loop over tools", "eval: GT tools, batched + KV cache",
+                      "eval: one at a time, no cache")
+    for label in labels + tuple(bench.RATIO_NAMES):
         assert label in table
     figures = json.loads(out.read_text())
     (result,) = figures["results"]
@@ -137,6 +144,16 @@ def test_cli_at_toy_sizes_prints_the_table_and_writes_json(tmp_path, capsys):
         for row in rows:
             assert row["median_s"] == pytest.approx(statistics.median(row["seconds"]))
             assert row["ratio"] == pytest.approx(statistics.median(row["seconds"]) / first), row["label"]
-    assert len(result["train"]) == 3 and len(result["eval"]) == 2
+    assert len(result["train"]) == 4 and len(result["eval"]) == 2
     assert result["eval_same_ids"] is True
     assert figures["settings"]["device"] == "cpu"
+    train = {row["label"]: row for row in result["train"]}
+    decode = {row["label"]: row for row in result["eval"]}
+    expected = {
+        "bank_vs_plain": train[bench.ROWS]["median_s"] / train[bench.PLAIN]["median_s"],
+        "bank_vs_limit": train[bench.ROWS]["median_s"] / train[bench.LIMIT]["median_s"],
+        "loop_vs_bank": train[bench.LOOP]["median_s"] / train[bench.ROWS]["median_s"],
+        "decode_speedup": decode[bench.ONE_BY_ONE]["median_s"] / decode[bench.BATCHED]["median_s"],
+        "bank_peak_vs_plain": train[bench.ROWS]["peak_mb"] / train[bench.PLAIN]["peak_mb"],
+    }
+    assert result["ratios"] == pytest.approx(expected)

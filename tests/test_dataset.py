@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 
@@ -12,7 +11,7 @@ import torch
 from common import UserError
 from conftest import TOOL_NAMES, make_sample
 from dataset import (IGNORE_INDEX, NativeFunctionCallingDataset, build_answer_ids, curriculum_order,
-                     discover_available_tools, left_pad_collate, make_dataloader, split_validation)
+                     discover_available_tools, left_pad_collate, make_dataloader)
 
 SAMPLE = make_sample(["book_table", "get_weather"], [{"n": 4}, {"city": "Paris"}], "Book for 4, then Paris weather")
 
@@ -54,15 +53,26 @@ def test_an_eval_item_is_the_prompt_alone(tiny_tokenizer, encode_tool):
     assert tiny_tokenizer.decode(item["input_ids"]).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
-def test_truncation_keeps_the_start_of_a_training_item_and_the_end_of_a_prompt(tiny_tokenizer, encode_tool, caplog):
-    prompt = ids(tiny_tokenizer, prompt_text(tiny_tokenizer, SAMPLE["user_input"]))
+def test_truncation_keeps_the_answer_and_cuts_the_head_of_the_query(tiny_tokenizer, encode_tool, caplog):
+    query = SAMPLE["user_input"]
+    prompt = ids(tiny_tokenizer, prompt_text(tiny_tokenizer, query))
     (full,) = NativeFunctionCallingDataset([SAMPLE], tiny_tokenizer, encode_tool, 512, "train")
+    answer = full["input_ids"][len(prompt):]
+    limit = len(full["input_ids"]) - 3
     with caplog.at_level(logging.WARNING, logger="dataset"):
-        (cut,) = NativeFunctionCallingDataset([SAMPLE], tiny_tokenizer, encode_tool, len(prompt) + 3, "train")
-    assert cut["input_ids"] == full["input_ids"][: len(prompt) + 3]
-    assert cut["labels"] == [IGNORE_INDEX] * len(prompt) + full["input_ids"][len(prompt): len(prompt) + 3]
-    assert cut["truncated"]
-    assert "1 of 1 samples exceed --max_length" in caplog.text
+        (cut,) = NativeFunctionCallingDataset([SAMPLE], tiny_tokenizer, encode_tool, limit, "train")
+    kept = cut["input_ids"][: len(cut["input_ids"]) - len(answer)]
+    assert cut["input_ids"][-len(answer):] == answer and len(cut["input_ids"]) <= limit
+    assert cut["labels"] == [IGNORE_INDEX] * len(kept) + answer and cut["truncated"]
+    # The kept prompt is the template around the query's last words: the longest such tail that fits.
+    tails = [query[i:] for i in range(1, len(query)) if query[i - 1] == " " and query[i] != " "]
+    fitting = [t for t in tails if len(ids(tiny_tokenizer, prompt_text(tiny_tokenizer, t))) + len(answer) <= limit]
+    assert kept == ids(tiny_tokenizer, prompt_text(tiny_tokenizer, fitting[0]))
+    assert "1 of 1 samples are longer than --max_length" in caplog.text
+    # An answer that alone fills --max_length leaves no training sample: refused.
+    with pytest.raises(UserError, match="every one of the 1 training samples has an answer longer than"):
+        NativeFunctionCallingDataset([SAMPLE], tiny_tokenizer, encode_tool, len(answer), "train")
+    # Eval: a prompt whose template alone is over the limit keeps its end (the assistant header).
     (short,) = NativeFunctionCallingDataset([SAMPLE], tiny_tokenizer, encode_tool, 5, "eval")
     assert short["input_ids"] == prompt[-5:] and short["truncated"]
 
@@ -128,17 +138,6 @@ def test_tools_are_listed_round_by_round_sorted_within_a_round_once_each():
     second = [make_sample(["translate_text"], [{}]), make_sample(["get_weather", "calculate_bmi"], [{}, {}])]
     assert discover_available_tools([first, second]) == ["book_table", "get_weather", "search_flights",
                                                          "calculate_bmi", "translate_text"]
-
-
-def test_validation_split_is_seeded_disjoint_and_of_the_asked_size():
-    samples = [{"id": i} for i in range(20)]
-    train, held = split_validation(samples, 0.25, seed=3)
-    assert len(held) == 5 and len(train) == 15
-    assert sorted(json.dumps(s) for s in train + held) == sorted(json.dumps(s) for s in samples)
-    assert split_validation(samples, 0.25, seed=3) == (train, held)
-    assert train == [s for s in samples if s in train], "the kept samples stay in their order"
-    with pytest.raises(UserError, match="validation fraction"):
-        split_validation(samples, 1.0, seed=0)
 
 
 def test_collated_batch_matches_its_items(tiny_tokenizer, encode_tool):

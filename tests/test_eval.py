@@ -97,7 +97,7 @@ def test_normalize_call_is_none_for_unparseable_input():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# calculate_f1_score and compare_function_calls_advanced
+# calculate_f1_score
 
 
 def test_calculate_f1_score_counts_duplicates():
@@ -111,69 +111,6 @@ def test_calculate_f1_score_conventions_for_empty_sides():
     assert scoring.calculate_f1_score([], []) == {"f1_score": 1.0, "precision": 1.0, "recall": 1.0}
     assert scoring.calculate_f1_score([], ["a"]) == {"f1_score": 0.0, "precision": 0.0, "recall": 0.0}
     assert scoring.calculate_f1_score(["a"], []) == {"f1_score": 0.0, "precision": 0.0, "recall": 0.0}
-
-
-def test_compare_duplicated_prediction_counts_twice():
-    result = scoring.compare_function_calls_advanced(['{"a": 1}', '{"a": 1.0}'], ['{"a": 1}'])
-    assert not result.exact_match
-    assert result.precision == pytest.approx(0.5)
-    assert result.recall == pytest.approx(1.0)
-    assert result.f1_score == pytest.approx(2 / 3)
-    assert result.details["unmatched_outputs"] == ['{"a":1}']
-
-
-def test_compare_ignores_order_key_order_and_numeric_form():
-    result = scoring.compare_function_calls_advanced(
-        ['{"y": 2, "x": 1.0}', '{"q": " cats "}'], ['{"q": "cats"}', '{"x": 1, "y": 2.0}']
-    )
-    assert result.exact_match
-    assert (result.f1_score, result.precision, result.recall) == (1.0, 1.0, 1.0)
-
-
-def test_compare_unparseable_prediction_is_a_false_positive():
-    result = scoring.compare_function_calls_advanced(['{"a": 1}', "garbage"], ['{"a": 1}'])
-    assert not result.exact_match
-    assert result.precision == pytest.approx(0.5)
-    assert result.recall == pytest.approx(1.0)
-    assert result.details["n_unparseable"] == 1
-    assert result.details["unmatched_outputs"] == [None]
-
-
-def test_compare_two_unparseable_predictions_never_match_each_other():
-    result = scoring.compare_function_calls_advanced(["garbage", "garbage"], ['{"a": 1}'])
-    assert result.precision == 0.0 and result.recall == 0.0 and result.f1_score == 0.0
-
-
-def test_compare_empty_prediction():
-    result = scoring.compare_function_calls_advanced([], ['{"a": 1}'])
-    assert not result.exact_match
-    assert (result.f1_score, result.precision, result.recall) == (0.0, 0.0, 0.0)
-    both_empty = scoring.compare_function_calls_advanced([], [])
-    assert both_empty.exact_match and both_empty.f1_score == 1.0
-
-
-def test_compare_with_order_matches_position_by_position():
-    calls = ['{"a": 1}', '{"b": 2}', '{"c": 3}']
-    swapped = ['{"b": 2}', '{"a": 1}', '{"c": 3}']
-    ordered = scoring.compare_function_calls_advanced(swapped, calls, ignore_order=False)
-    assert not ordered.exact_match
-    assert ordered.precision == pytest.approx(1 / 3) and ordered.recall == pytest.approx(1 / 3)
-    unordered = scoring.compare_function_calls_advanced(swapped, calls, ignore_order=True)
-    assert unordered.exact_match
-    longer = scoring.compare_function_calls_advanced(calls + ['{"d": 4}'], calls, ignore_order=False)
-    assert longer.precision == pytest.approx(3 / 4) and longer.recall == 1.0 and not longer.exact_match
-
-
-def test_compare_includes_the_tool_when_calls_name_it():
-    result = scoring.compare_function_calls_advanced(
-        [{"name": "f", "arguments": {"x": 1}}], [{"name": "g", "arguments": {"x": 1}}]
-    )
-    assert result.f1_score == 0.0
-
-
-def test_compare_rejects_unparseable_gold():
-    with pytest.raises(UserError, match="gold call 0"):
-        scoring.compare_function_calls_advanced(['{"a": 1}'], ["not json"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_encode_tool_is_the_marker_text_and_the_same_in_every_round(marker_model
     answer = build_answer_ids(tokenizer, sample["tools"], sample["function_calls"], marker_model.encode_tool)
     marker, call = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("[tool_3]", '{"city": "Oslo"}'))
     assert answer == marker + call + [marker_model.end_id]
-    assert marker_model.parameter_breakdown()["tool_memory"] == 0 and marker_model.bank_parameters() == []
+    assert marker_model.parameter_breakdown()["tool_memory"] == 0 and marker_model.row_parameters() == []
 
 
 def test_losses_cover_the_answer_and_the_tool_loss_the_markers(marker_model):
@@ -82,7 +82,44 @@ def test_losses_cover_the_answer_and_the_tool_loss_the_markers(marker_model):
     assert decoded == ["[tool_1][tool_5]", "[tool_6]"]
     out = marker_model(batch["input_ids"], batch["attention_mask"], batch["labels"])
     assert torch.isfinite(out.loss) and torch.isfinite(out.tool_loss)
-    assert out.logits.shape[:2] == batch["input_ids"].shape
+    # The head runs only where a next label is set: one row of logits per target.
+    assert out.logits.shape == (int((batch["labels"][:, 1:] != -100).sum()), len(marker_model.tokenizer))
+
+
+def test_labelled_head_equals_the_full_logits_loss_and_lora_gradients(marker_model):
+    samples = [make_sample(["get_weather", "book_table"], [{"city": "Paris"}, {"n": 2}]),
+               make_sample(["translate_text"], [{"text": "hi"}], "translate hi into Spanish please")]
+    dataset = NativeFunctionCallingDataset(samples, marker_model.tokenizer, marker_model.encode_tool, 256, "train")
+    batch = next(iter(make_dataloader(dataset, 2, marker_model.tokenizer.pad_token_id, shuffle=False)))
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    params = marker_model.lora_parameters()
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        generator = torch.Generator().manual_seed(3)
+        for param in params:
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    try:
+        out = marker_model(ids, mask, labels)
+        got = torch.autograd.grad(out.loss + 0.5 * out.tool_loss, params)
+        # Reference: the peft model's full logits at every position, shifted, torch's cross-entropy.
+        full = marker_model.base_model(input_ids=ids, attention_mask=mask,
+                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.float()
+        targets = labels[:, 1:].reshape(-1)
+        per_token = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), targets,
+                                                      ignore_index=-100, reduction="none")
+        on_marker = marker_model.marker_positions(labels)[:, 1:].reshape(-1) & (targets != -100)
+        loss, tool_loss = per_token[targets != -100].mean(), per_token[on_marker].mean()
+        expected = torch.autograd.grad(loss + 0.5 * tool_loss, params)
+    finally:
+        with torch.no_grad():
+            for param, value in zip(params, saved):
+                param.copy_(value)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.tool_loss, tool_loss, rtol=1e-5, atol=1e-6)
+    assert len(got) == len(expected) > 0
+    for got_grad, expected_grad in zip(got, expected):
+        assert expected_grad.abs().sum() > 0
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_batched_left_padded_generation_equals_one_by_one(marker_model):

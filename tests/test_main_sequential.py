@@ -76,7 +76,7 @@ def test_two_tiny_rounds_write_the_run_directory(tiny_model_dir, tmp_path, capsy
     assert config["args"]["training_rounds"] == "1-3:2,4-6:1" and "torch" in config["versions"]
     assert_forgetting_plot(out / "forgetting.png")
     assert "round 1-3: 6 steps" in (out / "train.log").read_text()  # 12 samples / batch 4 x 2 epochs
-    # Only the last round's checkpoint is kept without --save_checkpoints; it holds the bank and LoRA, no backbone.
+    # Only the last round's checkpoint is kept without --save_checkpoints; it holds the rows and LoRA, no backbone.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round_2"]
     assert (out / "checkpoints" / "round_2" / "tool_memory.safetensors").is_file()
     assert (out / "checkpoints" / "round_2" / "lora" / "adapter_model.safetensors").is_file()

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from common import UserError
 from conftest import TOOL_NAMES, make_sample
 from dataset import NativeFunctionCallingDataset, left_pad_collate, make_dataloader
-from model import (CallingOutput, FunctionCallingModel, LoraSettings, ToolForcingProcessor,
-                   reserved_token_ids)
+from decoding import ToolForcingProcessor
+from model import CallingOutput, FunctionCallingModel, LoraSettings, labelled_losses, reserved_token_ids
 from sequential import active_tool_mask
 from training import TrainSettings, train_round
 
@@ -26,7 +26,7 @@ SAMPLES = [
 
 def build(model_dir, **kwargs) -> FunctionCallingModel:
     model = FunctionCallingModel(str(model_dir), len(TOOL_NAMES), TOOL_NAMES, device="cpu", **kwargs)
-    model.initialize_tool_embeddings(seed=1)
+    model.initialize_rows(seed=1)
     return model
 
 
@@ -49,15 +49,15 @@ def test_tools_map_onto_reserved_tokens_in_id_order(tiny_model_dir):
     assert model.get_tool_name_from_token_id(5) is None
 
 
-def test_only_bank_and_lora_receive_gradient(tiny_model_dir):
+def test_only_rows_and_lora_receive_gradient(tiny_model_dir):
     model = build(tiny_model_dir, lora_config=LoraSettings(r=4, target_modules=("q_proj", "v_proj")))
     batch = train_batch(model)
     model(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert "tool_embeddings" in with_grad
+    assert "memory.input_rows" in with_grad
     assert any("lora_" in n for n in with_grad)
-    assert all(n == "tool_embeddings" or "lora_" in n for n in with_grad)
-    frozen = [p for n, p in model.named_parameters() if "lora_" not in n and n != "tool_embeddings"]
+    assert all(n == "memory.input_rows" or "lora_" in n for n in with_grad)
+    frozen = [p for n, p in model.named_parameters() if "lora_" not in n and n != "memory.input_rows"]
     assert frozen and not any(p.requires_grad for p in frozen)
     breakdown = model.parameter_breakdown()
     assert breakdown["trainable"] == breakdown["tool_memory"] + breakdown["lora"]
@@ -81,18 +81,18 @@ def test_training_keeps_inactive_rows_and_renormalises_active_rows_to_their_mean
     output_norms = {"get_weather": 7.0, "convert_currency": 7.5, "search_flights": 1.0, "calculate_bmi": 2.0,
                     "book_table": 3.0, "translate_text": 6.0}
     with torch.no_grad():
-        model.tool_embeddings.copy_(hand_made_rows([input_norms[n] for n in TOOL_NAMES], 64))
-        model.output_tool_embeddings.copy_(hand_made_rows([output_norms[n] for n in TOOL_NAMES], 64).flip(-1))
-    before = [bank.detach().clone() for bank in model.bank_parameters()]
+        model.memory.input_rows.copy_(hand_made_rows([input_norms[n] for n in TOOL_NAMES], 64))
+        model.memory.decoupled_output_rows.copy_(hand_made_rows([output_norms[n] for n in TOOL_NAMES], 64).flip(-1))
+    before = [tensor.detach().clone() for tensor in model.row_parameters()]
     data = NativeFunctionCallingDataset(SAMPLES, model.tokenizer, model.encode_tool, mode="train")
     loader = make_dataloader(data, 2, model.tokenizer.pad_token_id, shuffle=True)
     settings = TrainSettings(epochs=2, lr=1e-2, renorm_active_tools=True, renorm_rows=rows)
     stats = train_round(model, loader, settings, active)
     assert stats.steps == 4  # 3 samples in batches of 2, two epochs
-    for old, bank, target, scaled in zip(before, model.bank_parameters(), (5.0, 3.0), renormalised):
-        assert torch.equal(old[~active], bank.detach()[~active])
-        assert all(not torch.equal(a, b) for a, b in zip(old[active], bank.detach()[active]))
-        norms = bank.detach()[active].norm(dim=-1)
+    for old, tensor, target, scaled in zip(before, model.row_parameters(), (5.0, 3.0), renormalised):
+        assert torch.equal(old[~active], tensor.detach()[~active])
+        assert all(not torch.equal(a, b) for a, b in zip(old[active], tensor.detach()[active]))
+        norms = tensor.detach()[active].norm(dim=-1)
         # Four Adam steps of 1e-2 move a 64-wide row by well under 1 in norm: unscaled rows stay near 3 and 11.
         assert torch.allclose(norms, torch.full_like(norms, target), rtol=1e-5) == scaled, (norms, target)
 
@@ -101,18 +101,18 @@ def test_without_renormalisation_active_rows_keep_their_own_norms(tiny_model_dir
     model = build(tiny_model_dir)
     active = torch.tensor([name == "get_weather" for name in TOOL_NAMES])
     with torch.no_grad():
-        model.tool_embeddings.copy_(hand_made_rows([3.0, 2.0, 4.0, 6.0, 8.0, 10.0], 64))
+        model.memory.input_rows.copy_(hand_made_rows([3.0, 2.0, 4.0, 6.0, 8.0, 10.0], 64))
     data = NativeFunctionCallingDataset(SAMPLES[:1], model.tokenizer, model.encode_tool, mode="train")
     train_round(model, make_dataloader(data, 1, model.tokenizer.pad_token_id, False),
                 TrainSettings(epochs=1, lr=1e-3), active)
-    assert abs(float(model.tool_embeddings.detach()[0].norm()) - 3.0) < 0.1, "one small step, no jump to norm 6"
+    assert abs(float(model.memory.input_rows.detach()[0].norm()) - 3.0) < 0.1, "one small step, no jump to norm 6"
 
 
 def test_active_tool_mask_marks_exactly_the_rounds_tools(tiny_model_dir):
     model = build(tiny_model_dir)
     mask = active_tool_mask(model, ["book_table", "get_weather"])
     assert mask.tolist() == [True, False, False, False, True, False]
-    assert active_tool_mask(SimpleNamespace(bank_parameters=lambda: []), ["book_table"]) is None
+    assert active_tool_mask(SimpleNamespace(row_parameters=lambda: []), ["book_table"]) is None
 
 
 def test_loss_is_the_mean_cross_entropy_over_the_answer_tokens_only(tiny_model_dir):
@@ -120,7 +120,8 @@ def test_loss_is_the_mean_cross_entropy_over_the_answer_tokens_only(tiny_model_d
     batch = train_batch(model)
     with torch.no_grad():
         out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
-    log_probs = out.logits.float().log_softmax(-1)
+        full = model(batch["input_ids"], batch["attention_mask"])  # every position's logits, no labels
+    log_probs = full.logits.float().log_softmax(-1)
     tool_ids = set(model.tool_token_ids.tolist())
     answer, tools = [], []
     for row in range(batch["input_ids"].shape[0]):
@@ -139,13 +140,13 @@ def test_loss_is_the_mean_cross_entropy_over_the_answer_tokens_only(tiny_model_d
     assert float(out.tool_loss) == pytest.approx(sum(tools) / len(tools), rel=1e-5)
 
 
-def test_tool_logit_is_hidden_dot_row_and_input_is_bank_row(tiny_model_dir):
+def test_tool_logit_is_hidden_dot_row_and_input_is_its_row(tiny_model_dir):
     model = build(tiny_model_dir)
     batch = eval_batch(model)
     ids = batch["input_ids"].clone()
     ids[:, -1] = model.get_tool_token_id("book_table")
     embedded = model.embed(ids)
-    assert torch.equal(embedded[:, -1], model.tool_embeddings[TOOL_NAMES.index("book_table")].detach().expand(len(ids), -1))
+    assert torch.equal(embedded[:, -1], model.memory.input_rows[TOOL_NAMES.index("book_table")].detach().expand(len(ids), -1))
     with torch.no_grad():
         hidden = model.causal_lm.get_decoder()(
             inputs_embeds=embedded, attention_mask=batch["attention_mask"],
@@ -153,19 +154,141 @@ def test_tool_logit_is_hidden_dot_row_and_input_is_bank_row(tiny_model_dir):
         ).last_hidden_state
         logits = model(ids, batch["attention_mask"]).logits
     for slot, name in enumerate(TOOL_NAMES):
-        expected = hidden @ model.tool_embeddings[slot]
+        expected = hidden @ model.memory.input_rows[slot]
         assert torch.allclose(logits[..., model.get_tool_token_id(name)], expected, atol=1e-5)
     other = 7
     assert torch.allclose(logits[..., other], model.causal_lm.get_output_embeddings()(hidden)[..., other], atol=1e-5)
 
 
+def reference_losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-logits computation, written out here: tool rows put into the embeddings one tool at a time, one pass
+    over the whole sequence, the LM head at every position with the tool columns replaced, then the cross-entropy of
+    the shifted logits (mean over labelled tokens; the tool loss over tool-token targets)."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    embeddings = model.causal_lm.get_input_embeddings()(ids)
+    for slot, token_id in enumerate(model.tool_token_ids.tolist()):
+        row = model.memory.input_rows[slot].to(embeddings.dtype)
+        embeddings = torch.where((ids == token_id).unsqueeze(-1), row, embeddings)
+    hidden = model.causal_lm.get_decoder()(
+        inputs_embeds=embeddings, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+    ).last_hidden_state
+    logits = model.causal_lm.get_output_embeddings()(hidden).float().clone()
+    logits[..., model.tool_token_ids] = hidden.float() @ model.memory.output_rows.float().t()
+    targets = labels[:, 1:].reshape(-1)
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets,
+                                                  ignore_index=-100, reduction="none")
+    labelled = targets != -100
+    is_tool = labelled & torch.isin(targets, model.tool_token_ids)
+    return per_token[labelled].mean(), per_token[is_tool].mean(), logits
+
+
+def _gradients(objective: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(objective, params))
+
+
+@pytest.mark.parametrize("decouple, use_lora", [(False, False), (True, False), (False, True)],
+                         ids=["coupled", "decoupled", "coupled-lora"])
+def test_labelled_head_equals_the_full_logits_loss_and_gradients(tiny_model_dir, decouple, use_lora):
+    lora = LoraSettings(r=4, dropout=0.0) if use_lora else None
+    model = build(tiny_model_dir, decouple_embeddings=decouple, lora_config=lora)
+    if use_lora:
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(2)
+            for param in model.lora_parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    batch = train_batch(model)
+    ids, labels = batch["input_ids"], batch["labels"]
+    # Without LoRA the prompt before the batch's first tool token runs without autograd; with it, nothing does.
+    assert (model.constant_prefix_length(ids) > 0) != use_lora
+    params = model.row_parameters() + model.lora_parameters()
+    assert len(params) == (2 if decouple else 1) + (16 if use_lora else 0)  # 2 layers x 4 modules x (A, B)
+    model.train()
+    out = model(ids, batch["attention_mask"], labels)
+    # The tool loss weighted apart from the loss, so the per-token gradients are not all equal.
+    got = _gradients(out.loss + 0.5 * out.tool_loss, params)
+    loss, tool_loss, full_logits = reference_losses(model, batch)
+    expected = _gradients(loss + 0.5 * tool_loss, params)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.tool_loss, tool_loss, rtol=1e-5, atol=1e-6)
+    rows, positions = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    assert out.logits.shape == (int((labels[:, 1:] != -100).sum()), full_logits.shape[-1])
+    torch.testing.assert_close(out.logits.detach(), full_logits[rows, positions].detach(), rtol=1e-5, atol=1e-5)
+    for got_grad, expected_grad in zip(got, expected):
+        assert expected_grad.abs().sum() > 0
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_labelled_losses_gradients_through_the_losses_and_the_returned_logits():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=generator)
+    hidden = torch.randn(7, 8, generator=generator).requires_grad_()
+    rows = torch.randn(3, 8, generator=generator).requires_grad_()
+    tool_ids = torch.tensor([4, 9, 20])
+    targets = torch.tensor([9, 1, 20, 33, 4, 0, 49])
+    is_tool = torch.isin(targets, tool_ids)
+    probe = torch.randn(7, 50, generator=generator)
+
+    def reference(use_loss: bool) -> list[torch.Tensor]:
+        logits = torch.nn.functional.linear(hidden, weight).clone()
+        logits[:, tool_ids] = hidden @ rows.t()
+        per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        objective = (logits * probe).sum()
+        if use_loss:
+            objective = objective + per_token.mean() + 0.3 * per_token[is_tool].mean()
+        return list(torch.autograd.grad(objective, [hidden, rows]))
+
+    for use_loss in (True, False):
+        logits, loss, tool_loss = labelled_losses(torch.nn.functional.linear(hidden, weight), targets, is_tool,
+                                                  tool_ids, hidden @ rows.t())
+        objective = (logits * probe).sum() + ((loss + 0.3 * tool_loss) if use_loss else 0.0)
+        for got, expected in zip(torch.autograd.grad(objective, [hidden, rows]), reference(use_loss)):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_labelled_losses_without_labels_are_zero_and_backward_runs_once(tiny_model_dir):
+    model = build(tiny_model_dir)
+    batch = train_batch(model)
+    unlabelled = torch.full_like(batch["labels"], -100)
+    out = model(batch["input_ids"], batch["attention_mask"], unlabelled)
+    assert out.loss.item() == 0.0 and out.tool_loss.item() == 0.0 and out.logits.shape[0] == 0
+    out.loss.backward()
+    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize("memory_dtype", ["model", "float32"])
+def test_bfloat16_backbone_trains_rows_of_either_precision(tiny_model_dir, memory_dtype):
+    model = build(tiny_model_dir, dtype="bfloat16", memory_dtype=memory_dtype)
+    row_dtype = torch.bfloat16 if memory_dtype == "model" else torch.float32
+    assert model.memory.input_rows.dtype == row_dtype
+    batch = train_batch(model)
+    model.train()
+    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert out.logits.dtype == torch.float32
+    (grad,) = _gradients(out.loss, model.row_parameters())
+    loss, tool_loss, _ = reference_losses(model, batch)
+    (expected,) = _gradients(loss, model.row_parameters())
+    assert grad.dtype == row_dtype
+    torch.testing.assert_close(out.loss, loss, rtol=2e-2, atol=0)
+    torch.testing.assert_close(out.tool_loss, tool_loss, rtol=2e-2, atol=0)
+    cosine = torch.nn.functional.cosine_similarity(grad.float().flatten(), expected.float().flatten(), dim=0)
+    assert cosine > 0.99
+    model.eval()
+    data = NativeFunctionCallingDataset(SAMPLES, model.tokenizer, model.encode_tool, mode="train")
+    before = model.memory.input_rows.detach().clone()
+    stats = train_round(model, make_dataloader(data, 3, model.tokenizer.pad_token_id, False), TrainSettings(lr=1e-2))
+    assert stats.steps == 1 and not torch.equal(before, model.memory.input_rows.detach())
+
+
 def test_coupled_shares_one_tensor_decoupled_has_two(tiny_model_dir):
     coupled = build(tiny_model_dir)
-    assert coupled.output_rows is coupled.tool_embeddings
-    assert len(coupled.bank_parameters()) == 1
+    assert coupled.memory.output_rows is coupled.memory.input_rows
+    assert len(coupled.row_parameters()) == 1
     decoupled = build(tiny_model_dir, decouple_embeddings=True)
-    assert decoupled.output_rows is not decoupled.tool_embeddings
-    assert len(decoupled.bank_parameters()) == 2
+    assert decoupled.memory.output_rows is not decoupled.memory.input_rows
+    assert len(decoupled.row_parameters()) == 2
     assert decoupled.parameter_breakdown()["tool_memory"] == 2 * coupled.parameter_breakdown()["tool_memory"]
 
 
@@ -184,8 +307,8 @@ def test_save_then_load_reproduces_logits_and_holds_no_backbone(tiny_model_dir, 
         expected = model(batch["input_ids"], batch["attention_mask"]).logits
         got = fresh(batch["input_ids"], batch["attention_mask"]).logits
     assert torch.equal(expected, got)
-    bank = load_file(str(tmp_path / "ckpt" / "tool_memory.safetensors"))
-    assert set(bank) == {"input_rows", "output_rows"}
+    rows = load_file(str(tmp_path / "ckpt" / "tool_memory.safetensors"))
+    assert set(rows) == {"input_rows", "output_rows"}
     meta = json.loads((tmp_path / "ckpt" / "tool_memory.json").read_text())
     assert meta["tool_names"] == TOOL_NAMES
     files = sorted(p.relative_to(tmp_path / "ckpt").as_posix() for p in (tmp_path / "ckpt").rglob("*") if p.is_file())
@@ -210,7 +333,7 @@ def _forcing_steps(model, style: str, steps: list[tuple[str, int]]) -> list[int]
     for wanted, emitted in steps:
         scores = torch.zeros(1, vocab)
         scores[0, int(wanted)] = 1.0
-        picked.append(int(processor(None, scores).argmax(dim=-1)))
+        picked.append(int(processor(scores).argmax(dim=-1)))
         tracker.update([picked[-1] if emitted is None else emitted])
     return picked
 
@@ -224,7 +347,7 @@ def test_ground_truth_forcing_takes_tool_positions_but_never_inside_a_call(tiny_
     end = model.end_id
     # forced: the first step is a tool position whatever the model wants; inside the open object neither an
     # end-of-turn nor a tool choice is replaced; after the object closed, end-of-turn becomes the next gold tool.
-    # (The tool the model wants inside the call is left to restrict_tool_scores, so `}` is emitted there.)
+    # (The tool the model wants inside the call is left to the call-boundary processor, so `}` is emitted there.)
     picked = _forcing_steps(model, "forced", [(brace_open, None), (brace_open, None), (end, None),
                                               (weather, brace_close), (end, None), (brace_open, None)])
     assert picked == [book, brace_open, end, weather, bmi, brace_open]
@@ -241,7 +364,7 @@ def test_ground_truth_forcing_takes_tool_positions_but_never_inside_a_call(tiny_
 def test_ground_truth_tool_generation_emits_the_gold_tools_in_order(tiny_model_dir):
     model = build(tiny_model_dir)
     with torch.no_grad():
-        model.tool_embeddings.mul_(50.0)  # the model wants a tool token at nearly every step
+        model.memory.input_rows.mul_(50.0)  # the model wants a tool token at nearly every step
     batch = eval_batch(model)
     out = model.generate_with_ground_truth_tools(batch["input_ids"], batch["attention_mask"], batch["gold_tools"], 40)
     # A random model never closes a JSON object, so only the first gold tool has a call boundary to take, and with
@@ -368,7 +491,7 @@ def test_call_boundary_tracker_follows_json_outside_strings(tiny_model_dir):
 def test_constrained_generation_puts_tools_only_at_call_boundaries(tiny_model_dir):
     model = build(tiny_model_dir)
     with torch.no_grad():
-        model.tool_embeddings.mul_(50.0)  # a random model that wants a tool token at nearly every step
+        model.memory.input_rows.mul_(50.0)  # a random model that wants a tool token at nearly every step
     batch = eval_batch(model)
     model.constrain_calls = False
     free = model.generate_ids(batch["input_ids"], batch["attention_mask"], max_new_tokens=10)
@@ -384,7 +507,7 @@ def test_generation_offers_only_the_given_tools(tiny_model_dir, tmp_path):
     model = build(tiny_model_dir)
     model.constrain_calls = False
     with torch.no_grad():
-        model.tool_embeddings.mul_(50.0)
+        model.memory.input_rows.mul_(50.0)
     batch = eval_batch(model)
     offered = ["book_table", "calculate_bmi"]
     model.set_generation_tools(offered)
@@ -443,7 +566,7 @@ def test_tokenizer_without_reserved_tokens_gets_added_tokens(tmp_path):
     batch = train_batch(model, [make_sample(["b"], [{"city": "Paris"}])])
     out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
     out.loss.backward()
-    assert torch.isfinite(out.loss) and model.tool_embeddings.grad[1].abs().sum() > 0
+    assert torch.isfinite(out.loss) and model.memory.input_rows.grad[1].abs().sum() > 0
 
 
 def test_more_tools_than_reserved_slots_is_a_user_error(tiny_model_dir):

@@ -91,13 +91,13 @@ def test_partial_group_gradient_is_averaged_over_its_own_size(tiny_model_dir):
     data = NativeFunctionCallingDataset([sample], model.tokenizer, model.encode_tool, 64, "train")
     batch = next(iter(make_dataloader(data, 1, model.tokenizer.pad_token_id, shuffle=False)))
     loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
-    expected = torch.autograd.grad(loss, model.tool_embeddings)[0]
+    expected = torch.autograd.grad(loss, model.memory.input_rows)[0]
 
     grads = []
     original_step = torch.optim.AdamW.step
 
     def record(self, *args, **kwargs):
-        grads.append(model.tool_embeddings.grad.clone())
+        grads.append(model.memory.input_rows.grad.clone())
         return original_step(self, *args, **kwargs)
 
     torch.optim.AdamW.step = record
@@ -110,38 +110,38 @@ def test_partial_group_gradient_is_averaged_over_its_own_size(tiny_model_dir):
     torch.testing.assert_close(grads[0], expected, rtol=1e-5, atol=1e-7)
 
 
-def _bank_model(tiny_model_dir, decouple: bool) -> FunctionCallingModel:
+def _rows_model(tiny_model_dir, decouple: bool) -> FunctionCallingModel:
     model = FunctionCallingModel(str(tiny_model_dir), 4, TOOL_NAMES[:4], device="cpu", decouple_embeddings=decouple)
     with torch.no_grad():
-        for bank in model.bank_parameters():
-            bank.copy_(torch.arange(1, 5, dtype=torch.float32).unsqueeze(1) * torch.eye(4, bank.shape[1])[:4] * 3)
+        for rows in model.row_parameters():
+            rows.copy_(torch.arange(1, 5, dtype=torch.float32).unsqueeze(1) * torch.eye(4, rows.shape[1])[:4] * 3)
     return model
 
 
 @pytest.mark.parametrize("rows", ["all", "output"])
 def test_renormalisation_rows(tiny_model_dir, rows):
-    model = _bank_model(tiny_model_dir, decouple=True)
+    model = _rows_model(tiny_model_dir, decouple=True)
     active = torch.tensor([True, True, False, False])
     training._renormalize_active_rows(model, active, rows)
     # Row norms were 3, 6, 9, 12: the active rows go to the mean of the inactive ones, (9 + 12) / 2.
-    output_norms = model.output_tool_embeddings.norm(dim=-1).tolist()
+    output_norms = model.memory.decoupled_output_rows.norm(dim=-1).tolist()
     assert output_norms == pytest.approx([10.5, 10.5, 9.0, 12.0])
-    input_norms = model.tool_embeddings.norm(dim=-1).tolist()
+    input_norms = model.memory.input_rows.norm(dim=-1).tolist()
     assert input_norms == pytest.approx([10.5, 10.5, 9.0, 12.0] if rows == "all" else [3.0, 6.0, 9.0, 12.0])
 
 
 def test_unit_initialisation_and_model_dtype_rows(tiny_model_dir):
     model = FunctionCallingModel(str(tiny_model_dir), 4, TOOL_NAMES[:4], device="cpu", dtype="bfloat16",
                                  memory_dtype="model")
-    model.initialize_tool_embeddings(seed=3, norm="unit")
-    assert model.tool_embeddings.dtype == torch.bfloat16
-    assert model.tool_embeddings.float().norm(dim=-1).tolist() == pytest.approx([1.0] * 4, abs=1e-2)
-    gram = model.tool_embeddings.float() @ model.tool_embeddings.float().t()
+    model.initialize_rows(seed=3, norm="unit")
+    assert model.memory.input_rows.dtype == torch.bfloat16
+    assert model.memory.input_rows.float().norm(dim=-1).tolist() == pytest.approx([1.0] * 4, abs=1e-2)
+    gram = model.memory.input_rows.float() @ model.memory.input_rows.float().t()
     torch.testing.assert_close(gram, torch.eye(4), atol=2e-2, rtol=0)
     default = FunctionCallingModel(str(tiny_model_dir), 4, TOOL_NAMES[:4], device="cpu", dtype="bfloat16")
-    assert default.tool_embeddings.dtype == torch.float32
+    assert default.memory.input_rows.dtype == torch.float32
     embedding_norm = default.causal_lm.get_input_embeddings().weight.float().norm(dim=-1).mean().item()
-    assert default.tool_embeddings.norm(dim=-1).tolist() == pytest.approx([embedding_norm] * 4, rel=1e-4)
+    assert default.memory.input_rows.norm(dim=-1).tolist() == pytest.approx([embedding_norm] * 4, rel=1e-4)
 
 
 def test_test_set_naming_an_untrained_tool_is_refused(tmp_path):

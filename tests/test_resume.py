@@ -45,10 +45,10 @@ class Reference:
         self.tool_names: list[str] = meta["tool_names"]
 
     def mask(self, round_index: int) -> torch.Tensor:
-        """The bank rows of a round's tools, from the checkpoint's tool list and the data's tool names."""
+        """The rows of a round's tools, from the checkpoint's tool list and the data's tool names."""
         return torch.tensor([name in ROUND_TOOLS[round_index] for name in self.tool_names])
 
-    def bank(self, round_number: int) -> torch.Tensor:
+    def rows(self, round_number: int) -> torch.Tensor:
         return load_file(str(self.out / "checkpoints" / f"round_{round_number}" / "tool_memory.safetensors"))["input_rows"]
 
     def adapter(self, round_number: int) -> dict[str, torch.Tensor]:
@@ -74,15 +74,15 @@ def test_a_round_changes_its_own_rows_and_no_other(reference):
     for index, record in enumerate(reference.records):
         mask = reference.mask(index)
         assert torch.equal(record.active, mask), "active_tool_mask names the round's tools"
-        (before,), (after,) = record.banks_before, record.banks_after
+        (before,), (after,) = record.rows_before, record.rows_after
         assert torch.equal(before[~mask], after[~mask]), f"{record.description} touched other rounds' rows"
         assert all(not torch.equal(old, new) for old, new in zip(before[mask], after[mask]))
 
 
 def test_checkpoints_keep_the_other_rounds_rows_bit_for_bit(reference):
     first, second = reference.mask(0), reference.mask(1)
-    initial = reference.records[0].banks_before[0]
-    after_one, after_two = reference.bank(1), reference.bank(2)
+    initial = reference.records[0].rows_before[0]
+    after_one, after_two = reference.rows(1), reference.rows(2)
     assert torch.equal(after_one[second], initial[second]), "round 2's rows were changed in round 1"
     assert torch.equal(after_two[first], after_one[first]), "round 1's rows were changed in round 2"
     assert not torch.equal(after_two[second], after_one[second])
@@ -99,11 +99,11 @@ def test_a_frozen_lora_stays_bit_identical_after_round_one(reference):
 
 
 def test_renormalisation_puts_a_rounds_rows_at_the_mean_norm_of_the_others_from_the_asked_round(reference):
-    for round_number, bank in ((1, reference.bank(1)), (2, reference.bank(2))):
+    for round_number, rows in ((1, reference.rows(1)), (2, reference.rows(2))):
         mask = reference.mask(round_number - 1)
-        others = [float(row.norm()) for row in bank[~mask]]
+        others = [float(row.norm()) for row in rows[~mask]]
         target = sum(others) / len(others)
-        norms = bank[mask].norm(dim=-1)
+        norms = rows[mask].norm(dim=-1)
         at_target = torch.allclose(norms, torch.full_like(norms, target), rtol=1e-5)
         assert at_target == (round_number >= 2), f"--renorm_from_round 2, round {round_number}: {norms} vs {target}"
 
@@ -116,13 +116,13 @@ def test_sigkill_in_round_two_then_resume_trains_only_round_two(reference, tiny_
     resumed = run_in_process(main_sequential.main, args + ["--resume"], recorder)
     assert recorder.descriptions == [ROUND_NAMES[1]], "a resumed run trains only the rounds it lacks"
     (record,) = recorder.records
-    # Round 2 starts from round 1's checkpoint: the killed process's bank and adapter, which equal the reference's.
-    assert torch.equal(record.banks_before[0], reference.records[0].banks_after[0])
+    # Round 2 starts from round 1's checkpoint: the killed process's rows and adapter, which equal the reference's.
+    assert torch.equal(record.rows_before[0], reference.records[0].rows_after[0])
     assert all(torch.equal(v, reference.records[0].lora_after[k]) for k, v in record.lora_before.items())
     # Round 1's numbers come from the killed process, round 2's from this one: both reproduce the reference.
     assert numbers(resumed) == numbers(reference.summary)
     out = tmp_path / "killed" / "checkpoints" / "round_2"
-    assert torch.equal(load_file(str(out / "tool_memory.safetensors"))["input_rows"], reference.bank(2))
+    assert torch.equal(load_file(str(out / "tool_memory.safetensors"))["input_rows"], reference.rows(2))
 
 
 def test_resuming_a_finished_run_trains_nothing_and_keeps_its_numbers(reference, tiny_model_dir, two_round_data,
@@ -144,7 +144,7 @@ def test_nan_loss_stops_the_round_and_keeps_the_last_good_checkpoint(tiny_model_
         calls.append(description)
         if len(calls) == 2:
             with torch.no_grad():
-                model.tool_embeddings[active] = float("nan")
+                model.memory.input_rows[active] = float("nan")
         return real_train_round(model, loader, settings, active, train_lora, description)
 
     monkeypatch.setattr("sequential.train_round", diverge_in_round_two)

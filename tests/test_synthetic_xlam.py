@@ -25,12 +25,17 @@ def small_rows() -> list[dict]:
     return synthetic_xlam.generate_rows(seed=3, num_tools=SMALL_TOOLS)
 
 
+def tool_catalog(seed: int = 0, num_tools: int = 400) -> list[dict]:
+    """The xLAM tool dicts of a catalog: `search` first, then the tools in the order of intended use."""
+    return [tool.to_xlam() for tool in synthetic_xlam._select_tools(seed, num_tools)]
+
+
 def _names(row: dict) -> list[str]:
     return [call["name"] for call in json.loads(row["answers"])]
 
 
 def test_catalog_has_enough_realistic_typed_tools():
-    catalog = synthetic_xlam.build_tool_catalog()
+    catalog = tool_catalog()
     names = [tool["name"] for tool in catalog]
     assert len(names) == 401 and len(set(names)) == 401
     assert names[0] == "search"
@@ -80,10 +85,10 @@ def test_most_used_tools_never_share_a_domain_object():
 
 
 def test_catalog_is_deterministic_and_depends_on_its_seed():
-    catalog = synthetic_xlam.build_tool_catalog(seed=5)
-    assert digest(catalog) == digest_in_fresh_interpreter("import synthetic_xlam",
-                                                          "synthetic_xlam.build_tool_catalog(seed=5)")
-    assert catalog != synthetic_xlam.build_tool_catalog(seed=6)
+    catalog = tool_catalog(seed=5)
+    assert digest(catalog) == digest_in_fresh_interpreter(
+        "import synthetic_xlam", "[tool.to_xlam() for tool in synthetic_xlam._select_tools(5, 400)]")
+    assert catalog != tool_catalog(seed=6)
 
 
 def test_rows_are_deterministic_from_the_seed():
@@ -126,7 +131,7 @@ def test_frequencies_are_zipf_like_with_distinct_counts(small_rows):
         names = set(_names(row))
         if len(names) == 1:
             counts[names.pop()] += 1
-    catalog_order = [tool["name"] for tool in synthetic_xlam.build_tool_catalog(num_tools=SMALL_TOOLS)]
+    catalog_order = [tool["name"] for tool in tool_catalog(num_tools=SMALL_TOOLS)]
     by_use = sorted(counts, key=lambda name: -counts[name])
     assert by_use == catalog_order
     values = [counts[name] for name in by_use]

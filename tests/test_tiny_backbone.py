@@ -109,11 +109,6 @@ def test_random_model_config_and_forward(tiny_tokenizer):
 def test_default_backbone_names():
     assert tb.DEFAULT_BACKBONE_DIR == REPO / "models" / "tiny-llama-fc"
     assert tb.DEFAULT_MODEL_NAME == str(REPO / "models" / "tiny-llama-fc")
-    assert tb.is_default_backbone(tb.DEFAULT_MODEL_NAME)
-    assert tb.is_default_backbone("models/tiny-llama-fc")
-    assert tb.is_default_backbone("./models/tiny-llama-fc/")
-    assert not tb.is_default_backbone("meta-llama/Llama-3.2-1B-Instruct")
-    assert not tb.is_default_backbone(None)
 
 
 def test_length_batches_respect_the_token_budget():
@@ -133,7 +128,9 @@ def test_parse_memory_answer_splits_at_tool_tokens(tiny_tokenizer):
     assert calls == ['{"city": "Paris"}', '{"days": 3}']
     sample = {"tools": ["get_weather", "forecast"], "function_calls": ['{"city":"Paris"}', '{"days": 3.0}']}
     assert tb.score([sample], [(tools, calls)])["exact_accuracy"] == 1.0
-    assert tb.score([sample], [(tools[::-1], calls[::-1])])["tool_accuracy"] == 0.0
+    # eval.py's rule: calls are a multiset, so the order does not matter, a wrong tool does.
+    assert tb.score([sample], [(tools[::-1], calls[::-1])])["exact_accuracy"] == 1.0
+    assert tb.score([sample], [(["get_weather", "get_weather"], calls)])["tool_accuracy"] == 0.0
 
 
 def test_parse_icl_answer():

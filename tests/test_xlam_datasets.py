@@ -720,6 +720,17 @@ def test_reuse_if_unchanged_keeps_current_files_and_remakes_stale_ones(capsys, t
     assert code == 0 and "present" not in out and _stamps(paths) != made
 
 
+def test_synthetic_code_digest_covers_the_generator_and_its_tables(monkeypatch, tmp_path):
+    for name in ("xlam_datasets.py", "synthetic_xlam.py", "synthetic_tables.py"):
+        (tmp_path / name).write_bytes((REPO / name).read_bytes())
+    monkeypatch.setattr(xlam_datasets, "__file__", str(tmp_path / "xlam_datasets.py"))
+    before = {source: xlam_datasets._code_sha256(source) for source in ("synthetic", "xlam")}
+    with open(tmp_path / "synthetic_tables.py", "a") as tables:
+        tables.write("# an edited table\n")
+    assert xlam_datasets._code_sha256("synthetic") != before["synthetic"]
+    assert xlam_datasets._code_sha256("xlam") == before["xlam"]
+
+
 def test_provenance_names_the_settings_and_whether_the_files_match(capsys, tmp_path, restore_logging):
     data = tmp_path / "data"
     assert round_files.read_provenance(data, 1, 3, 4, 4)["settings"] is None

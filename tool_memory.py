@@ -1,0 +1,105 @@
+"""ToolMemory: the trainable rows of TokMem, one per tool token, as their own module (as peft keeps an adapter).
+
+A tool's input row replaces its token's embedding; its output row gives its logit (`hidden . row`). The two are the
+same rows unless decoupled. The module owns the rows, their initialisation, the input lookup, the tool logits and
+their state; FunctionCallingModel composes it with the backbone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import UserError
+
+MEMORY_DTYPES = ("float32", "model")
+TOOL_INIT_NORMS = ("embedding", "unit")
+INPUT_ROWS_KEY = "input_rows"
+OUTPUT_ROWS_KEY = "output_rows"
+
+
+class ToolMemory(nn.Module):
+    """The rows of `len(tool_token_ids)` tools over a vocabulary of `vocab_size`, width `hidden`.
+
+    `row_dtype` is float32 (the optimizer's precision; cast to the backbone's dtype where used) or the backbone's
+    dtype (`--memory_dtype model`, as the original keeps them). `decoupled` adds separate output rows.
+    """
+
+    def __init__(self, tool_token_ids: list[int], vocab_size: int, hidden: int, device: torch.device,
+                 row_dtype: torch.dtype, decoupled: bool = False):
+        super().__init__()
+        num_tools = len(tool_token_ids)
+        self.register_buffer("tool_token_ids", torch.tensor(tool_token_ids, dtype=torch.long, device=device))
+        slot = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
+        slot[self.tool_token_ids] = torch.arange(num_tools, device=device)
+        self.register_buffer("token_to_slot", slot)
+        self.input_rows = nn.Parameter(torch.zeros(num_tools, hidden, device=device, dtype=row_dtype))
+        self.decoupled_output_rows = (
+            nn.Parameter(torch.zeros(num_tools, hidden, device=device, dtype=row_dtype)) if decoupled else None
+        )
+
+    @property
+    def decoupled(self) -> bool:
+        return self.decoupled_output_rows is not None
+
+    @property
+    def output_rows(self) -> torch.Tensor:
+        """The rows that score tools: the decoupled output rows, else the input rows."""
+        return self.decoupled_output_rows if self.decoupled else self.input_rows
+
+    def rows(self) -> list[nn.Parameter]:
+        """Every row tensor: the input rows, and the output rows when decoupled."""
+        return [p for p in (self.input_rows, self.decoupled_output_rows) if p is not None]
+
+    def is_tool(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask: which of `token_ids` are tool tokens."""
+        return self.token_to_slot[token_ids] >= 0
+
+    @torch.no_grad()
+    def initialize(self, input_reference: torch.Tensor, output_reference: torch.Tensor, seed: int = 0,
+                   norm: str = "embedding") -> None:
+        """Orthogonal rows, scaled to the mean row norm of `input_reference` (the backbone's embeddings; input rows)
+        and `output_reference` (its LM head; output rows) with `norm="embedding"`, or left at unit norm with
+        `norm="unit"` (the original's initialisation)."""
+        if norm not in TOOL_INIT_NORMS:
+            raise UserError(f"--tool_init_norm: expected one of {', '.join(TOOL_INIT_NORMS)}, got {norm!r}")
+        generator = torch.Generator().manual_seed(seed)
+        targets = [(self.input_rows, input_reference)]
+        if self.decoupled:
+            targets.append((self.decoupled_output_rows, output_reference))
+        for rows, reference in targets:
+            fresh = torch.empty(rows.shape, dtype=torch.float32)
+            nn.init.orthogonal_(fresh, generator=generator)
+            fresh = F.normalize(fresh, dim=-1)
+            if norm == "embedding":
+                fresh = fresh * reference.float().norm(dim=-1).mean().item()
+            rows.copy_(fresh.to(device=rows.device, dtype=rows.dtype))
+
+    def embed(self, input_ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """The backbone's `embeddings` of `input_ids` with every tool token's vector replaced by its input row."""
+        slot = self.token_to_slot[input_ids]
+        rows = self.input_rows[slot.clamp(min=0)].to(embeddings.dtype)
+        return torch.where((slot >= 0).unsqueeze(-1), rows, embeddings)
+
+    def tool_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden . row` for every tool (one float32 matmul over all tools), shaped `hidden.shape[:-1] + (tools,)`."""
+        return hidden.float() @ self.output_rows.float().t()
+
+    def tool_logits_into(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Overwrite the tool columns of float32 `logits` in place with the tool logits of `hidden`; returns them."""
+        return logits.index_copy_(-1, self.tool_token_ids, self.tool_logits(hidden))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The rows as float32 CPU tensors, under the checkpoint's keys (`input_rows`, `output_rows`)."""
+        state = {INPUT_ROWS_KEY: self.input_rows.detach().float().cpu().contiguous()}
+        if self.decoupled:
+            state[OUTPUT_ROWS_KEY] = self.decoupled_output_rows.detach().float().cpu().contiguous()
+        return state
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy rows saved by `trainable_state` into this memory (same tools, same shapes)."""
+        self.input_rows.copy_(state[INPUT_ROWS_KEY].to(self.input_rows.device, self.input_rows.dtype))
+        if self.decoupled:
+            self.decoupled_output_rows.copy_(state[OUTPUT_ROWS_KEY].to(self.input_rows.device, self.input_rows.dtype))
