@@ -169,8 +169,6 @@ def add_training_flags(parser: CliParser) -> None:
                         help="clip the trainable gradients to this norm; 0 turns clipping off (the original's way)")
     parser.add_argument("--curriculum_learning", action="store_true",
                         help="within a round, train on samples with fewer calls first")
-    parser.add_argument("--seed", type=int, default=RunSettings.seed,
-                        help="seed of initialisation, shuffling and dropout")
 
 
 def add_lora_flags(parser: CliParser) -> None:
@@ -217,6 +215,8 @@ def add_sequential_flags(parser: CliParser) -> None:
     add_lora_flags(parser)
     add_evaluation_flags(parser)
     add_output_flags(parser)
+    parser.add_argument("--seed", type=int, default=RunSettings.seed,
+                        help="seed of initialisation, shuffling and dropout")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
