@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from common import CliParser, UserError, positive_float, positive_int, run_cli
+from decoding import GROUND_TRUTH_STYLES
 from experiment import print_final_report
-from model import GROUND_TRUTH_STYLES, MEMORY_DTYPES, TOOL_INIT_NORMS, FunctionCallingModel
+from model import FunctionCallingModel
 from sequential import RunPlan, prepare_run, run_rounds, start_run
 from settings import (DecodingSettings, RunSettings, add_sequential_flags, from_flags, lora_settings, run_settings,
                       train_settings)
+from tool_memory import MEMORY_DTYPES, TOOL_INIT_NORMS
 from training import RENORM_ROWS, TrainSettings
 
 logger = logging.getLogger("main_sequential")

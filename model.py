@@ -28,9 +28,7 @@ from transformers.utils import logging as hf_logging
 from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with
 from dataset import IGNORE_INDEX, end_of_turn_id
 from decoding import CallBoundaryTracker, OfferedTools, ScoreProcessor, ToolForcingProcessor, greedy_decode
-from decoding import GROUND_TRUTH_STYLES  # noqa: F401 - the TokMem CLI's choices, offered beside the model
 from tool_memory import MEMORY_DTYPES, ToolMemory
-from tool_memory import TOOL_INIT_NORMS  # noqa: F401 - the TokMem CLI's choices, offered beside the model
 
 logger = logging.getLogger(__name__)
 
