@@ -18,7 +18,7 @@ TOOLS=${TOOLS:-1-20}                               # START-END: the tool ranks o
 BATCH_SIZE=${BATCH_SIZE:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}
 MAX_SAMPLES=${MAX_SAMPLES:-}                       # empty: the whole test set
-RUN_ALL_TOOLS=${RUN_ALL_TOOLS:-true}               # true: ICL with every tool of TOOLS in the prompt
+RUN_ALL_TOOLS=${RUN_ALL_TOOLS:-}                   # true: ICL with every tool of TOOLS in the prompt (empty: see below)
 USE_RAG=${USE_RAG:-true}                           # true: then RAG with the top RETRIEVAL_K retrieved tools
 RETRIEVAL_K=${RETRIEVAL_K:-5}
 RETRIEVAL_TEXT=${RETRIEVAL_TEXT:-toolkit}          # toolkit | original: the text each tool is embedded from
@@ -31,6 +31,11 @@ DEVICE=${DEVICE:-auto}
 GPU=${GPU:-0}                                      # used only when CUDA_VISIBLE_DEVICES is not already set
 SEED=${SEED:-42}
 
+# The embedded backbone has 1024 positions, and no prompt listing every tool of a range fits there with its answer
+# (10 tools: 1009 prompt tokens), so on it RUN_ALL_TOOLS defaults to false and only RAG runs; with MODEL set, both run.
+if [[ -z "$RUN_ALL_TOOLS" ]]; then
+    if [[ -z "$MODEL" ]]; then RUN_ALL_TOOLS=false; else RUN_ALL_TOOLS=true; fi
+fi
 int_var BATCH_SIZE MAX_NEW_TOKENS RETRIEVAL_K
 bool_var RUN_ALL_TOOLS USE_RAG
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
