@@ -139,7 +139,10 @@ def train_round(
                 batch["attention_mask"].to(model.device),
                 labels=batch["labels"].to(model.device),
             )
-            loss = out.loss
+            # Only the losses are needed from here on: dropping the output frees its labelled rows' logits (a
+            # vocabulary-sized tensor that backward does not use) before backward runs.
+            loss, tool_loss = out.loss, out.tool_loss
+            del out
             if not torch.isfinite(loss):
                 progress.close()
                 raise TrainingDiverged(
@@ -148,7 +151,7 @@ def train_round(
                 )
             (loss / accumulation_group_size(batch_index, len(loader), accumulation)).backward()
             losses.append(loss.item())
-            tool_losses.append(out.tool_loss.item() if out.tool_loss is not None else float("nan"))
+            tool_losses.append(tool_loss.item() if tool_loss is not None else float("nan"))
             last_of_epoch = batch_index + 1 == len(loader)
             if (batch_index + 1) % accumulation and not last_of_epoch:
                 continue
