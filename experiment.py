@@ -263,11 +263,6 @@ class RunDirectory:
             self.records = [json.loads(line) for line in lines if line.strip()]
             self.records = [r for r in self.records if r["round"] < self.completed_rounds]
 
-    def record_data(self, data: Sequence["RoundData"]) -> None:
-        """Keep where each round's files came from (their manifest's settings, and whether the files still match)."""
-        self.config["data"] = {d.spec.name: d.provenance for d in data}
-        atomic_write_json(self.path / "config.json", self.config)
-
     def check_prompt(self, prompt: str) -> None:
         """A resumed run must build the prompt its config.json recorded for the first test sample."""
         stored = self.config.get("prompt_sample")
@@ -276,12 +271,13 @@ class RunDirectory:
             raise UserError(f"--resume: {self.path} was run with another prompt (first test sample, from character "
                             f"{at}: was {stored[at:at + 60]!r}, now {prompt[at:at + 60]!r})")
 
-    def record_prompt(self, prompt: str) -> None:
-        """Keep the exact prompt text of the first test sample in config.json (checked first, see check_prompt)."""
+    def record_inputs(self, data: Sequence["RoundData"], prompt: str) -> None:
+        """Keep in config.json where each round's files came from (their manifest's settings, and whether the files
+        still match) and the exact prompt text of the first test sample (checked first, see check_prompt)."""
         self.check_prompt(prompt)
-        if self.config.get("prompt_sample") is None:
-            self.config["prompt_sample"] = prompt
-            atomic_write_json(self.path / "config.json", self.config)
+        self.config["data"] = {d.spec.name: d.provenance for d in data}
+        self.config.setdefault("prompt_sample", prompt)
+        atomic_write_json(self.path / "config.json", self.config)
 
     def checkpoint_path(self, round_index: int) -> Path:
         return self.checkpoint_root / f"round_{round_index + 1}"

@@ -150,8 +150,7 @@ def start_run(plan: RunPlan, model) -> RunDirectory:
         path = Path(output_dir) if output_dir else claim_default_run_dir(plan.method)
         run = RunDirectory(path, plan.method, settings.flags, plan.rounds, resume=False,
                            checkpoint_dir=settings.output.checkpoint_dir)
-    run.record_data(plan.data)
-    run.record_prompt(prompt)
+    run.record_inputs(plan.data, prompt)
     run.started = plan.started
     setup_logging(settings.output.log_file or run.path / "train.log")
     if run.completed_rounds:

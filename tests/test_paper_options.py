@@ -158,10 +158,10 @@ def test_resume_refuses_a_run_whose_prompt_would_differ(tmp_path):
 
     args = {"training_rounds": "1-3:1", "seed": 1}
     run = RunDirectory(tmp_path / "run", "tokmem", args, [RoundSpec(1, 3, 1)], resume=False)
-    run.record_prompt("<|start_header_id|>system<|end_header_id|>\n\nToday Date: 25 Nov 2026 query")
+    run.record_inputs([], "<|start_header_id|>system<|end_header_id|>\n\nToday Date: 25 Nov 2026 query")
     assert json.loads((tmp_path / "run" / "config.json").read_text())["prompt_sample"].endswith("2026 query")
     resumed = RunDirectory(tmp_path / "run", "tokmem", args, [RoundSpec(1, 3, 1)], resume=True)
-    resumed.record_prompt("<|start_header_id|>system<|end_header_id|>\n\nToday Date: 25 Nov 2026 query")
+    resumed.record_inputs([], "<|start_header_id|>system<|end_header_id|>\n\nToday Date: 25 Nov 2026 query")
     later = RunDirectory(tmp_path / "run", "tokmem", args, [RoundSpec(1, 3, 1)], resume=True)
     with pytest.raises(UserError, match=r"another prompt .*was '5 Nov 2026 query', now '7 Nov 2026 query'"):
-        later.record_prompt("<|start_header_id|>system<|end_header_id|>\n\nToday Date: 27 Nov 2026 query")
+        later.record_inputs([], "<|start_header_id|>system<|end_header_id|>\n\nToday Date: 27 Nov 2026 query")
