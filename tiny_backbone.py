@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
+import regex as re
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
@@ -77,13 +79,20 @@ LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = (
     *(reserved_token(i) for i in range(3, NUM_RESERVED_TOKENS)),
 )
 
-# Llama-3's pre-tokenizer split: contractions, words with their leading space or punctuation, numbers of up to three
-# digits, punctuation runs, newlines and spaces. (A variant that keeps the space off words, so that a value tokenizes
-# the same in the query and in the JSON, made copying slower to learn, not faster.)
+# Pre-tokenizer splits (`BuildSettings.split`). "llama3" is Llama-3's: contractions, words with their leading space or
+# punctuation, numbers of up to three digits, punctuation runs, newlines and spaces. "digits" cuts numbers into single
+# digits. "words" also keeps spaces and punctuation off words, so that a value is the same tokens in the query (` Oslo`
+# there would be one token) and in the JSON (`"Oslo`), and a tool name's parts (`get`, `_`, `weather`) are the tokens
+# of the query's words: copying and matching become exact token matches. backbone_report.json measures each.
 LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
+SPLIT_PATTERNS = {
+    "llama3": LLAMA3_SPLIT_PATTERN,
+    "digits": LLAMA3_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}"),
+    "words": r"\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -106,35 +115,52 @@ class BuildSettings:
 
     seed: int = 0
     corpus_seed: int = CORPUS_SEED
+    split: str = "words"
     vocab_size: int = 6144
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
-    max_position_embeddings: int = 1024
-    max_length: int = 384
+    # Positions cover the longest in-context prompt of the default scripts (10 described tools) and its answer.
+    max_position_embeddings: int = 1536
+    max_length: int = 1408
     steps: int = 3000
-    batch_tokens: int = 2048
+    batch_tokens: int = 3072
     learning_rate: float = 4e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
-    icl_fraction: float = 0.0  # in-context-format samples; off by default: 3-5 described tools exceed max_length
-    icl_min_listed: int = 3
-    icl_max_listed: int = 5
+    # Copying curriculum: this share of samples has its argument values replaced, in the query and in the answer, by
+    # fresh ones (random words from the corpus, made-up words, random digits), so that only copying predicts them.
+    fresh_value_fraction: float = 0.7
+    # Reading curriculum: this share of samples is in the in-context format (1-10 described tools, the gold ones
+    # among them); in this share of those every listed tool gets a made-up name, so that only reading the list helps.
+    icl_fraction: float = 0.25
+    icl_min_listed: int = 1
+    icl_max_listed: int = 10
+    icl_alias_fraction: float = 0.5
     max_samples_per_tool: int = 60
     train_size: int = 24000
     test_size: int = 300
     train_max_calls: int = 3
     test_max_calls: int = 3
     eval_samples: int = 300
-    icl_eval_samples: int = 100
-    eval_batch_size: int = 64
-    max_new_tokens: int = 160
+    icl_eval_samples: int = 200
+    eval_batch_size: int = 32
+    max_new_tokens: int = 256
     # One thread: the build gives the same weights on any machine (a thread count changes float reductions), and it
     # keeps its pace when another process shares the cores (2 threads fell from 8.5 to 1.6 steps/s there; 1 thread
     # ran at 4.7 steps/s beside other jobs).
     threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_length > self.max_position_embeddings:
+            raise ValueError(f"max_length {self.max_length} exceeds max_position_embeddings {self.max_position_embeddings}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"hidden_size {self.hidden_size}, num_heads {self.num_heads} and num_kv_heads "
+                             f"{self.num_kv_heads} must divide")
+        if self.split not in SPLIT_PATTERNS:
+            raise ValueError(f"split must be one of {sorted(SPLIT_PATTERNS)}, got {self.split!r}")
 
     def model_sizes(self) -> dict[str, int]:
         """The keyword arguments of `build_config` that set the model's shape."""
@@ -168,18 +194,21 @@ class Example(NamedTuple):
 # Tokenizer
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(texts: Iterable[str], vocab_size: int, split: str = "llama3") -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `texts`, with the Llama-3 special tokens and chat template.
 
-    `vocab_size` counts everything, the 256 special tokens included; they never split and take the last ids.
+    `vocab_size` counts everything, the 256 special tokens included; they never split and take the last ids. `split`
+    names the pre-tokenizer split (SPLIT_PATTERNS).
     """
     num_special = len(LLAMA3_SPECIAL_TOKENS)
     if vocab_size < num_special + 512:
         raise ValueError(f"vocab_size must be at least {num_special + 512}, got {vocab_size}")
+    if split not in SPLIT_PATTERNS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_PATTERNS)}, got {split!r}")
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(SPLIT_PATTERNS[split]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -340,6 +369,102 @@ def encode_memory_example(tokenizer, sample: dict, encode_tool) -> Example:
     return Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Copying and reading curriculum
+
+_SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")
+_VALUE_PIECES = re.compile(r"\p{L}+|\p{N}|[^\p{L}\p{N}]+")
+
+
+def word_pool(rows: Sequence[dict], min_length: int = 3) -> list[str]:
+    """The lowercase words (letters only, at least `min_length`) of the corpus's queries, sorted."""
+    words: set[str] = set()
+    for row in rows:
+        words.update(w.lower() for w in re.findall(r"\p{L}+", row["query"]) if len(w) >= min_length)
+    return sorted(words)
+
+
+def _cased_like(word: str, model: str) -> str:
+    """`word` in the letter case of `model` (all capitals, capitalised or lowercase)."""
+    if model.isupper() and len(model) > 1:
+        return word.upper()
+    return word.capitalize() if model[:1].isupper() else word
+
+
+def fresh_value_like(text: str, rng: random.Random, words: Sequence[str]) -> str:
+    """A new value of the same shape as `text`: each digit random (a leading non-zero digit stays non-zero), each short
+    or all-capital letter run random letters of its length and case, each other word a corpus word or a made-up one."""
+    pieces = []
+    for piece in _VALUE_PIECES.findall(text):
+        if piece.isdigit():
+            low = 1 if not pieces and piece != "0" and len(text) > 1 else 0
+            pieces.append(str(rng.randint(low, 9)))
+        elif piece.isalpha():
+            if len(piece) <= 3 or (piece.isupper() and len(piece) > 1):
+                letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in piece)
+                pieces.append("".join(c.upper() if m.isupper() else c for c, m in zip(letters, piece)))
+            elif rng.random() < 0.5:
+                pieces.append(_cased_like(rng.choice(words), piece))
+            else:
+                made_up = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4)))
+                pieces.append(_cased_like(made_up, piece))
+        else:
+            pieces.append(piece)
+    return "".join(pieces)
+
+
+def _value_text(value: Any) -> str | None:
+    """How an argument value is written in a query (strings and numbers), else None."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _occurs(text: str, query: str) -> bool:
+    return re.search(rf"(?<![\p{{L}}\p{{N}}]){re.escape(text)}(?![\p{{L}}\p{{N}}])", query) is not None
+
+
+def with_fresh_values(sample: dict, rng: random.Random, words: Sequence[str]) -> dict:
+    """`sample` with every argument value that its query states replaced, there and in the calls, by a fresh value of
+    the same shape (fresh_value_like); the sample unchanged when a replacement would break a value's match."""
+    query = sample["user_input"]
+    calls = [json.loads(call) for call in sample["function_calls"]]
+    mapping: dict[str, str] = {}
+    for arguments in calls:
+        for value in arguments.values():
+            text = _value_text(value)
+            if text and text not in mapping and _occurs(text, query):
+                fresh = fresh_value_like(text, rng, words)
+                if isinstance(value, (int, float)):
+                    try:
+                        json.loads(fresh)
+                    except json.JSONDecodeError:
+                        continue
+                mapping[text] = fresh
+    if not mapping:
+        return sample
+    pattern = re.compile("|".join(rf"(?<![\p{{L}}\p{{N}}]){re.escape(t)}(?![\p{{L}}\p{{N}}])"
+                                  for t in sorted(mapping, key=len, reverse=True)))
+    new_query = pattern.sub(lambda match: mapping[match.group(0)], query)
+    new_calls = []
+    for arguments in calls:
+        renewed = {}
+        for key, value in arguments.items():
+            text = _value_text(value)
+            if text in mapping:
+                value = mapping[text] if isinstance(value, str) else json.loads(mapping[text])
+                if not _occurs(_value_text(value), new_query):
+                    return sample
+            renewed[key] = value
+        new_calls.append(json.dumps(renewed, ensure_ascii=False))
+    return {**sample, "user_input": new_query, "function_calls": new_calls}
+
+
+def made_up_tool_name(rng: random.Random, words: Sequence[str]) -> str:
+    """A tool name that no corpus tool has: two or three random corpus words joined by underscores."""
+    return "_".join(rng.choice(words) for _ in range(rng.randint(2, 3)))
+
+
 def icl_listing(sample: dict, descriptions: dict[str, dict], rng: random.Random, low: int, high: int) -> list[dict]:
     """Descriptions offered in an in-context prompt: the gold tools plus distractors, shuffled."""
     gold = list(dict.fromkeys(sample["tools"]))
@@ -350,6 +475,13 @@ def icl_listing(sample: dict, descriptions: dict[str, dict], rng: random.Random,
     return [descriptions[name] for name in listed]
 
 
+def renamed(sample: dict, listing: list[dict], rng: random.Random, words: Sequence[str]) -> tuple[dict, list[dict]]:
+    """The sample and its listing with every listed tool under a made-up name (the same in the list and the answer)."""
+    names = {desc["name"]: made_up_tool_name(rng, words) for desc in listing}
+    return ({**sample, "tools": [names[t] for t in sample["tools"]]},
+            [{**desc, "name": names[desc["name"]]} for desc in listing])
+
+
 def encode_icl_example(tokenizer, sample: dict, listing: list[dict]) -> Example:
     """An in-context example: tool descriptions in the system prompt, JSON lines as the answer; loss on the answer."""
     prompt = build_prompt_ids(tokenizer, sample["user_input"], system_prompt=tool_system_prompt(listing))
@@ -358,13 +490,21 @@ def encode_icl_example(tokenizer, sample: dict, listing: list[dict]) -> Example:
     return Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
 
 
-def encode_training_set(tokenizer, data: PretrainingData, settings: BuildSettings, rng: random.Random) -> list[Example]:
-    """Tokenize the pretraining samples, a fraction of them in the in-context format; drop those over max_length."""
+def encode_training_set(tokenizer, data: PretrainingData, settings: BuildSettings, rng: random.Random,
+                        words: Sequence[str] = ()) -> list[Example]:
+    """Tokenize the pretraining samples, the curriculum's shares with fresh values, in the in-context format and
+    under made-up tool names; drop those over max_length."""
+    if (settings.fresh_value_fraction > 0 or settings.icl_alias_fraction > 0) and not words:
+        raise ValueError("the copying and reading curriculum needs a word pool")
     encode_tool = slot_encoder(tokenizer, data.tool_slots)
     examples, dropped = [], 0
     for sample in data.train:
+        if rng.random() < settings.fresh_value_fraction:
+            sample = with_fresh_values(sample, rng, words)
         if rng.random() < settings.icl_fraction:
             listing = icl_listing(sample, data.descriptions, rng, settings.icl_min_listed, settings.icl_max_listed)
+            if rng.random() < settings.icl_alias_fraction:
+                sample, listing = renamed(sample, listing, rng, words)
             example = encode_icl_example(tokenizer, sample, listing)
         else:
             example = encode_memory_example(tokenizer, sample, encode_tool)
@@ -508,14 +648,35 @@ def parse_icl_answer(text: str) -> tuple[list[str], list[str]]:
     return tools, calls
 
 
+def argument_accuracy(samples: Sequence[dict], predictions: Sequence[tuple[list[str], list[str]]]) -> float:
+    """Share of gold argument values that the predicted call at the same position has under the same key (JSON-equal,
+    so 20 and 20.0 are equal); a missing or unreadable call gets none of its gold arguments right."""
+    right = total = 0
+    for sample, (_, calls) in zip(samples, predictions, strict=True):
+        for position, gold_text in enumerate(sample["function_calls"]):
+            gold = json.loads(gold_text)
+            total += len(gold)
+            try:
+                predicted = json.loads(calls[position]) if position < len(calls) else None
+            except json.JSONDecodeError:
+                predicted = None
+            if isinstance(predicted, dict):
+                right += sum(key in predicted and predicted[key] == value for key, value in gold.items())
+    return right / total if total else 0.0
+
+
 def score(samples: Sequence[dict], predictions: Sequence[tuple[list[str], list[str]]]) -> dict[str, float]:
-    """Tool accuracy and exact match of eval.score_predictions (the toolkit's scores), and the sample count."""
+    """Tool accuracy, tool F1, call F1 and exact match of eval.score_predictions (the toolkit's scores), the argument
+    value accuracy, and the sample count."""
     metrics = score_predictions([
         {"predicted_tools": list(tools), "function_calls": list(calls), "gold_tools": sample["tools"],
          "gold_calls": sample["function_calls"]}
         for sample, (tools, calls) in zip(samples, predictions, strict=True)
     ])
-    return {key: metrics[key] for key in ("tool_accuracy", "exact_accuracy", "total_examples")}
+    scores = {key: metrics[key] for key in ("tool_accuracy", "avg_tool_f1_score", "avg_f1_score", "exact_accuracy")}
+    scores["argument_accuracy"] = argument_accuracy(samples, predictions)
+    scores["total_examples"] = metrics["total_examples"]
+    return {key: round(value, 4) if isinstance(value, float) else value for key, value in scores.items()}
 
 
 def evaluate_memory(model, tokenizer, data: PretrainingData, samples: Sequence[dict], settings: BuildSettings) -> dict:
@@ -527,15 +688,36 @@ def evaluate_memory(model, tokenizer, data: PretrainingData, samples: Sequence[d
     return score(samples, [parse_memory_answer(tokenizer, ids, slot_tools) for ids in outputs])
 
 
-def evaluate_icl(model, tokenizer, data: PretrainingData, samples: Sequence[dict], settings: BuildSettings) -> dict:
-    """Held-out scores in the in-context format (tools described in the system prompt, named in the answer)."""
+def evaluate_icl(model, tokenizer, data: PretrainingData, samples: Sequence[dict], settings: BuildSettings,
+                 words: Sequence[str] = ()) -> dict:
+    """Held-out scores in the in-context format (1-10 tools described in the system prompt, named in the answer);
+    with `words`, every listed tool is under a made-up name, so only reading the list finds it."""
     rng = random.Random(settings.seed + 1)
-    prompts = []
+    prompts, scored = [], []
     for sample in samples:
         listing = icl_listing(sample, data.descriptions, rng, settings.icl_min_listed, settings.icl_max_listed)
+        if words:
+            sample, listing = renamed(sample, listing, rng, words)
+        scored.append(sample)
         prompts.append(build_prompt_ids(tokenizer, sample["user_input"], system_prompt=tool_system_prompt(listing)))
     outputs = greedy_generate(model, tokenizer, prompts, settings.eval_batch_size, settings.max_new_tokens)
-    return score(samples, [parse_icl_answer(tokenizer.decode(ids, skip_special_tokens=True)) for ids in outputs])
+    return score(scored, [parse_icl_answer(tokenizer.decode(ids, skip_special_tokens=True)) for ids in outputs])
+
+
+def probe(model, tokenizer, data: PretrainingData, settings: BuildSettings, words: Sequence[str]) -> dict[str, dict]:
+    """The held-out probe of backbone_report.json, on test samples of the backbone's own tools (never trained on):
+    TokMem format with the corpus's values and with fresh values, in-context format with real and made-up names."""
+    rng = random.Random(settings.seed + 2)
+    memory_samples = data.test[: settings.eval_samples]
+    icl_samples = data.test[: settings.icl_eval_samples]
+    with torch_threads(settings.threads), torch.inference_mode():
+        return {
+            "held_out": evaluate_memory(model, tokenizer, data, memory_samples, settings),
+            "held_out_fresh_values": evaluate_memory(
+                model, tokenizer, data, [with_fresh_values(s, rng, words) for s in memory_samples], settings),
+            "held_out_in_context": evaluate_icl(model, tokenizer, data, icl_samples, settings),
+            "held_out_in_context_made_up_names": evaluate_icl(model, tokenizer, data, icl_samples, settings, words),
+        }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -549,11 +731,12 @@ def build_backbone(output_dir: str | os.PathLike, settings: BuildSettings) -> di
     output_dir = Path(output_dir)
     with torch_threads(settings.threads):
         rows = load_corpus(settings.corpus_seed)
-        tokenizer = build_tokenizer(corpus_texts(rows), settings.vocab_size)
+        tokenizer = build_tokenizer(corpus_texts(rows), settings.vocab_size, settings.split)
         logger.info("tokenizer: %d tokens (%.1fs)", len(tokenizer), time.time() - start)
         data = pretraining_samples(settings.seed, rows, settings)
+        words = word_pool(rows)
         rng = random.Random(settings.seed)
-        examples = encode_training_set(tokenizer, data, settings, rng)
+        examples = encode_training_set(tokenizer, data, settings, rng, words)
         logger.info(
             "pretraining on %d tools: %d examples, %d tokens; %d held-out samples",
             len(data.tool_slots),
@@ -567,36 +750,47 @@ def build_backbone(output_dir: str | os.PathLike, settings: BuildSettings) -> di
         train_start = time.time()
         losses = pretrain(model, examples, settings, tokenizer.pad_token_id)
         train_seconds = time.time() - train_start
-        eval_start = time.time()
-        memory = evaluate_memory(model, tokenizer, data, data.test[: settings.eval_samples], settings)
-        icl = evaluate_icl(model, tokenizer, data, data.test[: settings.icl_eval_samples], settings)
-        eval_seconds = time.time() - eval_start
+    eval_start = time.time()
+    scores = probe(model, tokenizer, data, settings, words)
     report = {
-        "held_out": memory,
-        "held_out_in_context": icl,
+        **scores,
         "pretraining_ranks": [PRETRAIN_FIRST_RANK, PRETRAIN_FIRST_RANK + len(data.tool_slots) - 1],
         "num_parameters": count_parameters(model),
         "vocab_size": len(tokenizer),
         "train_examples": len(examples),
-        "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
         "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(eval_seconds, 1),
+        "eval_seconds": round(time.time() - eval_start, 1),
         "build_seconds": round(time.time() - start, 1),
+        "command": build_command(settings),
         "settings": dataclasses.asdict(settings),
         "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(output_dir)
     model.save_pretrained(output_dir)
+    report["weights_sha256"] = _sha256(output_dir / "model.safetensors")
     atomic_write_json(output_dir / REPORT_FILE, report)
-    logger.info(
-        "held-out on its own tools: tool accuracy %.3f, exact match %.3f (%d samples); in-context tool accuracy %.3f",
-        memory["tool_accuracy"],
-        memory["exact_accuracy"],
-        memory["total_examples"],
-        icl["tool_accuracy"],
-    )
+    log_scores(report)
     return report
+
+
+def log_scores(report: dict) -> None:
+    """One log line per probe of a build report."""
+    for name in ("held_out", "held_out_fresh_values", "held_out_in_context", "held_out_in_context_made_up_names"):
+        if name in report:
+            scores = report[name]
+            logger.info("%s: tool accuracy %.3f, argument accuracy %.3f, exact match %.3f (%d samples)", name,
+                        scores["tool_accuracy"], scores["argument_accuracy"], scores["exact_accuracy"],
+                        scores["total_examples"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _transformers_version() -> str:
@@ -662,17 +856,81 @@ def read_report(path: str | os.PathLike) -> dict:
         return json.load(handle)
 
 
+def settings_of(report: dict) -> BuildSettings:
+    """The BuildSettings a report records (fields it lacks keep their defaults)."""
+    known = {f.name for f in dataclasses.fields(BuildSettings)}
+    return BuildSettings(**{key: value for key, value in report.get("settings", {}).items() if key in known})
+
+
+def probe_build(path: str | os.PathLike) -> dict:
+    """Score a finished build again with the held-out probe (as saved, float32 on CPU) and rewrite its report."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    report = read_report(path)
+    settings = settings_of(report)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rows = load_corpus(settings.corpus_seed)
+    data = pretraining_samples(settings.seed, rows, settings)
+    start = time.time()
+    report.update(probe(model, tokenizer, data, settings, word_pool(rows)))
+    report["eval_seconds"] = round(time.time() - start, 1)
+    atomic_write_json(path / REPORT_FILE, report)
+    log_scores(report)
+    return report
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # CLI
+
+
+# The build choices the CLI exposes (each measured in the README's table of backbone recipes).
+CHOICE_FLAGS = ("split", "fresh_value_fraction", "icl_fraction", "icl_alias_fraction", "hidden_size", "num_layers")
+
+
+def build_command(settings: BuildSettings, output: str | None = None) -> str:
+    """The command that rebuilds `settings` (choices left at their defaults are not spelled out)."""
+    defaults = BuildSettings()
+    parts = ["python tiny_backbone.py --rebuild", f"--steps {settings.steps}", f"--seed {settings.seed}"]
+    parts += [f"--{name} {getattr(settings, name)}" for name in CHOICE_FLAGS
+              if getattr(settings, name) != getattr(defaults, name)]
+    if output is not None:
+        parts.append(f"--output {output}")
+    return " ".join(parts)
 
 
 def parse_args(argv: Sequence[str] | None) -> Any:
     parser = CliParser(description="Build (or reuse) the embedded tiny Llama backbone pretrained for function calling.")
     parser.add_argument("--output", default=DEFAULT_MODEL_NAME, help="where to save the backbone (default: %(default)s)")
     parser.add_argument("--rebuild", action="store_true", help="build again even when a finished build exists")
+    parser.add_argument("--probe", action="store_true",
+                        help="score the finished build at --output again with the held-out probe and rewrite its report")
     parser.add_argument("--steps", type=positive_int, default=BuildSettings.steps, help="optimizer steps")
     parser.add_argument("--seed", type=int, default=BuildSettings.seed, help="seed of the corpus, data and weights")
+    parser.add_argument("--split", choices=sorted(SPLIT_PATTERNS), default=BuildSettings.split,
+                        help="pre-tokenizer split (default: %(default)s)")
+    for name, help_text in (("fresh_value_fraction", "share of samples with fresh argument values"),
+                            ("icl_fraction", "share of samples in the in-context format"),
+                            ("icl_alias_fraction", "share of in-context samples under made-up tool names")):
+        parser.add_argument(f"--{name}", type=fraction, default=getattr(BuildSettings, name),
+                            help=f"{help_text} (default: %(default)s)")
+    parser.add_argument("--hidden_size", type=positive_int, default=BuildSettings.hidden_size, help="model width")
+    parser.add_argument("--num_layers", type=positive_int, default=BuildSettings.num_layers, help="decoder layers")
     return parser.parse_args(argv)
+
+
+def fraction(text: str) -> float:
+    """A CLI value in [0, 1]."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -681,16 +939,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} exists and is not a directory")
-    settings = BuildSettings(seed=args.seed, steps=args.steps)
-    path = ensure_backbone(output, rebuild=args.rebuild, settings=settings)
-    report = read_report(path)
-    built = report.get("settings", {})
-    if not args.rebuild and (built.get("steps"), built.get("seed")) != (args.steps, args.seed):
-        logger.warning("%s was built with --steps %s --seed %s; pass --rebuild to build it again", path, built.get("steps"), built.get("seed"))
-    held_out = report["held_out"]
+    if args.probe:
+        if args.rebuild:
+            raise UserError("--probe scores an existing build; it cannot be combined with --rebuild")
+        if not is_finished_build(output):
+            raise UserError(f"--output {output} holds no finished build to probe")
+        report = probe_build(output)
+    else:
+        choices = {name: getattr(args, name) for name in CHOICE_FLAGS}
+        try:
+            settings = BuildSettings(seed=args.seed, steps=args.steps, **choices)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        path = ensure_backbone(output, rebuild=args.rebuild, settings=settings)
+        report = read_report(path)
+        if not args.rebuild and report.get("command") != build_command(settings):
+            logger.warning("%s was built by `%s`; pass --rebuild to build it with these flags", path,
+                           report.get("command"))
+    held_out, icl = report["held_out"], report["held_out_in_context"]
     print(
-        f"{path}: held-out tool accuracy {held_out['tool_accuracy']:.3f}, exact match {held_out['exact_accuracy']:.3f} "
-        f"({held_out['total_examples']} samples of its own tools)"
+        f"{output}: held-out tool accuracy {held_out['tool_accuracy']:.3f}, exact match {held_out['exact_accuracy']:.3f} "
+        f"({held_out['total_examples']} samples of its own tools); in-context tool accuracy {icl['tool_accuracy']:.3f}"
     )
     return 0
 

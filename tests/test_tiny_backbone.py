@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -167,11 +168,30 @@ def test_cli_rejects_a_file_as_output(tmp_path):
         tb.main(["--output", str(target)])
 
 
-def test_cli_rejects_a_bad_flag(capsys):
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--split", "bytes"], ["--icl_fraction", "1.5"],
+                                  ["--fresh_value_fraction", "x"]])
+def test_cli_rejects_a_bad_flag(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
-        tb.main(["--steps", "0"])
+        tb.main(argv)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_cli_rejects_a_width_the_heads_do_not_divide(tmp_path):
+    with pytest.raises(UserError, match="hidden_size 130"):
+        tb.main(["--output", str(tmp_path / "b"), "--hidden_size", "130"])
+
+
+def test_cli_probe_needs_a_finished_build(tmp_path):
+    with pytest.raises(UserError, match="no finished build"):
+        tb.main(["--output", str(tmp_path), "--probe"])
+
+
+def test_build_command_spells_out_the_changed_choices():
+    assert tb.build_command(tb.BuildSettings()) == "python tiny_backbone.py --rebuild --steps 3000 --seed 0"
+    changed = tb.BuildSettings(steps=10, seed=2, split="digits", icl_fraction=0.0)
+    assert tb.build_command(changed, "x") == ("python tiny_backbone.py --rebuild --steps 10 --seed 2 --split digits "
+                                              "--icl_fraction 0.0 --output x")
 
 
 def micro_settings() -> tb.BuildSettings:
@@ -184,6 +204,8 @@ def micro_settings() -> tb.BuildSettings:
         num_kv_heads=1,
         intermediate_size=64,
         max_position_embeddings=512,
+        max_length=512,
+        icl_max_listed=3,
         steps=3,
         batch_tokens=1024,
         max_samples_per_tool=2,
@@ -204,13 +226,20 @@ def test_micro_build_end_to_end_loads_back(tmp_path):
     assert path == target.resolve() and tb.is_finished_build(path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiny.building-")]
     report = tb.read_report(path)
-    for key, samples in (("held_out", 4), ("held_out_in_context", 2)):  # eval_samples, icl_eval_samples
+    probes = (("held_out", 4), ("held_out_fresh_values", 4), ("held_out_in_context", 2),
+              ("held_out_in_context_made_up_names", 2))  # eval_samples, icl_eval_samples
+    for key, samples in probes:
         scores = report[key]
         assert scores["total_examples"] == samples
         hits = scores["tool_accuracy"] * samples
         assert hits == round(hits), "a share of whole samples"
         assert scores["exact_accuracy"] <= scores["tool_accuracy"], "an exact match has the right tools"
+        assert 0.0 <= scores["argument_accuracy"] <= 1.0
     assert report["pretraining_ranks"][0] == tb.PRETRAIN_FIRST_RANK
+    assert report["weights_sha256"] == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    assert report["command"] == "python tiny_backbone.py --rebuild --steps 3 --seed 3 --hidden_size 32 --num_layers 1"
+    reprobed = tb.probe_build(path)
+    assert {key: reprobed[key] for key, _ in probes} == {key: report[key] for key, _ in probes}, "the probe is pure"
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.config.tie_word_embeddings and model.config.vocab_size == len(tokenizer)
@@ -254,3 +283,68 @@ def test_answer_loss_matches_the_full_head_loss(tiny_tokenizer):
     with torch.no_grad():
         expected = model(**batch).loss
         assert torch.allclose(tb.answer_loss(model, batch), expected, atol=1e-5)
+
+
+WORDS = ["river", "quota", "maple", "lantern", "orbit"]
+
+
+def test_fresh_value_keeps_the_shape_of_a_value():
+    rng = random.Random(0)
+    for text in ["2024-06-10", "ACC-262523", "New York", "The Hidden Orchard", "437009.72", "i-0a3f", "x@y.io"]:
+        fresh = tb.fresh_value_like(text, rng, WORDS)
+        assert [c.isdigit() for c in fresh if not c.isalpha()] == [c.isdigit() for c in text if not c.isalpha()]
+        assert [c for c in fresh if not c.isalnum()] == [c for c in text if not c.isalnum()], (text, fresh)
+        assert fresh.split(" ")[0][:1].isupper() == text[:1].isupper()
+        assert len(fresh.split(" ")) == len(text.split(" "))
+    assert tb.fresh_value_like("2024", rng, WORDS)[0] != "0", "a leading digit stays non-zero"
+
+
+def test_fresh_values_change_query_and_calls_together():
+    sample = {
+        "user_input": "Find flights from Berlin to Rome on 2024-06-10 for 3 adults, economy please.",
+        "tools": ["search_flights"],
+        "function_calls": ['{"origin": "Berlin", "destination": "Rome", "date": "2024-06-10", "adults": 3, '
+                           '"cabin": "economy", "nonstop": true, "currency": "EUR"}'],
+    }
+    for seed in range(20):
+        fresh = tb.with_fresh_values(sample, random.Random(seed), WORDS)
+        old, new = json.loads(sample["function_calls"][0]), json.loads(fresh["function_calls"][0])
+        assert list(new) == list(old) and fresh["tools"] == sample["tools"]
+        assert new["nonstop"] is True and new["currency"] == "EUR", "values the query does not state stay"
+        assert isinstance(new["adults"], int)
+        for key in ("origin", "destination", "date", "adults", "cabin"):
+            text = new[key] if isinstance(new[key], str) else str(new[key])
+            assert text in fresh["user_input"], (key, fresh)
+        assert fresh["user_input"].startswith("Find flights from ") and fresh["user_input"].endswith(" please.")
+    assert sum(tb.with_fresh_values(sample, random.Random(s), WORDS) != sample for s in range(20)) == 20
+
+
+def test_made_up_names_are_the_same_in_the_list_and_the_answer():
+    sample = {"user_input": "q", "tools": ["b", "a", "b"], "function_calls": ["{}", "{}", "{}"]}
+    listing = [{"name": n, "description": f"does {n}", "parameters": {}} for n in ["a", "c", "b"]]
+    new_sample, new_listing = tb.renamed(sample, listing, random.Random(0), WORDS)
+    names = {old["name"]: new["name"] for old, new in zip(listing, new_listing)}
+    assert new_sample["tools"] == [names["b"], names["a"], names["b"]]
+    assert [d["description"] for d in new_listing] == [d["description"] for d in listing]
+    assert all(set(name.split("_")) <= set(WORDS) for name in names.values())
+
+
+def test_argument_accuracy_counts_gold_values_by_position():
+    samples = [{"tools": ["t", "u"], "function_calls": ['{"a": 1, "b": "x"}', '{"c": 2.0}']},
+               {"tools": ["t"], "function_calls": ['{"a": 5, "b": "y", "d": true}']}]
+    predictions = [(["t", "u"], ['{"a": 1, "b": "z"}', '{"c": 2}']), (["t"], ["not json"])]
+    assert tb.argument_accuracy(samples, predictions) == pytest.approx(2 / 6)
+
+
+def test_the_words_split_tokenizes_a_value_alike_in_query_and_json():
+    texts = ["Weather in Oslo tomorrow?", '{"city": "Oslo"}', "get_weather_forecast for Oslo"] * 50
+    for split, alike in (("words", True), ("llama3", False)):
+        tokenizer = tb.build_tokenizer(texts, vocab_size=900, split=split)
+        value = tokenizer("Oslo", add_special_tokens=False)["input_ids"]
+        query = tokenizer("Weather in Oslo tomorrow?", add_special_tokens=False)["input_ids"]
+        answer = tokenizer('{"city": "Oslo"}', add_special_tokens=False)["input_ids"]
+        contains = [any(ids[i:i + len(value)] == value for i in range(len(ids))) for ids in (query, answer)]
+        assert all(contains) == alike, (split, tokenizer.convert_ids_to_tokens(query), tokenizer.convert_ids_to_tokens(answer))
+    with pytest.raises(ValueError, match="split"):
+        tb.build_tokenizer(texts, vocab_size=900, split="bytes")
+
