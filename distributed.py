@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from datetime import timedelta
@@ -131,17 +132,18 @@ def main_of(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
     """A CLI's main that leaves the process group when it ends (the identity in effect for one process)."""
 
     def run(argv: Sequence[str] | None = None) -> int:
-        try:
-            return main(argv)
-        finally:
-            finish()
+        code = main(argv)
+        finish()
+        return code
 
     return run
 
 
 def finish() -> None:
-    """Leave the process group (at the end of a CLI's main; not after a failed collective, the group is gone)."""
-    if dist.is_available() and dist.is_initialized() and not _state.failing:
+    """Leave the process group together: a barrier, so no process tears its connections down while another still
+    uses them, then destroy it."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
         dist.destroy_process_group()
     _state.lockstep = False
 
@@ -177,8 +179,11 @@ def recorded_device(device: torch.device) -> str:
 
 
 def _first_line(err: BaseException) -> str:
+    """The gist of a backend error: its first line, without gloo's source location and its advice."""
     lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    text = lines[0] if lines else type(err).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(" This is typically caused", 1)[0].strip()
 
 
 def _collective(name: str, call: Callable[[], T]) -> T:
@@ -286,9 +291,15 @@ def gather_in_order(mine: Sequence[T], total: int) -> list[T]:
         if len(mine) != total:
             raise RuntimeError(f"gather_in_order: {len(mine)} results for {total} items")
         return list(mine)
-    world = world_size()
-    parts: list[Any] = [None] * world
+    parts: list[Any] = [None] * world_size()
     _collective("all_gather_object", lambda: dist.all_gather_object(parts, list(mine)))
+    return interleave(parts, total)
+
+
+def interleave(parts: Sequence[Sequence[T]], total: int) -> list[T]:
+    """The results of `total` items from the round-robin shares of len(parts) processes, in item order; a share of
+    the wrong size (an item missing or twice) is an error."""
+    world = len(parts)
     ordered: list[Any] = [None] * total
     for source, part in enumerate(parts):
         expected = len(range(source, total, world))
