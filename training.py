@@ -200,11 +200,11 @@ def _global_batch_loss(out, labels: torch.Tensor, dummy: bool) -> tuple[torch.Te
     """
     count = 0 if dummy else int((labels[:, 1:] != IGNORE_INDEX).sum())
     tool_count = 0 if dummy or out.num_tool_targets is None else int(out.num_tool_targets)
-    loss_sum = out.loss.item() * count if count else 0.0
+    local_loss = out.loss.item()
+    loss_sum = local_loss * count if count else 0.0
     tool_sum = out.tool_loss.item() * tool_count if tool_count else 0.0
-    finite = math.isfinite(out.loss.item()) and (out.tool_loss is None or math.isfinite(out.tool_loss.item()))
     total, total_count, total_tool, total_tool_count, bad = distributed.sum_values(
-        [loss_sum, count, tool_sum, tool_count, 0.0 if finite else 1.0])
+        [loss_sum, count, tool_sum, tool_count, 0.0 if math.isfinite(local_loss) else 1.0])
     if bad:
         return out.loss, float("nan"), float("nan")
     loss_value = total / total_count if total_count else 0.0

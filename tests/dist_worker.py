@@ -6,6 +6,8 @@ collectives: shard / gather_in_order / work_share / all_reduce_ / any_true / fro
 each process writes OUT/rank<r>.json. hang: process 1 sleeps while process 0 waits in a collective (the timeout must
 end it). predict MODEL_DIR TEST_FILE [shard]: training.predict of a fresh FunctionCallingModel over the test file in
 batches of 3 (the backbone sharded with `shard`); process 0 writes the predictions to OUT/predictions.json.
+nan: training.train_round of a toy model whose loss is NaN on process 1 alone from the second batch on; each process
+writes the error it stopped with to OUT/rank<r>.json.
 """
 
 from __future__ import annotations
@@ -72,6 +74,48 @@ def predict(out: Path, model_dir: str, test_file: str, shard: bool) -> None:
         (out / "predictions.json").write_text(json.dumps(predictions))
 
 
+class NanOnProcessOne(torch.nn.Module):
+    """A toy model for train_round: loss = sum(rows) x mean(input), NaN on process 1 once an input reaches 4."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        super().__init__()
+        self.rows = torch.nn.Parameter(torch.ones(2, 3))
+
+    def row_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.rows]
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def forward(self, input_ids, attention_mask, labels):
+        from model import CallingOutput
+
+        loss = self.rows.sum() * input_ids.float().mean()
+        if distributed.rank() == 1 and int(input_ids.max()) >= 4:
+            loss = loss * float("nan")
+        return CallingOutput(logits=None, loss=loss, tool_loss=loss, num_tool_targets=torch.tensor(1))
+
+
+def nan(out: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from training import TrainSettings, TrainingDiverged, train_round
+
+    def collate(items: list[int]) -> dict:
+        ids = torch.tensor([[i, i] for i in items])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([[-100, 1]] * len(ids))}
+
+    loader = distributed.share_batches(DataLoader(list(range(8)), batch_size=4, collate_fn=collate))
+    try:
+        train_round(NanOnProcessOne(), loader, TrainSettings(epochs=1, warmup_ratio=0.0))
+        error = None
+    except TrainingDiverged as err:
+        error = str(err)
+    (out / f"rank{distributed.rank()}.json").write_text(json.dumps({"error": error}))
+
+
 def main(argv: list[str] | None = None) -> int:
     scenario, out, *rest = sys.argv[1:]
     distributed.init_from_env(torch.device("cpu"))
@@ -79,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         collectives(Path(out))
     elif scenario == "hang":
         hang()
+    elif scenario == "nan":
+        nan(Path(out))
     elif scenario == "predict":
         predict(Path(out), rest[0], rest[1], rest[2:] == ["shard"])
     else:

@@ -182,6 +182,14 @@ def test_collectives_between_two_processes(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_nan_on_one_process_stops_every_process_at_the_same_batch(tmp_path):
+    result = torchrun("tests/dist_worker.py", ["nan", str(tmp_path)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = [json.loads((tmp_path / f"rank{rank}.json").read_text())["error"] for rank in range(2)]
+    assert errors[0] == errors[1] and "the loss became nan at epoch 1, batch 2" in errors[0]
+
+
+@pytest.mark.slow
 def test_a_hung_process_ends_the_job_within_the_timeout(tmp_path):
     started = time.monotonic()
     result = torchrun("tests/dist_worker.py", ["hang", str(tmp_path)], tmp_path, timeout=90,
