@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+import common
 from common import JobFailed, UserError, is_main_process, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -111,10 +112,11 @@ def init_from_env(device: torch.device) -> torch.device:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """The launcher stops the survivors of a failed process with SIGTERM: one line, then exit at once."""
+    """torchrun stops the other processes with SIGTERM when one fails (or the job is interrupted): one line, then
+    exit at once."""
     if not _state.failing:
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: process {rank()} of {world_size()} stopped: another "
-                         "process of the job failed\n")
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: process {rank()} of {world_size()} stopped by the "
+                         "launcher: another process of the job failed, or the job was interrupted\n")
         sys.stderr.flush()
     os._exit(128 + signum)
 
@@ -128,15 +130,23 @@ def setup_process_logging(log_file: str | os.PathLike | None = None) -> None:
         setup_logging(None, logging.WARNING, prefix=f"[process {os.environ.get('RANK')}] ")
 
 
-def main_of(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
-    """A CLI's main that leaves the process group when it ends (the identity in effect for one process)."""
-
-    def run(argv: Sequence[str] | None = None) -> int:
-        code = main(argv)
-        finish()
-        return code
-
-    return run
+def run_cli(main: Callable[[Sequence[str] | None], int | None]) -> None:
+    """common.run_cli for a CLI that may run under torchrun. In a job, a CLI that ends well leaves the process group
+    together (`finish`), and any ending then exits the process at once with its status: a gloo process group still
+    alive at interpreter shutdown aborts the process ("terminate called without an active exception") now and then.
+    One process: common.run_cli itself."""
+    try:
+        common.run_cli(main)
+    except SystemExit as stop:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if code == 0:
+            finish()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def finish() -> None:

@@ -37,7 +37,6 @@ from common import (
     check_writable,
     positive_int,
     read_json,
-    run_cli,
     set_seed,
 )
 from dataset import build_prompt_ids, end_of_turn_id, load_samples, tool_system_prompt
@@ -822,4 +821,4 @@ def print_report(results: dict, output: Path, k: int | None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(distributed.main_of(main))
+    distributed.run_cli(main)

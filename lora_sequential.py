@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import distributed
-from common import CliParser, UserError, atomic_write_json, positive_int, run_cli, unit_interval
+from common import CliParser, UserError, atomic_write_json, positive_int, unit_interval
 from dataset import NativeFunctionCallingDataset, end_of_turn_id, make_dataloader
 from decoding import causal_lm_step, greedy_decode
 from experiment import RoundData, print_final_report
@@ -346,4 +346,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(distributed.main_of(main))
+    distributed.run_cli(main)

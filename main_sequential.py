@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import distributed
-from common import CliParser, UserError, positive_float, positive_int, run_cli
+from common import CliParser, UserError, positive_float, positive_int
 from decoding import GROUND_TRUTH_STYLES
 from experiment import print_final_report
 from model import FunctionCallingModel
@@ -127,4 +127,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(distributed.main_of(main))
+    distributed.run_cli(main)

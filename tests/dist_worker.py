@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import distributed  # noqa: E402
-from common import UserError, run_cli  # noqa: E402
+from common import UserError  # noqa: E402
 
 
 def collectives(out: Path) -> None:
@@ -105,7 +105,8 @@ def nan(out: Path) -> None:
 
     def collate(items: list[int]) -> dict:
         ids = torch.tensor([[i, i] for i in items])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([[-100, 1]] * len(ids))}
+        labels = torch.tensor([[-100, 1]] * len(ids))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
     loader = distributed.share_batches(DataLoader(list(range(8)), batch_size=4, collate_fn=collate))
     try:
@@ -133,4 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(distributed.main_of(main))
+    distributed.run_cli(main)
