@@ -22,6 +22,17 @@ class UserError(Exception):
     """Bad input from the user (a flag, a file, a field): reported as one line and exit status 2."""
 
 
+class JobFailed(Exception):
+    """A job of several processes cannot go on (another process died or did not answer in time): reported as one
+    line and exit status 1."""
+
+
+def is_main_process() -> bool:
+    """Whether this is process 0 of a torchrun job (RANK unset or 0), the one that reports a bad input: every process
+    reads the same input and would report the same line."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows every flag's default, unless its help text already says what the default is."""
 
@@ -42,18 +53,24 @@ class CliParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        if is_main_process():
+            sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Run a CLI entry point; a UserError becomes `prog: error: message` on stderr and exit status 2."""
+    """Run a CLI entry point; a UserError becomes `prog: error: message` on stderr and exit status 2 (written by process
+    0 alone under torchrun), a JobFailed the same line from each process that meets it and exit status 1."""
     prog = Path(sys.argv[0]).name
     try:
         code = main(argv)
     except UserError as err:
-        sys.stderr.write(f"{prog}: error: {err}\n")
+        if is_main_process():
+            sys.stderr.write(f"{prog}: error: {err}\n")
         sys.exit(2)
+    except JobFailed as err:
+        sys.stderr.write(f"{prog}: error: {err}\n")
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         sys.exit(130)
@@ -134,13 +151,13 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise UserError(f"{what} {path} cannot be read ({err})") from None
 
 
-def setup_logging(log_file: str | os.PathLike | None = None, level: int = logging.INFO) -> None:
-    """Log to stderr and, when given, to a file; calling it again replaces the handlers."""
+def setup_logging(log_file: str | os.PathLike | None = None, level: int = logging.INFO, prefix: str = "") -> None:
+    """Log to stderr and, when given, to a file, each line after `prefix`; calling it again replaces the handlers."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    fmt = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", datefmt="%H:%M:%S")
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(fmt)
     root.addHandler(stream)

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+import distributed
 from common import UserError
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], tuple[torch.Tensor, object]]
@@ -34,7 +35,8 @@ def greedy_decode(step: Step, input_ids: torch.Tensor, attention_mask: torch.Ten
                   stop_ids: Sequence[int], processors: Sequence[ScoreProcessor] = ()) -> list[list[int]]:
     """Greedy continuations of a left-padded batch; each row's new ids up to and including its first stop id.
 
-    A finished row is fed its first stop id until every row has stopped or `max_new_tokens` are made.
+    A finished row is fed its first stop id until every row has stopped or `max_new_tokens` are made; with a sharded
+    backbone, until every process's rows have stopped (distributed.all_finished), so all run the same steps.
     """
     batch = input_ids.shape[0]
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
@@ -53,7 +55,7 @@ def greedy_decode(step: Step, input_ids: torch.Tensor, attention_mask: torch.Ten
             processor.observe(chosen)
         generated.append(next_ids)
         finished |= torch.isin(next_ids, stops)
-        if finished.all():
+        if distributed.all_finished(bool(finished.all())):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         position = position + 1
@@ -93,13 +95,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 def decode_prompts(step: Step, prompts: Sequence[Sequence[int]], pad_id: int, batch_size: int, max_new_tokens: int,
                    stop_ids: Sequence[int], device: torch.device | str = "cpu",
                    progress: Callable[[Sequence], Sequence] = lambda chunks: chunks) -> list[list[int]]:
-    """`greedy_decode` over many prompts, in batches of similar length; results in the prompts' order."""
+    """`greedy_decode` over many prompts, in batches of similar length; results in the prompts' order. With several
+    processes each decodes its share of the batches (distributed.work_share) and every process gets every result."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     chunks = [order[first:first + batch_size] for first in range(0, len(order), batch_size)]
-    outputs: list[list[int]] = [[] for _ in prompts]
-    for chunk in progress(chunks):
+    decoded: list[list[list[int]]] = []
+    for share in progress(distributed.work_share(len(chunks))):
+        chunk = chunks[0 if share is None else share]
         input_ids, mask = left_pad([prompts[i] for i in chunk], pad_id)
         rows = greedy_decode(step, input_ids.to(device), mask.to(device), max_new_tokens, stop_ids)
+        if share is not None:
+            decoded.append(rows)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for chunk, rows in zip(chunks, distributed.gather_in_order(decoded, len(chunks))):
         for index, row in zip(chunk, rows):
             outputs[index] = row
     return outputs

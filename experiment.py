@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import distributed
 import round_files
 from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with, read_json
 from dataset import load_samples
@@ -40,7 +41,7 @@ MAX_EPOCHS = 100
 # Flags whose values are paths: `data/` and `data` name the same place.
 PATH_FLAGS = {"data_dir", "model_name"}
 # Flags that may differ between a run and its --resume without changing its numbers.
-RESUME_FREE_FLAGS = {"resume", "output_dir", "log_file", "demo", "checkpoint_dir", "eval_batch_size"}
+RESUME_FREE_FLAGS = {"resume", "output_dir", "log_file", "demo", "checkpoint_dir", "eval_batch_size", "shard_backbone"}
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,10 @@ def _describe_change(key: str, old: object, new: object) -> str:
 
 
 class RunDirectory:
-    """config.json, metrics.jsonl, state.json (resume point), summary.json and forgetting.png of one run."""
+    """config.json, metrics.jsonl, state.json (resume point), summary.json and forgetting.png of one run.
+
+    With several processes every one keeps the same records, and process 0 alone writes (distributed.is_main).
+    """
 
     def __init__(self, path: str | Path, method: str, flags: Mapping[str, Any], rounds: Sequence[RoundSpec],
                  resume: bool, checkpoint_dir: str | Path | None = None):
@@ -219,7 +223,8 @@ class RunDirectory:
         self.method = method
         self.rounds = list(rounds)
         self.checkpoint_root = Path(checkpoint_dir) if checkpoint_dir else self.path / "checkpoints"
-        self.config = {"method": method, "args": _jsonable(flags), "versions": library_versions()}
+        self.config = {"method": method, "args": _jsonable(flags), "versions": library_versions(),
+                       "world_size": distributed.world_size()}
         self.records: list[dict] = []
         self.completed_rounds = 0
         self.elapsed_before = 0.0
@@ -227,10 +232,15 @@ class RunDirectory:
         self.round_stats: list[dict] = []
         if resume:
             self._load_for_resume()
-        else:
+        elif self.writer:
             refuse_existing_run(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.path / "config.json", self.config)
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run directory (process 0 of a job; a single process always)."""
+        return distributed.is_main()
 
     def _load_for_resume(self) -> None:
         config_path = self.path / "config.json"
@@ -277,7 +287,8 @@ class RunDirectory:
         self.check_prompt(prompt)
         self.config["data"] = {d.spec.name: d.provenance for d in data}
         self.config.setdefault("prompt_sample", prompt)
-        atomic_write_json(self.path / "config.json", self.config)
+        if self.writer:
+            atomic_write_json(self.path / "config.json", self.config)
 
     def checkpoint_path(self, round_index: int) -> Path:
         return self.checkpoint_root / f"round_{round_index + 1}"
@@ -298,8 +309,10 @@ class RunDirectory:
     def finish_round(self, round_index: int, stats: dict) -> None:
         """Write metrics and the resume point: the round counts as done only once this returns."""
         self.round_stats = [s for s in self.round_stats if s["round"] < round_index] + [{"round": round_index, **stats}]
-        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
         self.completed_rounds = round_index + 1
+        if not self.writer:
+            return
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
         atomic_write_json(self.path / "state.json", {
             "completed_rounds": self.completed_rounds,
             "wall_seconds": self.wall_seconds(),
@@ -333,8 +346,9 @@ class RunDirectory:
 
     def write_summary(self, extra: dict | None = None) -> dict:
         summary = self.summary(extra)
-        atomic_write_json(self.path / "summary.json", summary)
-        plot_matrix(summary, self.path / "forgetting.png")
+        if self.writer:
+            atomic_write_json(self.path / "summary.json", summary)
+            plot_matrix(summary, self.path / "forgetting.png")
         return summary
 
 

@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 
 from tqdm import tqdm
 
+import distributed
 from common import (
     CliParser,
     UserError,
@@ -36,9 +37,7 @@ from common import (
     check_writable,
     positive_int,
     read_json,
-    run_cli,
     set_seed,
-    setup_logging,
 )
 from dataset import build_prompt_ids, end_of_turn_id, load_samples, tool_system_prompt
 from decoding import causal_lm_step, decode_prompts
@@ -563,7 +562,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[list[int]], batch_size:
     """Greedy answers for token-id prompts (decoding.decode_prompts), each decoded up to its first stop token."""
     stops = _stop_ids(tokenizer)
     rows = decode_prompts(causal_lm_step(model), prompts, tokenizer.pad_token_id, batch_size, max_new_tokens, stops,
-                          model.device, lambda chunks: tqdm(chunks, desc="generating", leave=False, dynamic_ncols=True))
+                          model.device, lambda chunks: tqdm(chunks, desc="generating", leave=False, dynamic_ncols=True,
+                                                            disable=not distributed.is_main()))
     return [_decode_answer(tokenizer, row, stops) for row in rows]
 
 
@@ -721,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Generate, score and report one in-context baseline run."""
     args = build_parser().parse_args(argv)
     started = time.time()
-    setup_logging()
+    distributed.setup_process_logging()
     icl, retrieval = from_flags(IclSettings, args), from_flags(RetrievalSettings, args)
     model_settings = from_flags(ModelSettings, args)
     method = "icl_rag" if retrieval.use_rag else "icl"
@@ -731,7 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples, descriptions = inputs.samples, inputs.descriptions
     model_name = resolve_model_name(model_settings.model_name)
     positions = model_positions(model_name)
-    device = resolve_device(model_settings.device)
+    device = distributed.init_from_env(resolve_device(model_settings.device))
     tokenizer = load_tokenizer(model_name)
     check_icl_prompt(tokenizer, icl.icl_prompt)
     retriever = None
@@ -743,10 +743,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                for sample, names in zip(samples, offered)]
     refuse_if_too_long(positions, prompts, model_settings.max_new_tokens)
     model = load_base_model(model_name, device, resolve_dtype(model_settings.dtype, device))
+    if model_settings.shard_backbone:
+        distributed.shard_backbone(model)
     if output is None:
-        output = claim_default_run_dir(method)
+        output = distributed.from_main(lambda: claim_default_run_dir(method))
     if output.suffix != ".json":
-        setup_logging(output / "icl_baseline.log")
+        distributed.setup_process_logging(output / "icl_baseline.log")
     logger.info("%s on %d test samples, %d described tools, model %s", method, len(samples), len(descriptions),
                 model_name)
     generation_start = time.time()
@@ -773,6 +775,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 retrieval.retriever_model)
         results["retrieval"]["text"] = retrieval.retrieval_text
     results["wall_seconds"] = round(time.time() - started, 1)
+    if not distributed.is_main():
+        return 0
     if output.suffix == ".json":
         atomic_write_json(output, {**results, "predictions": predictions})
     else:
@@ -817,4 +821,4 @@ def print_report(results: dict, output: Path, k: int | None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    distributed.run_cli(main)

@@ -28,7 +28,9 @@ ICL_ANSWER=${ICL_ANSWER:-toolkit}                  # toolkit | original: how an 
 MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
 DTYPE=${DTYPE:-auto}                               # auto: bfloat16 on CUDA, float32 on CPU
 DEVICE=${DEVICE:-auto}
-GPU=${GPU:-0}                                      # used only when CUDA_VISIBLE_DEVICES is not already set
+GPU=${GPU:-}                                       # CUDA_VISIBLE_DEVICES when not already set; empty: 0, or 0,...,NPROC-1
+NPROC=${NPROC:-1}                                  # processes: one per GPU, or per core on CPU; more than 1 runs under torchrun
+SHARD_BACKBONE=${SHARD_BACKBONE:-false}            # with NPROC > 1: shard the frozen backbone over them (FSDP2)
 SEED=${SEED:-42}
 
 # The embedded backbone has 1024 positions, and no prompt listing every tool of a range fits there with its answer
@@ -36,9 +38,9 @@ SEED=${SEED:-42}
 if [[ -z "$RUN_ALL_TOOLS" ]]; then
     if [[ -z "$MODEL" ]]; then RUN_ALL_TOOLS=false; else RUN_ALL_TOOLS=true; fi
 fi
-int_var BATCH_SIZE MAX_NEW_TOKENS RETRIEVAL_K
-bool_var RUN_ALL_TOOLS USE_RAG
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
+int_var BATCH_SIZE MAX_NEW_TOKENS RETRIEVAL_K NPROC
+bool_var RUN_ALL_TOOLS USE_RAG SHARD_BACKBONE
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-${GPU:-$(seq -s, 0 $((NPROC - 1)))}}
 PYTHON=${PYTHON:-python3}
 
 if ! [[ $TOOLS =~ ^([1-9][0-9]*)-([1-9][0-9]*)$ ]] || (( BASH_REMATCH[2] < BASH_REMATCH[1] )); then
@@ -61,13 +63,15 @@ args=(--test_data "$test_file"
       --icl_prompt "$ICL_PROMPT" --icl_answer "$ICL_ANSWER")
 [[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")
 [[ -n "$MAX_SAMPLES" ]] && args+=(--max_samples "$MAX_SAMPLES")
+[[ "$SHARD_BACKBONE" == true ]] && args+=(--shard_backbone)
+python_cli icl_baseline.py
 
 dry=${DRY_RUN:-false}
 if [[ "$RUN_ALL_TOOLS" == true ]]; then
     [[ "$dry" == true ]] || echo "ICL: all tools $TOOLS in the prompt"
-    run_step "$PYTHON" icl_baseline.py "${args[@]}" "$@"
+    run_step "${CLI[@]}" "${args[@]}" "$@"
 fi
 if [[ "$USE_RAG" == true ]]; then
     [[ "$dry" == true ]] || echo "RAG: the top $RETRIEVAL_K retrieved tools of $TOOLS in the prompt"
-    run_step "$PYTHON" icl_baseline.py "${args[@]}" --use_rag --retrieval_k "$RETRIEVAL_K" --retrieval_text "$RETRIEVAL_TEXT" "$@"
+    run_step "${CLI[@]}" "${args[@]}" --use_rag --retrieval_k "$RETRIEVAL_K" --retrieval_text "$RETRIEVAL_TEXT" "$@"
 fi

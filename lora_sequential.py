@@ -22,7 +22,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from common import CliParser, UserError, atomic_write_json, positive_int, run_cli, unit_interval
+import distributed
+from common import CliParser, UserError, atomic_write_json, positive_int, unit_interval
 from dataset import NativeFunctionCallingDataset, end_of_turn_id, make_dataloader
 from decoding import causal_lm_step, greedy_decode
 from experiment import RoundData, print_final_report
@@ -155,9 +156,9 @@ class MarkerLoRAModel(BackboneParts, nn.Module):
                                          position_ids=position_ids, use_cache=False).last_hidden_state
         rows, positions = labelled_positions(labels)
         logits = causal_lm.get_output_embeddings()(hidden[rows, positions]).float()
-        logits, loss, tool_loss = labelled_losses(logits, labels[rows, positions + 1],
-                                                  self.marker_positions(labels)[rows, positions + 1])
-        return CallingOutput(logits=logits, loss=loss, tool_loss=tool_loss)
+        is_marker = self.marker_positions(labels)[rows, positions + 1]
+        logits, loss, tool_loss = labelled_losses(logits, labels[rows, positions + 1], is_marker)
+        return CallingOutput(logits=logits, loss=loss, tool_loss=tool_loss, num_tool_targets=is_marker.sum())
 
     def marker_positions(self, labels: torch.Tensor) -> torch.Tensor:
         """Bool mask shaped like `labels`: True on the tokens of every marker in the labelled answer."""
@@ -339,9 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model.parameter_breakdown())
     summary = run_rounds(settings, model, data, run, prepare_round=hooks.prepare_round,
                          train_lora_for=lambda index: True, make_loader=hooks.make_loader)
-    print_final_report(run, summary)
+    if run.writer:
+        print_final_report(run, summary)
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    distributed.run_cli(main)

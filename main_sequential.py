@@ -12,7 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
-from common import CliParser, UserError, positive_float, positive_int, run_cli
+import distributed
+from common import CliParser, UserError, positive_float, positive_int
 from decoding import GROUND_TRUTH_STYLES
 from experiment import print_final_report
 from model import FunctionCallingModel
@@ -120,9 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run.path, len(plan.tool_names), len(data), model.parameter_breakdown())
     summary = run_rounds(plan.settings, model, data, run, prepare_round=lambda i: data[i].train,
                          train_lora_for=memory.train_lora_in)
-    print_final_report(run, summary)
+    if run.writer:
+        print_final_report(run, summary)
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    distributed.run_cli(main)

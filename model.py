@@ -59,6 +59,7 @@ class CallingOutput:
     loss: torch.Tensor | None = None
     tool_loss: torch.Tensor | None = None
     past_key_values: object | None = None
+    num_tool_targets: torch.Tensor | None = None  # how many targets the tool loss averages (with labels)
 
 
 @dataclass
@@ -266,6 +267,12 @@ class BackboneParts:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
+    @property
+    def causal_lm(self):
+        """The underlying transformers causal LM (inside the peft wrapper when LoRA is on)."""
+        base = self.base_model
+        return base.get_base_model() if hasattr(base, "get_base_model") else base
+
     def row_parameters(self) -> list[nn.Parameter]:
         return []
 
@@ -430,12 +437,6 @@ class FunctionCallingModel(BackboneParts, nn.Module):
     # --- structure -------------------------------------------------------------------------------------------------
 
     @property
-    def causal_lm(self):
-        """The underlying transformers causal LM (inside the peft wrapper when LoRA is on)."""
-        base = self.base_model
-        return base.get_base_model() if hasattr(base, "get_base_model") else base
-
-    @property
     def num_tools(self) -> int:
         return len(self.tool_names)
 
@@ -568,10 +569,9 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         picked = hidden[rows, positions]
         targets = labels[rows, positions + 1]
         head = self.causal_lm.get_output_embeddings()(picked).float()
-        logits, loss, tool_loss = labelled_losses(
-            head, targets, self.memory.is_tool(targets), self.tool_token_ids, self.tool_logits(picked)
-        )
-        return CallingOutput(logits=logits, loss=loss, tool_loss=tool_loss)
+        is_tool = self.memory.is_tool(targets)
+        logits, loss, tool_loss = labelled_losses(head, targets, is_tool, self.tool_token_ids, self.tool_logits(picked))
+        return CallingOutput(logits=logits, loss=loss, tool_loss=tool_loss, num_tool_targets=is_tool.sum())
 
     def training_hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor

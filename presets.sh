@@ -74,6 +74,17 @@ run_step() {
     fi
 }
 
+# python_cli SCRIPT: set the array CLI to the command that runs a Python CLI: "$PYTHON" SCRIPT, or with NPROC > 1 the
+# same under torchrun, NPROC processes on this machine ("$PYTHON" -m torch.distributed.run, torchrun of the same
+# interpreter). The data steps stay one process.
+python_cli() {
+    if (( NPROC > 1 )); then
+        CLI=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$1")
+    else
+        CLI=("$PYTHON" "$1")
+    fi
+}
+
 # bool_var NAME...: each variable must read as a boolean; it is rewritten as true or false.
 bool_var() {
     local name value

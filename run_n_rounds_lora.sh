@@ -43,12 +43,14 @@ OUTPUT_DIR=${OUTPUT_DIR:-}                         # empty: runs/lora_<timestamp
 MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
 DTYPE=${DTYPE:-auto}                               # auto: bfloat16 on CUDA, float32 on CPU
 DEVICE=${DEVICE:-auto}
-GPU=${GPU:-0}                                      # used only when CUDA_VISIBLE_DEVICES is not already set
+GPU=${GPU:-}                                       # CUDA_VISIBLE_DEVICES when not already set; empty: 0, or 0,...,NPROC-1
+NPROC=${NPROC:-1}                                  # processes: one per GPU, or per core on CPU; more than 1 runs under torchrun
+SHARD_BACKBONE=${SHARD_BACKBONE:-false}            # with NPROC > 1: shard the frozen backbone over them (FSDP2)
 SEED=${SEED:-42}
 
-int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH LORA_R LORA_ALPHA REPLAY_BUFFER_SIZE
-bool_var REINIT_LORA USE_REPLAY_BUFFER EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
+int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH LORA_R LORA_ALPHA REPLAY_BUFFER_SIZE NPROC
+bool_var REINIT_LORA USE_REPLAY_BUFFER EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS SHARD_BACKBONE
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-${GPU:-$(seq -s, 0 $((NPROC - 1)))}}
 # The tiny backbone (1.6M parameters) learns the markers in a few hundred steps only with a larger rate and adapters on
 # its MLPs too (round 1 tool F1: attention-only at 5e-4 0.000, every linear layer at 3e-3 0.901); a real LLM keeps the
 # usual LoRA settings.
@@ -79,7 +81,9 @@ args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "
 [[ "$USE_REPLAY_BUFFER" == true ]] && args+=(--use_replay_buffer --replay_buffer_size "$REPLAY_BUFFER_SIZE"
                                              --replay_ratio "$REPLAY_RATIO" --replay_policy "$REPLAY_POLICY")
 [[ "$SAVE_CHECKPOINTS" == true ]] && args+=(--save_checkpoints)
+[[ "$SHARD_BACKBONE" == true ]] && args+=(--shard_backbone)
 
 [[ "${DRY_RUN:-false}" == true ]] ||
     echo "Running the LoRA baseline, rounds $TRAINING_ROUNDS (replay: $USE_REPLAY_BUFFER, reinit: $REINIT_LORA)"
-run_step "$PYTHON" lora_sequential.py "${args[@]}" "$@"
+python_cli lora_sequential.py
+run_step "${CLI[@]}" "${args[@]}" "$@"

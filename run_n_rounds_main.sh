@@ -47,13 +47,15 @@ OUTPUT_DIR=${OUTPUT_DIR:-}                             # empty: runs/tokmem_<tim
 MODEL=${MODEL:-}                                       # empty: the embedded tiny backbone (built on first use)
 DTYPE=${DTYPE:-auto}                                   # auto: bfloat16 on CUDA, float32 on CPU
 DEVICE=${DEVICE:-auto}
-GPU=${GPU:-0}                                          # used only when CUDA_VISIBLE_DEVICES is not already set
+GPU=${GPU:-}                                           # CUDA_VISIBLE_DEVICES when not already set; empty: 0, or 0,...,NPROC-1
+NPROC=${NPROC:-1}                                      # processes: one per GPU, or per core on CPU; more than 1 runs under torchrun
+SHARD_BACKBONE=${SHARD_BACKBONE:-false}                # with NPROC > 1: shard the frozen backbone over them (FSDP2)
 SEED=${SEED:-42}
 
-int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH RENORM_FROM_ROUND LORA_R LORA_ALPHA
+int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH RENORM_FROM_ROUND LORA_R LORA_ALPHA NPROC
 bool_var CURRICULUM_LEARNING RENORM_ACTIVE_TOOLS DECOUPLE_EMBEDDINGS USE_LORA FREEZE_LORA_AFTER_FIRST OFFER_ALL_TOOLS \
-    UNCONSTRAINED_DECODING USE_GROUND_TRUTH_TOOLS EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$GPU}
+    UNCONSTRAINED_DECODING USE_GROUND_TRUTH_TOOLS EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS SHARD_BACKBONE
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-${GPU:-$(seq -s, 0 $((NPROC - 1)))}}
 PYTHON=${PYTHON:-python3}
 
 
@@ -81,6 +83,8 @@ args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "
 [[ "$UNCONSTRAINED_DECODING" == true ]] && args+=(--unconstrained_decoding)
 [[ "$USE_GROUND_TRUTH_TOOLS" == true ]] && args+=(--use_ground_truth_tools)
 [[ "$SAVE_CHECKPOINTS" == true ]] && args+=(--save_checkpoints)
+[[ "$SHARD_BACKBONE" == true ]] && args+=(--shard_backbone)
 
 [[ "${DRY_RUN:-false}" == true ]] || echo "Running TokMem rounds $TRAINING_ROUNDS"
-run_step "$PYTHON" main_sequential.py "${args[@]}" "$@"
+python_cli main_sequential.py
+run_step "${CLI[@]}" "${args[@]}" "$@"

@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from common import UserError, check_writable, read_json, set_seed, setup_logging
+import distributed
+from common import UserError, check_writable, read_json, set_seed
 from dataset import (NativeFunctionCallingDataset, build_prompt_text, check_prompt_format, curriculum_order,
                      discover_available_tools, encode_sample, make_dataloader)
 from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, claim_default_run_dir, load_round_data,
@@ -79,19 +80,22 @@ def check_output_flags(output: OutputSettings) -> None:
 
 def resolve_model_settings(settings: RunSettings) -> RunSettings:
     """The settings with `auto` device and dtype resolved, in the model settings and in the recorded flags, so the
-    config (and --resume) records what ran."""
-    device = resolve_device(settings.model.device)
+    config (and --resume) records what ran. Under torchrun this joins the job (distributed.init_from_env): the
+    process's device is cuda:LOCAL_RANK on CUDA, and the flags record process 0's."""
+    device = distributed.init_from_env(resolve_device(settings.model.device))
     dtype = str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch.")
     model = replace(settings.model, device=str(device), dtype=dtype)
-    return replace(settings, model=model, flags={**settings.flags, "device": model.device, "dtype": model.dtype})
+    flags = {**settings.flags, "device": distributed.recorded_device(device), "dtype": model.dtype}
+    return replace(settings, model=model, flags=flags)
 
 
 def prepare_run(settings: RunSettings, method: str) -> RunPlan:
     """Check what can be checked before the model is built, and write nothing: the output places, every round's
     data, the model directory and --max_length against its positions, the device, and with --resume the run to
     continue. The plan's settings have device and dtype resolved. Seeds the run. Logs go to stderr until the run
-    directory exists (building the default backbone reports its progress there)."""
-    setup_logging()
+    directory exists (building the default backbone reports its progress there). Under torchrun every process
+    checks the same and joins the job here, before the model is built."""
+    distributed.setup_process_logging()
     check_output_flags(settings.output)
     rounds, data = load_rounds(settings.data)
     model_name = resolve_model_name(settings.model.model_name)
@@ -144,15 +148,17 @@ def start_run(plan: RunPlan, model) -> RunDirectory:
     if plan.resumed is not None:
         plan.resumed.check_prompt(prompt)
     check_lengths(model, plan)
+    if settings.model.shard_backbone:
+        distributed.shard_backbone(model.causal_lm)
     run = plan.resumed
     if run is None:
         output_dir = settings.output.output_dir
-        path = Path(output_dir) if output_dir else claim_default_run_dir(plan.method)
+        path = Path(output_dir) if output_dir else distributed.from_main(lambda: claim_default_run_dir(plan.method))
         run = RunDirectory(path, plan.method, settings.flags, plan.rounds, resume=False,
                            checkpoint_dir=settings.output.checkpoint_dir)
     run.record_inputs(plan.data, prompt)
     run.started = plan.started
-    setup_logging(settings.output.log_file or run.path / "train.log")
+    distributed.setup_process_logging(settings.output.log_file or run.path / "train.log")
     if run.completed_rounds:
         logger.info("resuming %s after %d finished round(s)", run.path, run.completed_rounds)
     return run
@@ -171,7 +177,7 @@ def evaluation_plan(round_index: int, num_rounds: int, evaluation: EvalSettings)
 def round_loader(settings: RunSettings, model, samples: list[dict], index: int,
                  make_loader: LoaderFactory | None) -> DataLoader:
     """Round `index`'s training loader: its samples (fewer calls first with --curriculum_learning, else shuffled),
-    seeded by the round."""
+    seeded by the round; with several processes, each one's share of every global batch (distributed.share_batches)."""
     seed = settings.seed + index
     if settings.train.curriculum_learning:
         samples = curriculum_order(samples, seed)
@@ -179,8 +185,10 @@ def round_loader(settings: RunSettings, model, samples: list[dict], index: int,
                                              "train", prompt_format=settings.data.prompt_format)
     shuffle = not settings.train.curriculum_learning
     if make_loader is None:
-        return make_dataloader(train_set, settings.train.batch_size, model.tokenizer.pad_token_id, shuffle, seed)
-    return make_loader(index, train_set, shuffle, seed)
+        loader = make_dataloader(train_set, settings.train.batch_size, model.tokenizer.pad_token_id, shuffle, seed)
+    else:
+        loader = make_loader(index, train_set, shuffle, seed)
+    return distributed.share_batches(loader)
 
 
 def run_rounds(
@@ -220,12 +228,13 @@ def run_rounds(
                     spec.name, stats.steps, stats.mean_loss, stats.final_loss, stats.mean_tool_loss)
         offered = None if settings.decoding.offer_all_tools else [t for d in data[: index + 1] for t in d.tools]
         model.set_generation_tools(offered)
-        model.save(run.checkpoint_path(index))
+        if run.writer:
+            model.save(run.checkpoint_path(index))
         for test_index in evaluation_plan(index, len(data), settings.evaluation):
             evaluate_round(settings, model, data[test_index], index, test_index, run)
         run.finish_round(index, {"steps": stats.steps, "mean_loss": stats.mean_loss, "final_loss": stats.final_loss,
                                  "mean_tool_loss": stats.mean_tool_loss})
-        if not settings.output.save_checkpoints and index > 0:
+        if not settings.output.save_checkpoints and index > 0 and run.writer:
             remove_checkpoint(run.checkpoint_path(index - 1))
     return run.write_summary({"parameters": model.parameter_breakdown()})
 

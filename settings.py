@@ -27,6 +27,7 @@ class ModelSettings:
     device: str = "auto"
     dtype: str = "auto"
     max_new_tokens: int = 256
+    shard_backbone: bool = False  # FSDP2 over the processes of a torchrun job (distributed.shard_backbone)
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,9 @@ def add_model_flags(parser: CliParser) -> None:
                         help="backbone dtype; auto is bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--max_new_tokens", type=positive_int, default=ModelSettings.max_new_tokens,
                         help="most tokens generated per answer")
+    parser.add_argument("--shard_backbone", action="store_true",
+                        help="under torchrun with several processes, shard the frozen backbone's decoder layers over "
+                             "them (FSDP2) instead of a whole copy in each; for a backbone that does not fit one device")
 
 
 def add_data_flags(parser: CliParser) -> None:

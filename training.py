@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+import distributed
 from common import UserError
+from dataset import IGNORE_INDEX
 from eval import score_predictions
 
 logger = logging.getLogger(__name__)
@@ -131,30 +133,36 @@ def train_round(
     losses: list[float] = []
     tool_losses: list[float] = []
     step = 0
-    progress = tqdm(total=total_steps, desc=description, leave=False, dynamic_ncols=True)
+    progress = tqdm(total=total_steps, desc=description, leave=False, dynamic_ncols=True,
+                    disable=not distributed.is_main())
+    several = distributed.is_distributed()
     for epoch in range(settings.epochs):
         for batch_index, batch in enumerate(loader):
-            out = model(
-                batch["input_ids"].to(model.device),
-                batch["attention_mask"].to(model.device),
-                labels=batch["labels"].to(model.device),
-            )
+            labels = batch["labels"].to(model.device)
+            out = model(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), labels=labels)
             # Only the losses are needed from here on: dropping the output frees its labelled rows' logits (a
             # vocabulary-sized tensor that backward does not use) before backward runs.
-            loss, tool_loss = out.loss, out.tool_loss
+            if several:
+                loss, loss_value, tool_value = _global_batch_loss(out, labels, batch.get("dummy", False))
+            else:
+                loss, tool_loss = out.loss, out.tool_loss
+                loss_value = loss.item()
+                tool_value = tool_loss.item() if tool_loss is not None else float("nan")
             del out
-            if not torch.isfinite(loss):
+            if not math.isfinite(loss_value):
                 progress.close()
                 raise TrainingDiverged(
-                    f"{description}: the loss became {loss.item()} at epoch {epoch + 1}, batch {batch_index + 1}; "
+                    f"{description}: the loss became {loss_value} at epoch {epoch + 1}, batch {batch_index + 1}; "
                     "this round is not saved (try a lower --lr / --lora_lr)"
                 )
             (loss / accumulation_group_size(batch_index, len(loader), accumulation)).backward()
-            losses.append(loss.item())
-            tool_losses.append(tool_loss.item() if tool_loss is not None else float("nan"))
+            losses.append(loss_value)
+            tool_losses.append(tool_value)
             last_of_epoch = batch_index + 1 == len(loader)
             if (batch_index + 1) % accumulation and not last_of_epoch:
                 continue
+            if several:
+                distributed.all_reduce_([p.grad for p in trainable if p.grad is not None])
             if active_tools is not None:
                 for rows in row_tensors:
                     if rows.grad is not None:
@@ -183,6 +191,27 @@ def train_round(
     )
 
 
+def _global_batch_loss(out, labels: torch.Tensor, dummy: bool) -> tuple[torch.Tensor, float, float]:
+    """This process's share of the global batch's loss, and the global loss and tool loss (several processes).
+
+    The returned tensor is the share's summed token losses over the GLOBAL count of labelled tokens, so the summed
+    gradients of all processes are those of the global batch's mean loss; a dummy share (an empty slice of the last
+    batch) weighs zero. A non-finite loss anywhere makes the global loss NaN on every process, so all stop together.
+    """
+    count = 0 if dummy else int((labels[:, 1:] != IGNORE_INDEX).sum())
+    tool_count = 0 if dummy or out.num_tool_targets is None else int(out.num_tool_targets)
+    local_loss = out.loss.item()
+    loss_sum = local_loss * count if count else 0.0
+    tool_sum = out.tool_loss.item() * tool_count if tool_count else 0.0
+    total, total_count, total_tool, total_tool_count, bad = distributed.sum_values(
+        [loss_sum, count, tool_sum, tool_count, 0.0 if math.isfinite(local_loss) else 1.0])
+    if bad:
+        return out.loss, float("nan"), float("nan")
+    loss_value = total / total_count if total_count else 0.0
+    tool_value = total_tool / total_tool_count if total_tool_count else 0.0
+    return out.loss * (count / total_count if total_count else 0.0), loss_value, tool_value
+
+
 def accumulation_group_size(batch_index: int, num_batches: int, accumulation: int) -> int:
     """How many batches share the optimizer step of `batch_index`: `accumulation`, fewer in an epoch's last group."""
     group_start = batch_index - batch_index % accumulation
@@ -199,10 +228,18 @@ def predict(
     model, loader: DataLoader, use_ground_truth_tools: bool = False, max_new_tokens: int = 256, description: str = "eval",
     ground_truth_style: str = "forced",
 ) -> list[dict]:
-    """Generate for every sample of an eval loader; returns the prediction dicts that eval.score_predictions takes."""
+    """Generate for every sample of an eval loader; returns the prediction dicts that eval.score_predictions takes.
+
+    With several processes each decodes its share of the loader's batches (distributed.work_share: whole batches, so
+    every sample is decoded in the batch one process would put it in) and every process gets all the predictions, in
+    the loader's order.
+    """
     model.eval()
-    predictions: list[dict] = []
-    for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
+    batches = list(loader)
+    per_batch: list[list[dict]] = []
+    shares = distributed.work_share(len(batches))
+    for index in tqdm(shares, desc=description, leave=False, dynamic_ncols=True, disable=not distributed.is_main()):
+        batch = batches[0 if index is None else index]
         if use_ground_truth_tools:
             outputs = model.generate_with_ground_truth_tools(
                 batch["input_ids"], batch["attention_mask"], batch["gold_tools"], max_new_tokens=max_new_tokens,
@@ -212,18 +249,20 @@ def predict(
             outputs = model.generate_with_tool_prediction(
                 batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens
             )
-        for out, query, tools, calls in zip(outputs, batch["user_input"], batch["gold_tools"], batch["gold_calls"]):
-            predictions.append(
-                {
-                    "user_input": query,
-                    "predicted_tools": out.predicted_tools,
-                    "function_calls": out.function_calls,
-                    "gold_tools": tools,
-                    "gold_calls": calls,
-                    "generated_text": out.text,
-                }
-            )
-    return predictions
+        if index is None:
+            continue
+        per_batch.append([
+            {
+                "user_input": query,
+                "predicted_tools": out.predicted_tools,
+                "function_calls": out.function_calls,
+                "gold_tools": tools,
+                "gold_calls": calls,
+                "generated_text": out.text,
+            }
+            for out, query, tools, calls in zip(outputs, batch["user_input"], batch["gold_tools"], batch["gold_calls"])
+        ])
+    return [prediction for chunk in distributed.gather_in_order(per_batch, len(batches)) for prediction in chunk]
 
 
 def evaluate(

@@ -56,6 +56,7 @@ class Breakage:
 
 RESUME = ("tests/test_resume.py",)
 MODEL = ("tests/test_model.py",)
+DISTRIBUTED = ("tests/test_distributed.py",)
 
 BREAKAGES = (
     Breakage("resume-from-round-1", "--resume retrains every round from round 1",
@@ -153,6 +154,18 @@ BREAKAGES = (
              (Edit("xlam_datasets.py", "    return kept[n_test:], kept[:n_test], len(queries) - len(usable)",
                    "    return kept, kept[:n_test], len(queries) - len(usable)"),),
              ("tests/test_xlam_datasets.py",)),
+    Breakage("gradients-not-summed", "several processes step on their own slice's gradient (no all-reduce)",
+             (Edit("training.py", "                distributed.all_reduce_([p.grad for p in trainable if p.grad is not None])",
+                   "                pass"),),
+             DISTRIBUTED),
+    Breakage("local-loss-normalisation", "each process divides its slice's loss by its own token count",
+             (Edit("training.py", "    return out.loss * (count / total_count if total_count else 0.0), loss_value, tool_value",
+                   "    return out.loss / distributed.world_size(), loss_value, tool_value"),),
+             DISTRIBUTED),
+    Breakage("gather-out-of-order", "gathered predictions come back process by process, not in dataset order",
+             (Edit("distributed.py", "            ordered[source + position * world] = item",
+                   "            ordered[sum(map(len, parts[:source])) + position] = item"),),
+             DISTRIBUTED),
 )
 
 

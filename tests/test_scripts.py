@@ -163,3 +163,20 @@ def test_every_cited_document_exists():
             if not ((REPO_ROOT / cited).is_file() or (path.parent / cited).is_file()):
                 missing.append(f"{path.relative_to(REPO_ROOT)} cites {cited}")
     assert not missing
+
+
+@pytest.mark.parametrize("script, cli", [("run_n_rounds_main.sh", "main_sequential.py"),
+                                         ("run_n_rounds_lora.sh", "lora_sequential.py"),
+                                         ("icl_baseline.sh", "icl_baseline.py")])
+def test_nproc_runs_the_cli_under_torchrun_and_the_data_step_alone(tmp_path, script, cli):
+    result = run_script(script, tmp_path, DRY_RUN="true", NPROC="2", SHARD_BACKBONE="yes")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert all(line.startswith("python3 xlam_datasets.py ") for line in lines[:-1])  # data: one process
+    words = shlex.split(lines[-1])
+    assert words[:6] == ["python3", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert words[6] == cli and "--shard_backbone" in words
+    single = run_script(script, tmp_path, DRY_RUN="true").stdout.splitlines()[-1]
+    assert shlex.split(single)[:2] == ["python3", cli] and "--shard_backbone" not in single
+    bad = run_script(script, tmp_path, DRY_RUN="true", NPROC="two")
+    assert bad.returncode == 2 and "NPROC must be a positive integer, got 'two'" in bad.stderr
