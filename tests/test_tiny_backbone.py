@@ -189,9 +189,9 @@ def test_cli_probe_needs_a_finished_build(tmp_path):
 
 def test_build_command_spells_out_the_changed_choices():
     assert tb.build_command(tb.BuildSettings()) == "python tiny_backbone.py --rebuild --steps 3000 --seed 0"
-    changed = tb.BuildSettings(steps=10, seed=2, split="digits", icl_fraction=0.0)
+    changed = tb.BuildSettings(steps=10, seed=2, split="digits", icl_fraction=0.1)
     assert tb.build_command(changed, "x") == ("python tiny_backbone.py --rebuild --steps 10 --seed 2 --split digits "
-                                              "--icl_fraction 0.0 --output x")
+                                              "--icl_fraction 0.1 --output x")
 
 
 def micro_settings() -> tb.BuildSettings:
@@ -348,3 +348,20 @@ def test_the_words_split_tokenizes_a_value_alike_in_query_and_json():
     with pytest.raises(ValueError, match="split"):
         tb.build_tokenizer(texts, vocab_size=900, split="bytes")
 
+
+def test_the_committed_backbone_matches_its_report():
+    path = tb.DEFAULT_BACKBONE_DIR
+    assert tb.is_finished_build(path), "models/tiny-llama-fc is committed"
+    weights = path / "model.safetensors"
+    report = tb.read_report(path)
+    assert weights.stat().st_size <= 10 * 2**20
+    assert report["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    settings = tb.settings_of(report)
+    assert report["command"] == tb.build_command(settings)
+    assert report["train_seconds"] > 0 and report["settings"]["threads"] == 1
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    assert config.max_position_embeddings == settings.max_position_embeddings
+    assert config.hidden_size == settings.hidden_size and config.num_hidden_layers == settings.num_layers
+    assert len(AutoTokenizer.from_pretrained(path)) == report["vocab_size"] == config.vocab_size
