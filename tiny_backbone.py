@@ -157,6 +157,8 @@ class BuildSettings:
     def __post_init__(self) -> None:
         if self.max_length > self.max_position_embeddings:
             raise ValueError(f"max_length {self.max_length} exceeds max_position_embeddings {self.max_position_embeddings}")
+        if self.icl_min_listed > self.icl_max_listed:
+            raise ValueError(f"icl_min_listed {self.icl_min_listed} exceeds icl_max_listed {self.icl_max_listed}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"hidden_size {self.hidden_size}, num_heads {self.num_heads} and num_kv_heads "
                              f"{self.num_kv_heads} must divide")
@@ -889,7 +891,8 @@ def probe_build(path: str | os.PathLike) -> dict:
 
 
 # The build choices the CLI exposes (each measured in the README's table of backbone recipes).
-CHOICE_FLAGS = ("split", "fresh_value_fraction", "icl_fraction", "icl_alias_fraction", "hidden_size", "num_layers")
+CHOICE_FLAGS = ("split", "fresh_value_fraction", "icl_fraction", "icl_alias_fraction", "icl_min_listed", "icl_max_listed",
+                "hidden_size", "num_layers", "max_position_embeddings", "max_length", "batch_tokens")
 
 
 def build_command(settings: BuildSettings, output: str | None = None) -> str:
@@ -918,8 +921,14 @@ def parse_args(argv: Sequence[str] | None) -> Any:
                             ("icl_alias_fraction", "share of in-context samples under made-up tool names")):
         parser.add_argument(f"--{name}", type=fraction, default=getattr(BuildSettings, name),
                             help=f"{help_text} (default: %(default)s)")
-    parser.add_argument("--hidden_size", type=positive_int, default=BuildSettings.hidden_size, help="model width")
-    parser.add_argument("--num_layers", type=positive_int, default=BuildSettings.num_layers, help="decoder layers")
+    for name, help_text in (("icl_min_listed", "fewest tools an in-context sample lists"),
+                            ("icl_max_listed", "most tools an in-context sample lists"),
+                            ("hidden_size", "model width"), ("num_layers", "decoder layers"),
+                            ("max_position_embeddings", "positions of the model"),
+                            ("max_length", "longest training sample, in tokens"),
+                            ("batch_tokens", "tokens per batch, padding included")):
+        parser.add_argument(f"--{name}", type=positive_int, default=getattr(BuildSettings, name),
+                            help=f"{help_text} (default: %(default)s)")
     return parser.parse_args(argv)
 
 
