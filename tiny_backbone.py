@@ -896,7 +896,8 @@ CHOICE_FLAGS = ("split", "fresh_value_fraction", "icl_fraction", "icl_alias_frac
 
 
 def build_command(settings: BuildSettings, output: str | None = None) -> str:
-    """The command that rebuilds `settings` (choices left at their defaults are not spelled out)."""
+    """The command that rebuilds `settings`: the CLI's choices that differ from their defaults are spelled out; settings
+    the CLI does not expose (vocabulary, learning rate, ...) are only in the report's "settings"."""
     defaults = BuildSettings()
     parts = ["python tiny_backbone.py --rebuild", f"--steps {settings.steps}", f"--seed {settings.seed}"]
     parts += [f"--{name} {getattr(settings, name)}" for name in CHOICE_FLAGS

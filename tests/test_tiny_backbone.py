@@ -237,7 +237,8 @@ def test_micro_build_end_to_end_loads_back(tmp_path):
         assert 0.0 <= scores["argument_accuracy"] <= 1.0
     assert report["pretraining_ranks"][0] == tb.PRETRAIN_FIRST_RANK
     assert report["weights_sha256"] == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
-    assert report["command"] == "python tiny_backbone.py --rebuild --steps 3 --seed 3 --hidden_size 32 --num_layers 1"
+    assert report["command"] == ("python tiny_backbone.py --rebuild --steps 3 --seed 3 --icl_max_listed 3 --hidden_size 32 "
+                                 "--num_layers 1 --max_position_embeddings 512 --max_length 512 --batch_tokens 1024")
     reprobed = tb.probe_build(path)
     assert {key: reprobed[key] for key, _ in probes} == {key: report[key] for key, _ in probes}, "the probe is pure"
     tokenizer = AutoTokenizer.from_pretrained(path)
