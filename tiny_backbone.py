@@ -131,7 +131,8 @@ class BuildSettings:
     weight_decay: float = 0.01
     # Copying curriculum: this share of samples has its argument values replaced, in the query and in the answer, by
     # fresh ones (random words from the corpus, made-up words, random digits), so that only copying predicts them.
-    # Off by default: in 3000 steps it did not make the model copy (README, "The embedded backbone").
+    # Off by default: copying started only after about 3200 steps with it (6000 steps: argument accuracy on fresh
+    # values 0.41, exact match 0.05; README, "The embedded backbone"), and the committed build has 3000.
     fresh_value_fraction: float = 0.0
     # Reading curriculum: this share of samples is in the in-context format (icl_min_listed to icl_max_listed described
     # tools, the gold ones among them); in this share of those every listed tool gets a made-up name, so that only
