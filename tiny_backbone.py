@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -37,10 +36,12 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from common import CliParser, UserError, atomic_write_json, positive_int, run_cli, set_seed, setup_logging
+from common import (CliParser, UserError, atomic_write_json, positive_int, run_cli, set_seed, setup_logging,
+                    unit_interval)
 from dataset import IGNORE_INDEX, build_answer_ids, build_prompt_ids, end_of_turn_id, icl_answer_text, tool_system_prompt
 from decoding import causal_lm_step, decode_prompts
 from eval import parse_function_call, score_predictions
+from round_files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -424,8 +425,13 @@ def _value_text(value: Any) -> str | None:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _bounded(text: str) -> str:
+    """A pattern matching `text` where no letter or digit adjoins it (so "3" does not match inside "2023")."""
+    return rf"(?<![\p{{L}}\p{{N}}]){re.escape(text)}(?![\p{{L}}\p{{N}}])"
+
+
 def _occurs(text: str, query: str) -> bool:
-    return re.search(rf"(?<![\p{{L}}\p{{N}}]){re.escape(text)}(?![\p{{L}}\p{{N}}])", query) is not None
+    return re.search(_bounded(text), query) is not None
 
 
 def with_fresh_values(sample: dict, rng: random.Random, words: Sequence[str]) -> dict:
@@ -447,8 +453,7 @@ def with_fresh_values(sample: dict, rng: random.Random, words: Sequence[str]) ->
                 mapping[text] = fresh
     if not mapping:
         return sample
-    pattern = re.compile("|".join(rf"(?<![\p{{L}}\p{{N}}]){re.escape(t)}(?![\p{{L}}\p{{N}}])"
-                                  for t in sorted(mapping, key=len, reverse=True)))
+    pattern = re.compile("|".join(_bounded(t) for t in sorted(mapping, key=len, reverse=True)))
     new_query = pattern.sub(lambda match: mapping[match.group(0)], query)
     new_calls = []
     for arguments in calls:
@@ -773,7 +778,7 @@ def build_backbone(output_dir: str | os.PathLike, settings: BuildSettings) -> di
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(output_dir)
     model.save_pretrained(output_dir)
-    report["weights_sha256"] = _sha256(output_dir / "model.safetensors")
+    report["weights_sha256"] = file_sha256(output_dir / "model.safetensors")
     atomic_write_json(output_dir / REPORT_FILE, report)
     log_scores(report)
     return report
@@ -787,14 +792,6 @@ def log_scores(report: dict) -> None:
             logger.info("%s: tool accuracy %.3f, argument accuracy %.3f, exact match %.3f (%d samples)", name,
                         scores["tool_accuracy"], scores["argument_accuracy"], scores["exact_accuracy"],
                         scores["total_examples"])
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _transformers_version() -> str:
@@ -881,7 +878,7 @@ def probe_build(path: str | os.PathLike) -> dict:
     report.update(probe(model, tokenizer, data, settings, word_pool(rows)))
     report["eval_seconds"] = round(time.time() - start, 1)
     report.setdefault("command", build_command(settings))
-    report["weights_sha256"] = _sha256(path / "model.safetensors")
+    report["weights_sha256"] = file_sha256(path / "model.safetensors")
     atomic_write_json(path / REPORT_FILE, report)
     log_scores(report)
     return report
@@ -921,7 +918,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     for name, help_text in (("fresh_value_fraction", "share of samples with fresh argument values"),
                             ("icl_fraction", "share of samples in the in-context format"),
                             ("icl_alias_fraction", "share of in-context samples under made-up tool names")):
-        parser.add_argument(f"--{name}", type=fraction, default=getattr(BuildSettings, name),
+        parser.add_argument(f"--{name}", type=unit_interval, default=getattr(BuildSettings, name),
                             help=f"{help_text} (default: %(default)s)")
     for name, help_text in (("icl_min_listed", "fewest tools an in-context sample lists"),
                             ("icl_max_listed", "most tools an in-context sample lists"),
@@ -932,19 +929,6 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         parser.add_argument(f"--{name}", type=positive_int, default=getattr(BuildSettings, name),
                             help=f"{help_text} (default: %(default)s)")
     return parser.parse_args(argv)
-
-
-def fraction(text: str) -> float:
-    """A CLI value in [0, 1]."""
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
