@@ -36,7 +36,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from common import (CliParser, UserError, atomic_write_json, positive_int, run_cli, set_seed, setup_logging,
+from common import (CliParser, UserError, atomic_write_json, non_negative_int, positive_int, run_cli, set_seed, setup_logging,
                     unit_interval)
 from dataset import IGNORE_INDEX, build_answer_ids, build_prompt_ids, end_of_turn_id, icl_answer_text, tool_system_prompt
 from decoding import causal_lm_step, decode_prompts
@@ -108,6 +108,7 @@ PRETRAIN_LAST_RANK = 400
 # The synthetic corpus the backbone learns from: xlam_datasets' default seed, so that for the default data the
 # pretraining tools (ranks 201-400) and the experiments' tools (ranks 1-200) are disjoint.
 CORPUS_SEED = 42
+READING_SEED_OFFSET = 7  # the reading stage draws its samples' formats and values from seed + this
 
 
 @dataclass
@@ -116,7 +117,7 @@ class BuildSettings:
 
     seed: int = 0
     corpus_seed: int = CORPUS_SEED
-    split: str = "llama3"
+    split: str = "digits"
     vocab_size: int = 6144
     hidden_size: int = 128
     num_layers: int = 4
@@ -125,16 +126,15 @@ class BuildSettings:
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
     max_length: int = 384
-    steps: int = 3000
+    steps: int = 10000
     batch_tokens: int = 2048
     learning_rate: float = 4e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
     # Copying curriculum: this share of samples has its argument values replaced, in the query and in the answer, by
     # fresh ones (random words from the corpus, made-up words, random digits), so that only copying predicts them.
-    # Off by default: copying started only after about 3200 steps with it (6000 steps: argument accuracy on fresh
-    # values 0.41, exact match 0.05; README, "The embedded backbone"), and the committed build has 3000.
-    fresh_value_fraction: float = 0.0
+    # Copying starts late with it (the loss falls from 1.2 to 0.4 between steps 3200 and 5000), hence 10000 steps.
+    fresh_value_fraction: float = 0.7
     # Reading curriculum: this share of samples is in the in-context format (icl_min_listed to icl_max_listed described
     # tools, the gold ones among them); in this share of those every listed tool gets a made-up name, so that only
     # reading the list helps. Off by default: long in-context samples took most steps from the TokMem format.
@@ -142,6 +142,14 @@ class BuildSettings:
     icl_min_listed: int = 3
     icl_max_listed: int = 5
     icl_alias_fraction: float = 0.5
+    # Reading stage: after `steps`, this many more steps (warm-up then cosine again, at reading_learning_rate) on a new
+    # draw of the samples in which reading_icl_fraction are in the in-context format, up to reading_max_length tokens.
+    # Copying has to come first: in-context samples mixed in from the start took most steps and stopped TokMem
+    # learning (README, "The embedded backbone"). 0: no reading stage.
+    reading_steps: int = 0
+    reading_icl_fraction: float = 0.3
+    reading_learning_rate: float = 3e-3
+    reading_max_length: int = 1408
     max_samples_per_tool: int = 60
     train_size: int = 24000
     test_size: int = 300
@@ -151,14 +159,16 @@ class BuildSettings:
     icl_eval_samples: int = 100
     eval_batch_size: int = 64
     max_new_tokens: int = 160
-    # One thread: the build gives the same weights on any machine (a thread count changes float reductions), and it
-    # keeps its pace when another process shares the cores (2 threads fell from 8.5 to 1.6 steps/s there; 1 thread
-    # ran at 4.7 steps/s beside other jobs).
-    threads: int = 1
+    # The weights depend on the thread count (it changes how float sums are split). Two threads: 8 steps/s on 2 idle
+    # cores, where one thread makes 5; but two threads fell to 1.6 steps/s when another process shared the cores,
+    # where one thread kept 4.7. The committed backbone is a download-free artefact, so its build favours speed.
+    threads: int = 2
 
     def __post_init__(self) -> None:
-        if self.max_length > self.max_position_embeddings:
-            raise ValueError(f"max_length {self.max_length} exceeds max_position_embeddings {self.max_position_embeddings}")
+        for name in ("max_length", "reading_max_length") if self.reading_steps else ("max_length",):
+            if getattr(self, name) > self.max_position_embeddings:
+                raise ValueError(f"{name} {getattr(self, name)} exceeds max_position_embeddings "
+                                 f"{self.max_position_embeddings}")
         if self.icl_min_listed > self.icl_max_listed:
             raise ValueError(f"icl_min_listed {self.icl_min_listed} exceeds icl_max_listed {self.icl_max_listed}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -166,6 +176,12 @@ class BuildSettings:
                              f"{self.num_kv_heads} must divide")
         if self.split not in SPLIT_PATTERNS:
             raise ValueError(f"split must be one of {sorted(SPLIT_PATTERNS)}, got {self.split!r}")
+
+    def reading_stage(self) -> "BuildSettings":
+        """The settings the reading stage encodes and trains with (its own steps, share, length and rate)."""
+        return dataclasses.replace(self, steps=self.reading_steps, icl_fraction=self.reading_icl_fraction,
+                                   learning_rate=self.reading_learning_rate, max_length=self.reading_max_length,
+                                   reading_steps=0)
 
     def model_sizes(self) -> dict[str, int]:
         """The keyword arguments of `build_config` that set the model's shape."""
@@ -758,6 +774,12 @@ def build_backbone(output_dir: str | os.PathLike, settings: BuildSettings) -> di
         logger.info("model: %.2fM parameters", count_parameters(model) / 1e6)
         train_start = time.time()
         losses = pretrain(model, examples, settings, tokenizer.pad_token_id)
+        if settings.reading_steps:
+            reading = settings.reading_stage()
+            examples = encode_training_set(tokenizer, data, reading, random.Random(settings.seed + READING_SEED_OFFSET), words)
+            logger.info("reading stage: %d examples, %.2f in the in-context format, up to %d tokens", len(examples),
+                        reading.icl_fraction, reading.max_length)
+            losses += pretrain(model, examples, reading, tokenizer.pad_token_id)
         train_seconds = time.time() - train_start
     eval_start = time.time()
     scores = probe(model, tokenizer, data, settings, words)
@@ -890,7 +912,8 @@ def probe_build(path: str | os.PathLike) -> dict:
 
 # The build choices the CLI exposes (each measured in the README's table of backbone recipes).
 CHOICE_FLAGS = ("split", "fresh_value_fraction", "icl_fraction", "icl_alias_fraction", "icl_min_listed", "icl_max_listed",
-                "hidden_size", "num_layers", "max_position_embeddings", "max_length", "batch_tokens")
+                "hidden_size", "num_layers", "max_position_embeddings", "max_length", "batch_tokens", "reading_steps",
+                "reading_icl_fraction", "reading_max_length", "threads")
 
 
 def build_command(settings: BuildSettings, output: str | None = None) -> str:
@@ -917,7 +940,8 @@ def parse_args(argv: Sequence[str] | None) -> Any:
                         help="pre-tokenizer split (default: %(default)s)")
     for name, help_text in (("fresh_value_fraction", "share of samples with fresh argument values"),
                             ("icl_fraction", "share of samples in the in-context format"),
-                            ("icl_alias_fraction", "share of in-context samples under made-up tool names")):
+                            ("icl_alias_fraction", "share of in-context samples under made-up tool names"),
+                            ("reading_icl_fraction", "share of the reading stage's samples in the in-context format")):
         parser.add_argument(f"--{name}", type=unit_interval, default=getattr(BuildSettings, name),
                             help=f"{help_text} (default: %(default)s)")
     for name, help_text in (("icl_min_listed", "fewest tools an in-context sample lists"),
@@ -925,8 +949,13 @@ def parse_args(argv: Sequence[str] | None) -> Any:
                             ("hidden_size", "model width"), ("num_layers", "decoder layers"),
                             ("max_position_embeddings", "positions of the model"),
                             ("max_length", "longest training sample, in tokens"),
-                            ("batch_tokens", "tokens per batch, padding included")):
+                            ("batch_tokens", "tokens per batch, padding included"),
+                            ("reading_max_length", "longest sample of the reading stage, in tokens")):
         parser.add_argument(f"--{name}", type=positive_int, default=getattr(BuildSettings, name),
+                            help=f"{help_text} (default: %(default)s)")
+    for name, help_text in (("reading_steps", "steps of the reading stage after --steps (0: none)"),
+                            ("threads", "torch threads; the weights depend on it (0: all cores)")):
+        parser.add_argument(f"--{name}", type=non_negative_int, default=getattr(BuildSettings, name),
                             help=f"{help_text} (default: %(default)s)")
     return parser.parse_args(argv)
 

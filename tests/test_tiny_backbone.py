@@ -182,16 +182,24 @@ def test_cli_rejects_a_width_the_heads_do_not_divide(tmp_path):
         tb.main(["--output", str(tmp_path / "b"), "--hidden_size", "130"])
 
 
+def test_cli_rejects_a_reading_stage_longer_than_the_positions(tmp_path):
+    with pytest.raises(UserError, match="reading_max_length 1408 exceeds max_position_embeddings 1024"):
+        tb.main(["--output", str(tmp_path / "b"), "--reading_steps", "10"])
+    assert not (tmp_path / "b").exists()
+
+
 def test_cli_probe_needs_a_finished_build(tmp_path):
     with pytest.raises(UserError, match="no finished build"):
         tb.main(["--output", str(tmp_path), "--probe"])
 
 
 def test_build_command_spells_out_the_changed_choices():
-    assert tb.build_command(tb.BuildSettings()) == "python tiny_backbone.py --rebuild --steps 3000 --seed 0"
-    changed = tb.BuildSettings(steps=10, seed=2, split="digits", icl_fraction=0.1)
-    assert tb.build_command(changed, "x") == ("python tiny_backbone.py --rebuild --steps 10 --seed 2 --split digits "
-                                              "--icl_fraction 0.1 --output x")
+    assert tb.build_command(tb.BuildSettings()) == "python tiny_backbone.py --rebuild --steps 10000 --seed 0"
+    changed = tb.BuildSettings(steps=10, seed=2, split="llama3", icl_fraction=0.1, reading_steps=5,
+                               reading_max_length=1000, threads=1)
+    assert tb.build_command(changed, "x") == ("python tiny_backbone.py --rebuild --steps 10 --seed 2 --split llama3 "
+                                              "--icl_fraction 0.1 --reading_steps 5 --reading_max_length 1000 --threads 1 "
+                                              "--output x")
 
 
 def micro_settings() -> tb.BuildSettings:
@@ -214,7 +222,21 @@ def micro_settings() -> tb.BuildSettings:
         eval_samples=4,
         icl_eval_samples=2,
         max_new_tokens=8,
+        reading_steps=2,
+        reading_max_length=512,
+        threads=1,
     )
+
+
+def test_the_reading_stage_trains_on_its_own_share_length_and_rate():
+    settings = tb.BuildSettings(steps=10, learning_rate=1e-3, icl_fraction=0.0, reading_steps=4,
+                                reading_icl_fraction=0.5, reading_learning_rate=2e-4, reading_max_length=900,
+                                max_position_embeddings=1024)
+    reading = settings.reading_stage()
+    assert (reading.steps, reading.icl_fraction, reading.learning_rate, reading.max_length) == (4, 0.5, 2e-4, 900)
+    assert reading.reading_steps == 0 and reading.fresh_value_fraction == settings.fresh_value_fraction
+    with pytest.raises(ValueError, match="reading_max_length 2000 exceeds max_position_embeddings 1024"):
+        tb.BuildSettings(reading_steps=1, reading_max_length=2000, max_position_embeddings=1024)
 
 
 @pytest.mark.slow
@@ -238,7 +260,8 @@ def test_micro_build_end_to_end_loads_back(tmp_path):
     assert report["pretraining_ranks"][0] == tb.PRETRAIN_FIRST_RANK
     assert report["weights_sha256"] == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
     assert report["command"] == ("python tiny_backbone.py --rebuild --steps 3 --seed 3 --icl_max_listed 3 --hidden_size 32 "
-                                 "--num_layers 1 --max_position_embeddings 512 --max_length 512 --batch_tokens 1024")
+                                 "--num_layers 1 --max_position_embeddings 512 --max_length 512 --batch_tokens 1024 "
+                                 "--reading_steps 2 --reading_max_length 512 --threads 1")
     reprobed = tb.probe_build(path)
     assert {key: reprobed[key] for key, _ in probes} == {key: report[key] for key, _ in probes}, "the probe is pure"
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -358,8 +381,10 @@ def test_the_committed_backbone_matches_its_report():
     assert weights.stat().st_size <= 10 * 2**20
     assert report["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     settings = tb.settings_of(report)
-    assert report["command"] == tb.build_command(settings)
-    assert report["train_seconds"] > 0 and report["settings"]["threads"] == 1
+    assert settings == tb.BuildSettings(), "the committed backbone is the default recipe"
+    assert report["command"] == tb.build_command(settings) == "python tiny_backbone.py --rebuild --steps 10000 --seed 0"
+    assert report["train_seconds"] > 0
+    assert report["held_out"]["total_examples"] == settings.eval_samples
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path)
