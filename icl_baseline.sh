@@ -34,7 +34,7 @@ SHARD_BACKBONE=${SHARD_BACKBONE:-false}            # with NPROC > 1: shard the f
 SEED=${SEED:-42}
 
 # The embedded backbone has 1024 positions, and no prompt listing every tool of a range fits there with its answer
-# (10 tools: 1009 prompt tokens), so on it RUN_ALL_TOOLS defaults to false and only RAG runs; with MODEL set, both run.
+# (10 tools: up to 982 prompt tokens, plus up to MAX_NEW_TOKENS), so on it RUN_ALL_TOOLS defaults to false and only RAG runs; with MODEL set, both run.
 if [[ -z "$RUN_ALL_TOOLS" ]]; then
     if [[ -z "$MODEL" ]]; then RUN_ALL_TOOLS=false; else RUN_ALL_TOOLS=true; fi
 fi
