@@ -340,6 +340,25 @@ def build_random_model(tokenizer, **sizes: int) -> LlamaForCausalLM:
     return model
 
 
+def refresh_unseen_rows(model: LlamaForCausalLM, tokenizer, seen: set[int], seed: int) -> int:
+    """Give each BPE token that no training sequence contains a fresh (tied) embedding row, drawn per dimension with
+    the mean and spread of the seen tokens' rows; the number refreshed.
+
+    Pretraining only ever pushes such a row away from the answers, so all of them collapse onto one direction (cosine
+    1.00 between `[` and `ompare` after 10000 steps) and no adapter on the frozen model can tell them apart; the text
+    markers of the LoRA baseline (`[tool_7]`) are made of such tokens. A fresh row is what a token added to a trained
+    model gets. Special tokens keep their rows (TokMem initialises its own)."""
+    first_special = min(tokenizer.convert_tokens_to_ids(list(LLAMA3_SPECIAL_TOKENS)))
+    unseen = [i for i in range(first_special) if i not in seen]
+    rows = model.get_input_embeddings().weight
+    seen_rows = rows[sorted(i for i in seen if i < first_special)].detach()
+    generator = torch.Generator().manual_seed(seed)
+    fresh = torch.randn(len(unseen), rows.shape[1], generator=generator)
+    with torch.no_grad():
+        rows[unseen] = seen_rows.mean(0) + fresh * seen_rows.std(0)
+    return len(unseen)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
@@ -774,12 +793,16 @@ def build_backbone(output_dir: str | os.PathLike, settings: BuildSettings) -> di
         logger.info("model: %.2fM parameters", count_parameters(model) / 1e6)
         train_start = time.time()
         losses = pretrain(model, examples, settings, tokenizer.pad_token_id)
+        seen = {token for example in examples for token in example.input_ids}
         if settings.reading_steps:
             reading = settings.reading_stage()
             examples = encode_training_set(tokenizer, data, reading, random.Random(settings.seed + READING_SEED_OFFSET), words)
             logger.info("reading stage: %d examples, %.2f in the in-context format, up to %d tokens", len(examples),
                         reading.icl_fraction, reading.max_length)
             losses += pretrain(model, examples, reading, tokenizer.pad_token_id)
+            seen |= {token for example in examples for token in example.input_ids}
+        refreshed = refresh_unseen_rows(model, tokenizer, seen, settings.seed)
+        logger.info("fresh embedding rows for the %d BPE tokens no training sequence contains", refreshed)
         train_seconds = time.time() - train_start
     eval_start = time.time()
     scores = probe(model, tokenizer, data, settings, words)
@@ -789,6 +812,7 @@ def build_backbone(output_dir: str | os.PathLike, settings: BuildSettings) -> di
         "num_parameters": count_parameters(model),
         "vocab_size": len(tokenizer),
         "train_examples": len(examples),
+        "refreshed_rows": refreshed,
         "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(time.time() - eval_start, 1),

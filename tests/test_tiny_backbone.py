@@ -258,6 +258,7 @@ def test_micro_build_end_to_end_loads_back(tmp_path):
         assert scores["exact_accuracy"] <= scores["tool_accuracy"], "an exact match has the right tools"
         assert 0.0 <= scores["argument_accuracy"] <= 1.0
     assert report["pretraining_ranks"][0] == tb.PRETRAIN_FIRST_RANK
+    assert 0 < report["refreshed_rows"] < report["vocab_size"]
     assert report["weights_sha256"] == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
     assert report["command"] == ("python tiny_backbone.py --rebuild --steps 3 --seed 3 --icl_max_listed 3 --hidden_size 32 "
                                  "--num_layers 1 --max_position_embeddings 512 --max_length 512 --batch_tokens 1024 "
@@ -391,3 +392,26 @@ def test_the_committed_backbone_matches_its_report():
     assert config.max_position_embeddings == settings.max_position_embeddings
     assert config.hidden_size == settings.hidden_size and config.num_hidden_layers == settings.num_layers
     assert len(AutoTokenizer.from_pretrained(path)) == report["vocab_size"] == config.vocab_size
+
+
+def test_unseen_tokens_get_distinct_fresh_rows_and_seen_ones_keep_theirs(tiny_tokenizer):
+    torch.manual_seed(0)
+    model = tb.build_random_model(tiny_tokenizer, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    rows = model.get_input_embeddings().weight
+    first_special = min(tiny_tokenizer.convert_tokens_to_ids(list(tb.LLAMA3_SPECIAL_TOKENS)))
+    seen = set(range(0, first_special, 2))
+    with torch.no_grad():
+        rows[1:first_special:2] = rows[1]  # collapsed onto one row, as pretraining leaves unused tokens
+    before = rows.detach().clone()
+    assert tb.refresh_unseen_rows(model, tiny_tokenizer, seen, seed=0) == len(range(1, first_special, 2))
+    after = rows.detach()
+    assert torch.equal(after[sorted(seen)], before[sorted(seen)]), "seen rows are kept"
+    assert torch.equal(after[first_special:], before[first_special:]), "special tokens are kept"
+    unseen = after[1:first_special:2]
+    cosine = torch.nn.functional.normalize(unseen, dim=-1) @ torch.nn.functional.normalize(unseen, dim=-1).T
+    assert cosine.fill_diagonal_(0).max() < 0.9, "fresh rows point in different directions"
+    assert model.get_output_embeddings().weight.data_ptr() == rows.data_ptr(), "the head is tied to them"
+    again = tb.build_random_model(tiny_tokenizer, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    again.get_input_embeddings().weight.data.copy_(before)
+    tb.refresh_unseen_rows(again, tiny_tokenizer, seen, seed=0)
+    assert torch.equal(again.get_input_embeddings().weight, after), "seeded"
