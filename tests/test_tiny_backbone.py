@@ -182,9 +182,14 @@ def test_cli_rejects_a_width_the_heads_do_not_divide(tmp_path):
         tb.main(["--output", str(tmp_path / "b"), "--hidden_size", "130"])
 
 
+def test_a_report_from_before_the_second_stage_had_none():
+    assert tb.settings_of({"settings": {"steps": 3000}}).reading_steps == 0
+    assert tb.settings_of({"settings": {"steps": 3000, "reading_steps": 7}}).reading_steps == 7
+
+
 def test_cli_rejects_a_reading_stage_longer_than_the_positions(tmp_path):
     with pytest.raises(UserError, match="reading_max_length 1408 exceeds max_position_embeddings 1024"):
-        tb.main(["--output", str(tmp_path / "b"), "--reading_steps", "10"])
+        tb.main(["--output", str(tmp_path / "b"), "--reading_steps", "10", "--reading_max_length", "1408"])
     assert not (tmp_path / "b").exists()
 
 
