@@ -938,11 +938,25 @@ def probe_build(path: str | os.PathLike) -> dict:
 # CLI
 
 
-# The build choices the CLI exposes (each measured in the README's table of backbone recipes).
-CHOICE_FLAGS = ("split", "fresh_value_fraction", "icl_fraction", "icl_alias_fraction", "icl_min_listed", "icl_max_listed",
-                "hidden_size", "num_layers", "max_position_embeddings", "max_length", "batch_tokens", "reading_steps",
-                "reading_icl_fraction", "reading_max_length", "threads")
-
+# The build choices the CLI exposes (each measured in the README's table of backbone recipes), in the order
+# `build_command` spells them, with their argparse type (or choices) and help.
+CHOICE_FLAGS: dict[str, dict[str, Any]] = {
+    "split": {"choices": sorted(SPLIT_PATTERNS), "help": "pre-tokenizer split"},
+    "fresh_value_fraction": {"type": unit_interval, "help": "share of samples with fresh argument values"},
+    "icl_fraction": {"type": unit_interval, "help": "share of samples in the in-context format"},
+    "icl_alias_fraction": {"type": unit_interval, "help": "share of in-context samples under made-up tool names"},
+    "icl_min_listed": {"type": positive_int, "help": "fewest tools an in-context sample lists"},
+    "icl_max_listed": {"type": positive_int, "help": "most tools an in-context sample lists"},
+    "hidden_size": {"type": positive_int, "help": "model width"},
+    "num_layers": {"type": positive_int, "help": "decoder layers"},
+    "max_position_embeddings": {"type": positive_int, "help": "positions of the model"},
+    "max_length": {"type": positive_int, "help": "longest training sample, in tokens"},
+    "batch_tokens": {"type": positive_int, "help": "tokens per batch, padding included"},
+    "reading_steps": {"type": non_negative_int, "help": "steps of the reading stage after --steps (0: none)"},
+    "reading_icl_fraction": {"type": unit_interval, "help": "share of the reading stage's samples in the in-context format"},
+    "reading_max_length": {"type": positive_int, "help": "longest sample of the reading stage, in tokens"},
+    "threads": {"type": non_negative_int, "help": "torch threads; the weights depend on it (0: all cores)"},
+}
 
 def build_command(settings: BuildSettings, output: str | None = None) -> str:
     """The command that rebuilds `settings`: the CLI's choices that differ from their defaults are spelled out; settings
@@ -964,27 +978,9 @@ def parse_args(argv: Sequence[str] | None) -> Any:
                         help="score the finished build at --output again with the held-out probe and rewrite its report")
     parser.add_argument("--steps", type=positive_int, default=BuildSettings.steps, help="optimizer steps")
     parser.add_argument("--seed", type=int, default=BuildSettings.seed, help="seed of the corpus, data and weights")
-    parser.add_argument("--split", choices=sorted(SPLIT_PATTERNS), default=BuildSettings.split,
-                        help="pre-tokenizer split (default: %(default)s)")
-    for name, help_text in (("fresh_value_fraction", "share of samples with fresh argument values"),
-                            ("icl_fraction", "share of samples in the in-context format"),
-                            ("icl_alias_fraction", "share of in-context samples under made-up tool names"),
-                            ("reading_icl_fraction", "share of the reading stage's samples in the in-context format")):
-        parser.add_argument(f"--{name}", type=unit_interval, default=getattr(BuildSettings, name),
-                            help=f"{help_text} (default: %(default)s)")
-    for name, help_text in (("icl_min_listed", "fewest tools an in-context sample lists"),
-                            ("icl_max_listed", "most tools an in-context sample lists"),
-                            ("hidden_size", "model width"), ("num_layers", "decoder layers"),
-                            ("max_position_embeddings", "positions of the model"),
-                            ("max_length", "longest training sample, in tokens"),
-                            ("batch_tokens", "tokens per batch, padding included"),
-                            ("reading_max_length", "longest sample of the reading stage, in tokens")):
-        parser.add_argument(f"--{name}", type=positive_int, default=getattr(BuildSettings, name),
-                            help=f"{help_text} (default: %(default)s)")
-    for name, help_text in (("reading_steps", "steps of the reading stage after --steps (0: none)"),
-                            ("threads", "torch threads; the weights depend on it (0: all cores)")):
-        parser.add_argument(f"--{name}", type=non_negative_int, default=getattr(BuildSettings, name),
-                            help=f"{help_text} (default: %(default)s)")
+    for name, spec in CHOICE_FLAGS.items():
+        parser.add_argument(f"--{name}", default=getattr(BuildSettings, name),
+                            **{**spec, "help": f"{spec['help']} (default: %(default)s)"})
     return parser.parse_args(argv)
 
 
