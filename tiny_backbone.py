@@ -36,8 +36,8 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from common import (CliParser, UserError, atomic_write_json, non_negative_int, positive_int, run_cli, set_seed, setup_logging,
-                    unit_interval)
+from common import (CliParser, UserError, atomic_write_json, non_negative_int, positive_float, positive_int, run_cli, set_seed,
+                    setup_logging, unit_interval)
 from dataset import IGNORE_INDEX, build_answer_ids, build_prompt_ids, end_of_turn_id, icl_answer_text, tool_system_prompt
 from decoding import causal_lm_step, decode_prompts
 from eval import parse_function_call, score_predictions
@@ -108,7 +108,9 @@ PRETRAIN_LAST_RANK = 400
 # The synthetic corpus the backbone learns from: xlam_datasets' default seed, so that for the default data the
 # pretraining tools (ranks 201-400) and the experiments' tools (ranks 1-200) are disjoint.
 CORPUS_SEED = 42
-READING_SEED_OFFSET = 7  # the reading stage draws its samples' formats and values from seed + this
+# The second and third stage draw their samples' formats and values from seed + these.
+CONSOLIDATION_SEED_OFFSET = 7
+READING_SEED_OFFSET = 11
 
 
 @dataclass
@@ -124,7 +126,9 @@ class BuildSettings:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
-    max_position_embeddings: int = 1024
+    # Positions cover the default in-context run (icl_baseline.sh, 20 tools: up to 1932 prompt tokens + 256 new ones);
+    # RoPE computes from positions, so the number changes no weight (training samples reach reading_max_length).
+    max_position_embeddings: int = 4096
     max_length: int = 384
     steps: int = 10000
     batch_tokens: int = 2048
@@ -135,22 +139,31 @@ class BuildSettings:
     # fresh ones (random words from the corpus, made-up words, random digits), so that only copying predicts them.
     # Copying starts late with it (the loss falls from 1.2 to 0.4 between steps 3200 and 5000), hence 10000 steps.
     fresh_value_fraction: float = 0.7
-    # Reading curriculum: this share of samples is in the in-context format (icl_min_listed to icl_max_listed described
-    # tools, the gold ones among them); in this share of those every listed tool gets a made-up name, so that only
-    # reading the list helps. Off by default: long in-context samples took most steps from the TokMem format.
+    # In-context samples (stage 1 and 2 have none by default; the reading stage below mixes them in): this share of
+    # samples lists icl_min_listed to icl_max_listed described tools, the gold ones among them, in the system prompt of
+    # icl_baseline.py; in this share of those every listed tool gets a made-up name, so that only reading the list
+    # helps. The loss on the tool-name tokens of their answers is weighted by name_loss_weight.
     icl_fraction: float = 0.0
-    icl_min_listed: int = 3
-    icl_max_listed: int = 5
+    icl_min_listed: int = 2
+    icl_max_listed: int = 8
     icl_alias_fraction: float = 0.5
-    # Second stage: after `steps`, this many more steps (warm-up then cosine again, at reading_learning_rate) on a new
-    # draw of the samples (fresh values included) in which reading_icl_fraction are in the in-context format, up to
-    # reading_max_length tokens. By default none are: 6000 more steps at half the rate took held-out exact match from
-    # 0.403 to 0.707. With in-context samples it is a reading stage; copying has to come first, since in-context
-    # samples mixed in from the start took most steps and stopped TokMem learning (README, "The embedded backbone").
-    reading_steps: int = 6000
-    reading_icl_fraction: float = 0.0
+    name_loss_weight: float = 1.0
+    # Second stage (consolidation): after `steps`, this many more steps (warm-up then cosine again, at
+    # consolidation_learning_rate) on a new draw of the samples, fresh values included. 6000 more steps at half the
+    # rate took held-out exact match from 0.403 to 0.707.
+    consolidation_steps: int = 6000
+    consolidation_learning_rate: float = 2e-3
+    # Third stage (reading): this many steps on a new draw in which reading_icl_fraction of the samples are in the
+    # in-context format, up to reading_max_length tokens, in batches of reading_batch_tokens, with the name tokens
+    # weighted by reading_name_loss_weight. Copying has to come first: in-context samples mixed in from the start took
+    # most steps and stopped TokMem learning, and at weight 1 the backbone copied arguments right but picked a listed
+    # name nearly at random (README, "The embedded backbone").
+    reading_steps: int = 4000
+    reading_icl_fraction: float = 0.5
     reading_learning_rate: float = 2e-3
-    reading_max_length: int = 384
+    reading_max_length: int = 1408
+    reading_batch_tokens: int = 8192
+    reading_name_loss_weight: float = 10.0
     max_samples_per_tool: int = 60
     train_size: int = 24000
     test_size: int = 300
@@ -178,11 +191,17 @@ class BuildSettings:
         if self.split not in SPLIT_PATTERNS:
             raise ValueError(f"split must be one of {sorted(SPLIT_PATTERNS)}, got {self.split!r}")
 
+    def consolidation_stage(self) -> "BuildSettings":
+        """The settings the second stage encodes and trains with: the first stage's data recipe, its own steps and rate."""
+        return dataclasses.replace(self, steps=self.consolidation_steps, learning_rate=self.consolidation_learning_rate,
+                                   consolidation_steps=0, reading_steps=0)
+
     def reading_stage(self) -> "BuildSettings":
-        """The settings the reading stage encodes and trains with (its own steps, share, length and rate)."""
+        """The settings the reading stage encodes and trains with (its own steps, share, length, batch, weight, rate)."""
         return dataclasses.replace(self, steps=self.reading_steps, icl_fraction=self.reading_icl_fraction,
                                    learning_rate=self.reading_learning_rate, max_length=self.reading_max_length,
-                                   reading_steps=0)
+                                   batch_tokens=self.reading_batch_tokens, name_loss_weight=self.reading_name_loss_weight,
+                                   consolidation_steps=0, reading_steps=0)
 
     def model_sizes(self) -> dict[str, int]:
         """The keyword arguments of `build_config` that set the model's shape."""
@@ -206,10 +225,12 @@ class PretrainingData(NamedTuple):
 
 
 class Example(NamedTuple):
-    """One tokenized training sequence; labels are IGNORE_INDEX outside the answer."""
+    """One tokenized training sequence; labels are IGNORE_INDEX outside the answer; weights (None: all 1) scale each
+    position's loss."""
 
     input_ids: list[int]
     labels: list[int]
+    weights: list[float] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -348,7 +369,8 @@ def refresh_unseen_rows(model: LlamaForCausalLM, tokenizer, seen: set[int], seed
     Pretraining only ever pushes such a row away from the answers, so all of them collapse onto one direction (cosine
     1.00 between `[` and `ompare` after 10000 steps) and no adapter on the frozen model can tell them apart; the text
     markers of the LoRA baseline (`[tool_7]`) are made of such tokens. A fresh row is what a token added to a trained
-    model gets. Special tokens keep their rows (TokMem initialises its own)."""
+    model gets. Special tokens keep their rows (TokMem initialises its own). The build refreshes after the copying
+    stages and again after the reading stage, whose training pushes the unseen rows together once more."""
     first_special = min(tokenizer.convert_tokens_to_ids(list(LLAMA3_SPECIAL_TOKENS)))
     unseen = [i for i in range(first_special) if i not in seen]
     rows = model.get_input_embeddings().weight
@@ -527,12 +549,30 @@ def renamed(sample: dict, listing: list[dict], rng: random.Random, words: Sequen
             [{**desc, "name": names[desc["name"]]} for desc in listing])
 
 
-def encode_icl_example(tokenizer, sample: dict, listing: list[dict]) -> Example:
-    """An in-context example: tool descriptions in the system prompt, JSON lines as the answer; loss on the answer."""
+def encode_icl_example(tokenizer, sample: dict, listing: list[dict], name_weight: float = 1.0) -> Example:
+    """An in-context example: tool descriptions in the system prompt, JSON lines as the answer; loss on the answer,
+    weighted by `name_weight` on the tokens of the tool names."""
     prompt = build_prompt_ids(tokenizer, sample["user_input"], system_prompt=tool_system_prompt(listing))
-    answer = tokenizer(icl_answer_text(sample["tools"], sample["function_calls"]), add_special_tokens=False)["input_ids"]
-    answer = answer + [end_of_turn_id(tokenizer)]
-    return Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
+    text = icl_answer_text(sample["tools"], sample["function_calls"])
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=name_weight != 1.0)
+    answer = encoded["input_ids"] + [end_of_turn_id(tokenizer)]
+    labels = [IGNORE_INDEX] * len(prompt) + answer
+    if name_weight == 1.0:
+        return Example(prompt + answer, labels)
+    spans = name_spans(text, sample["tools"])
+    weights = [name_weight if any(start < end and stop > begin for begin, end in spans) else 1.0
+               for start, stop in encoded["offset_mapping"]]
+    return Example(prompt + answer, labels, [0.0] * len(prompt) + weights + [1.0])
+
+
+def name_spans(text: str, tools: Sequence[str]) -> list[tuple[int, int]]:
+    """Character spans of each call's tool name in an in-context answer (icl_answer_text), in order."""
+    spans, at = [], 0
+    for tool in tools:
+        start = text.index(json.dumps({"name": tool}, ensure_ascii=False)[1:-1], at) + len('"name": "')
+        spans.append((start, start + len(tool)))
+        at = spans[-1][1]
+    return spans
 
 
 def encode_training_set(tokenizer, data: PretrainingData, settings: BuildSettings, rng: random.Random,
@@ -550,7 +590,7 @@ def encode_training_set(tokenizer, data: PretrainingData, settings: BuildSetting
             listing = icl_listing(sample, data.descriptions, rng, settings.icl_min_listed, settings.icl_max_listed)
             if rng.random() < settings.icl_alias_fraction:
                 sample, listing = renamed(sample, listing, rng, words)
-            example = encode_icl_example(tokenizer, sample, listing)
+            example = encode_icl_example(tokenizer, sample, listing, settings.name_loss_weight)
         else:
             example = encode_memory_example(tokenizer, sample, encode_tool)
         if len(example.input_ids) > settings.max_length:
@@ -581,17 +621,21 @@ def length_batches(lengths: Sequence[int], batch_tokens: int, rng: random.Random
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input ids, attention mask and labels."""
+    """Right-padded input ids, attention mask and labels; loss weights too when an example carries them."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    weighted = any(e.weights is not None for e in examples)
+    weights = torch.zeros((len(examples), width))
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        weights[row, :n] = torch.tensor(example.weights) if example.weights is not None else 1.0
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return {**batch, "weights": weights} if weighted else batch
 
 
 def batch_stream(examples: Sequence[Example], batch_tokens: int, pad_id: int, rng: random.Random) -> Iterator[dict]:
@@ -618,12 +662,17 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 def answer_loss(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy on the labelled (answer) positions; the LM head runs on those positions only."""
+    """Next-token cross-entropy on the labelled (answer) positions, their weighted mean when the batch has weights;
+    the LM head runs on those positions only."""
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     logits = model.lm_head(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    if "weights" not in batch:
+        return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    weights = batch["weights"][:, 1:][keep]
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
+    return (losses * weights).sum() / weights.sum()
 
 
 def pretrain(model: LlamaForCausalLM, examples: Sequence[Example], settings: BuildSettings, pad_id: int) -> list[float]:
@@ -795,6 +844,15 @@ def build_backbone(output_dir: str | os.PathLike, settings: BuildSettings) -> di
         train_start = time.time()
         losses = pretrain(model, examples, settings, tokenizer.pad_token_id)
         seen = {token for example in examples for token in example.input_ids}
+        if settings.consolidation_steps:
+            second = settings.consolidation_stage()
+            examples = encode_training_set(tokenizer, data, second, random.Random(settings.seed + CONSOLIDATION_SEED_OFFSET),
+                                           words)
+            logger.info("second stage: %d examples", len(examples))
+            losses += pretrain(model, examples, second, tokenizer.pad_token_id)
+            seen |= {token for example in examples for token in example.input_ids}
+        refreshed = refresh_unseen_rows(model, tokenizer, seen, settings.seed)
+        logger.info("fresh embedding rows for the %d BPE tokens no training sequence contains", refreshed)
         if settings.reading_steps:
             reading = settings.reading_stage()
             examples = encode_training_set(tokenizer, data, reading, random.Random(settings.seed + READING_SEED_OFFSET), words)
@@ -802,8 +860,8 @@ def build_backbone(output_dir: str | os.PathLike, settings: BuildSettings) -> di
                         reading.icl_fraction, reading.max_length)
             losses += pretrain(model, examples, reading, tokenizer.pad_token_id)
             seen |= {token for example in examples for token in example.input_ids}
-        refreshed = refresh_unseen_rows(model, tokenizer, seen, settings.seed)
-        logger.info("fresh embedding rows for the %d BPE tokens no training sequence contains", refreshed)
+            refreshed = refresh_unseen_rows(model, tokenizer, seen, settings.seed)
+            logger.info("fresh rows again for the %d tokens no training sequence contains", refreshed)
         train_seconds = time.time() - train_start
     eval_start = time.time()
     scores = probe(model, tokenizer, data, settings, words)
@@ -907,9 +965,16 @@ def read_report(path: str | os.PathLike) -> dict:
 def settings_of(report: dict) -> BuildSettings:
     """The BuildSettings a report records (fields it lacks keep their defaults)."""
     known = {f.name for f in dataclasses.fields(BuildSettings)}
-    recorded = report.get("settings", {})
-    # Builds from before the second stage existed had none.
-    recorded = {"reading_steps": 0, **recorded} if recorded else recorded
+    recorded = dict(report.get("settings", {}))
+    if recorded and "consolidation_steps" not in recorded:
+        # Builds from before the reading stage: their second stage, if any, was called the reading stage and had no
+        # in-context samples; builds from before that had no second stage.
+        recorded["consolidation_steps"] = recorded.pop("reading_steps", 0)
+        recorded["consolidation_learning_rate"] = recorded.pop("reading_learning_rate",
+                                                               BuildSettings.consolidation_learning_rate)
+        for name in ("reading_icl_fraction", "reading_max_length"):
+            recorded.pop(name, None)
+        recorded["reading_steps"] = 0
     return BuildSettings(**{key: value for key, value in recorded.items() if key in known})
 
 
@@ -952,9 +1017,12 @@ CHOICE_FLAGS: dict[str, dict[str, Any]] = {
     "max_position_embeddings": {"type": positive_int, "help": "positions of the model"},
     "max_length": {"type": positive_int, "help": "longest training sample, in tokens"},
     "batch_tokens": {"type": positive_int, "help": "tokens per batch, padding included"},
-    "reading_steps": {"type": non_negative_int, "help": "steps of the reading stage after --steps (0: none)"},
+    "consolidation_steps": {"type": non_negative_int, "help": "steps of the second stage after --steps (0: none)"},
+    "reading_steps": {"type": non_negative_int, "help": "steps of the reading stage after those (0: none)"},
     "reading_icl_fraction": {"type": unit_interval, "help": "share of the reading stage's samples in the in-context format"},
     "reading_max_length": {"type": positive_int, "help": "longest sample of the reading stage, in tokens"},
+    "reading_batch_tokens": {"type": positive_int, "help": "tokens per batch of the reading stage, padding included"},
+    "reading_name_loss_weight": {"type": positive_float, "help": "loss weight of the reading stage's tool-name tokens"},
     "threads": {"type": non_negative_int, "help": "torch threads; the weights depend on it (0: all cores)"},
 }
 

@@ -182,14 +182,20 @@ def test_cli_rejects_a_width_the_heads_do_not_divide(tmp_path):
         tb.main(["--output", str(tmp_path / "b"), "--hidden_size", "130"])
 
 
-def test_a_report_from_before_the_second_stage_had_none():
-    assert tb.settings_of({"settings": {"steps": 3000}}).reading_steps == 0
-    assert tb.settings_of({"settings": {"steps": 3000, "reading_steps": 7}}).reading_steps == 7
+def test_old_reports_read_as_the_stages_they_had():
+    none = tb.settings_of({"settings": {"steps": 3000}})
+    assert (none.consolidation_steps, none.reading_steps) == (0, 0), "before the second stage"
+    second = tb.settings_of({"settings": {"steps": 3000, "reading_steps": 7, "reading_learning_rate": 1e-3,
+                                          "reading_icl_fraction": 0.0, "reading_max_length": 384}})
+    assert (second.consolidation_steps, second.consolidation_learning_rate, second.reading_steps) == (7, 1e-3, 0), \
+        "before the reading stage, the second stage was called reading_*"
+    now = tb.settings_of({"settings": {"steps": 3000, "consolidation_steps": 5, "reading_steps": 7}})
+    assert (now.consolidation_steps, now.reading_steps) == (5, 7)
 
 
 def test_cli_rejects_a_reading_stage_longer_than_the_positions(tmp_path):
     with pytest.raises(UserError, match="reading_max_length 1408 exceeds max_position_embeddings 1024"):
-        tb.main(["--output", str(tmp_path / "b"), "--reading_steps", "10", "--reading_max_length", "1408"])
+        tb.main(["--output", str(tmp_path / "b"), "--max_position_embeddings", "1024"])
     assert not (tmp_path / "b").exists()
 
 
@@ -200,10 +206,11 @@ def test_cli_probe_needs_a_finished_build(tmp_path):
 
 def test_build_command_spells_out_the_changed_choices():
     assert tb.build_command(tb.BuildSettings()) == "python tiny_backbone.py --rebuild --steps 10000 --seed 0"
-    changed = tb.BuildSettings(steps=10, seed=2, split="llama3", icl_fraction=0.1, reading_steps=5,
-                               reading_max_length=1000, threads=1)
+    changed = tb.BuildSettings(steps=10, seed=2, split="llama3", icl_fraction=0.1, consolidation_steps=0,
+                               reading_steps=5, reading_max_length=1000, reading_name_loss_weight=2.0, threads=1)
     assert tb.build_command(changed, "x") == ("python tiny_backbone.py --rebuild --steps 10 --seed 2 --split llama3 "
-                                              "--icl_fraction 0.1 --reading_steps 5 --reading_max_length 1000 --threads 1 "
+                                              "--icl_fraction 0.1 --consolidation_steps 0 --reading_steps 5 "
+                                              "--reading_max_length 1000 --reading_name_loss_weight 2.0 --threads 1 "
                                               "--output x")
 
 
@@ -227,21 +234,62 @@ def micro_settings() -> tb.BuildSettings:
         eval_samples=4,
         icl_eval_samples=2,
         max_new_tokens=8,
+        consolidation_steps=2,
         reading_steps=2,
         reading_max_length=512,
+        reading_batch_tokens=1024,
         threads=1,
     )
 
 
-def test_the_reading_stage_trains_on_its_own_share_length_and_rate():
-    settings = tb.BuildSettings(steps=10, learning_rate=1e-3, icl_fraction=0.0, reading_steps=4,
-                                reading_icl_fraction=0.5, reading_learning_rate=2e-4, reading_max_length=900,
-                                max_position_embeddings=1024)
+def test_each_later_stage_trains_on_its_own_settings():
+    settings = tb.BuildSettings(steps=10, learning_rate=1e-3, icl_fraction=0.0, consolidation_steps=3,
+                                consolidation_learning_rate=5e-4, reading_steps=4, reading_icl_fraction=0.5,
+                                reading_learning_rate=2e-4, reading_max_length=900, reading_batch_tokens=4096,
+                                reading_name_loss_weight=3.0, max_position_embeddings=1024)
+    second = settings.consolidation_stage()
+    assert (second.steps, second.learning_rate, second.icl_fraction, second.max_length) == (3, 5e-4, 0.0, 384)
     reading = settings.reading_stage()
-    assert (reading.steps, reading.icl_fraction, reading.learning_rate, reading.max_length) == (4, 0.5, 2e-4, 900)
-    assert reading.reading_steps == 0 and reading.fresh_value_fraction == settings.fresh_value_fraction
+    assert (reading.steps, reading.icl_fraction, reading.learning_rate, reading.max_length, reading.batch_tokens,
+            reading.name_loss_weight) == (4, 0.5, 2e-4, 900, 4096, 3.0)
+    for stage in (second, reading):
+        assert stage.consolidation_steps == stage.reading_steps == 0, "a stage has no later stages"
+        assert stage.fresh_value_fraction == settings.fresh_value_fraction
     with pytest.raises(ValueError, match="reading_max_length 2000 exceeds max_position_embeddings 1024"):
         tb.BuildSettings(reading_steps=1, reading_max_length=2000, max_position_embeddings=1024)
+
+
+def test_the_name_tokens_of_an_in_context_answer_carry_the_name_weight(tiny_tokenizer):
+    sample = {"user_input": "weather in Paris, then in Rome", "tools": ["get_weather", "get_weather"],
+              "function_calls": ['{"city": "Paris"}', '{"city": "Rome"}']}
+    listing = [{"name": "get_weather", "description": "Weather of a city.", "parameters": {}}]
+    plain = tb.encode_icl_example(tiny_tokenizer, sample, listing)
+    weighted = tb.encode_icl_example(tiny_tokenizer, sample, listing, name_weight=4.0)
+    assert plain.weights is None and (weighted.input_ids, weighted.labels) == (plain.input_ids, plain.labels)
+    assert len(weighted.weights) == len(weighted.input_ids)
+    heavy = [token for token, weight in zip(weighted.input_ids, weighted.weights) if weight == 4.0]
+    assert tiny_tokenizer.decode(heavy).replace(" ", "") == "get_weatherget_weather", "both names, nothing else"
+    assert all(w == 0.0 for w, label in zip(weighted.weights, weighted.labels) if label == IGNORE_INDEX)
+    assert {w for w, label in zip(weighted.weights, weighted.labels) if label != IGNORE_INDEX} == {1.0, 4.0}
+
+
+def test_the_weighted_loss_is_the_weighted_mean_and_plain_batches_keep_the_plain_mean(tiny_tokenizer):
+    torch.manual_seed(0)
+    model = tb.build_random_model(tiny_tokenizer, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1).eval()
+    ids = build_prompt_ids(tiny_tokenizer, "hello") + [5, 6, 7, 8]
+    labels = [IGNORE_INDEX] * (len(ids) - 4) + [5, 6, 7, 8]
+    plain = tb.collate([tb.Example(ids, labels)], tiny_tokenizer.pad_token_id)
+    assert "weights" not in plain
+    ones = tb.collate([tb.Example(ids, labels, [1.0] * len(ids)), tb.Example(ids, labels)], tiny_tokenizer.pad_token_id)
+    heavy = tb.collate([tb.Example(ids, labels, [0.0] * (len(ids) - 4) + [3.0, 1.0, 1.0, 1.0])],
+                       tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        mean = tb.answer_loss(model, plain)
+        assert torch.allclose(tb.answer_loss(model, ones), mean)
+        logits = model(input_ids=plain["input_ids"]).logits[0, -5:-1]
+        each = torch.nn.functional.cross_entropy(logits, torch.tensor([5, 6, 7, 8]), reduction="none")
+        assert torch.allclose(mean, each.mean(), atol=1e-5)
+        assert torch.allclose(tb.answer_loss(model, heavy), (3 * each[0] + each[1:].sum()) / 6, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -267,7 +315,8 @@ def test_micro_build_end_to_end_loads_back(tmp_path):
     assert report["weights_sha256"] == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
     assert report["command"] == ("python tiny_backbone.py --rebuild --steps 3 --seed 3 --icl_max_listed 3 --hidden_size 32 "
                                  "--num_layers 1 --max_position_embeddings 512 --max_length 512 --batch_tokens 1024 "
-                                 "--reading_steps 2 --reading_max_length 512 --threads 1")
+                                 "--consolidation_steps 2 --reading_steps 2 --reading_max_length 512 "
+                                 "--reading_batch_tokens 1024 --threads 1")
     reprobed = tb.probe_build(path)
     assert {key: reprobed[key] for key, _ in probes} == {key: report[key] for key, _ in probes}, "the probe is pure"
     tokenizer = AutoTokenizer.from_pretrained(path)
