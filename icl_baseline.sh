@@ -18,7 +18,7 @@ TOOLS=${TOOLS:-1-20}                               # START-END: the tool ranks o
 BATCH_SIZE=${BATCH_SIZE:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-256}
 MAX_SAMPLES=${MAX_SAMPLES:-}                       # empty: the whole test set
-RUN_ALL_TOOLS=${RUN_ALL_TOOLS:-}                   # true: ICL with every tool of TOOLS in the prompt (empty: see below)
+RUN_ALL_TOOLS=${RUN_ALL_TOOLS:-true}               # true: ICL with every tool of TOOLS in the prompt
 USE_RAG=${USE_RAG:-true}                           # true: then RAG with the top RETRIEVAL_K retrieved tools
 RETRIEVAL_K=${RETRIEVAL_K:-5}
 RETRIEVAL_TEXT=${RETRIEVAL_TEXT:-toolkit}          # toolkit | original: the text each tool is embedded from
@@ -33,11 +33,6 @@ NPROC=${NPROC:-1}                                  # processes: one per GPU, or 
 SHARD_BACKBONE=${SHARD_BACKBONE:-false}            # with NPROC > 1: shard the frozen backbone over them (FSDP2)
 SEED=${SEED:-42}
 
-# The embedded backbone has 1024 positions, and no prompt listing every tool of a range fits there with its answer
-# (10 tools: up to 982 prompt tokens, plus up to MAX_NEW_TOKENS), so on it RUN_ALL_TOOLS defaults to false and only RAG runs; with MODEL set, both run.
-if [[ -z "$RUN_ALL_TOOLS" ]]; then
-    if [[ -z "$MODEL" ]]; then RUN_ALL_TOOLS=false; else RUN_ALL_TOOLS=true; fi
-fi
 int_var BATCH_SIZE MAX_NEW_TOKENS RETRIEVAL_K NPROC
 bool_var RUN_ALL_TOOLS USE_RAG SHARD_BACKBONE
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-${GPU:-$(seq -s, 0 $((NPROC - 1)))}}

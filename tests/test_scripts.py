@@ -172,10 +172,13 @@ def test_nproc_runs_the_cli_under_torchrun_and_the_data_step_alone(tmp_path, scr
     result = run_script(script, tmp_path, DRY_RUN="true", NPROC="2", SHARD_BACKBONE="yes")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert all(line.startswith("python3 xlam_datasets.py ") for line in lines[:-1])  # data: one process
-    words = shlex.split(lines[-1])
-    assert words[:6] == ["python3", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    assert words[6] == cli and "--shard_backbone" in words
+    data = [line for line in lines if line.startswith("python3 xlam_datasets.py ")]  # data: one process
+    runs = lines[len(data):]  # icl_baseline.sh: ICL, then RAG
+    assert data and runs
+    for line in runs:
+        words = shlex.split(line)
+        assert words[:6] == ["python3", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        assert words[6] == cli and "--shard_backbone" in words
     single = run_script(script, tmp_path, DRY_RUN="true").stdout.splitlines()[-1]
     assert shlex.split(single)[:2] == ["python3", cli] and "--shard_backbone" not in single
     bad = run_script(script, tmp_path, DRY_RUN="true", NPROC="two")
