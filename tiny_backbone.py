@@ -626,16 +626,19 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
-    weighted = any(e.weights is not None for e in examples)
-    weights = torch.zeros((len(examples), width))
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         mask[row, :n] = 1
-        weights[row, :n] = torch.tensor(example.weights) if example.weights is not None else 1.0
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    return {**batch, "weights": weights} if weighted else batch
+    if all(e.weights is None for e in examples):
+        return batch
+    weights = mask.float()
+    for row, example in enumerate(examples):
+        if example.weights is not None:
+            weights[row, : len(example.weights)] = torch.tensor(example.weights)
+    return {**batch, "weights": weights}
 
 
 def batch_stream(examples: Sequence[Example], batch_tokens: int, pad_id: int, rng: random.Random) -> Iterator[dict]:
@@ -818,6 +821,18 @@ def probe(model, tokenizer, data: PretrainingData, settings: BuildSettings, word
 # Build and cache
 
 
+def train_stage(model: LlamaForCausalLM, tokenizer, data: PretrainingData, stage: BuildSettings, seed_offset: int,
+                words: Sequence[str], losses: list[float], seen: set[int]) -> list[Example]:
+    """One later stage: encode a new draw of the samples (seed + seed_offset) with the stage's settings and train on
+    it; its losses extend `losses`, its tokens join `seen`; the stage's examples."""
+    examples = encode_training_set(tokenizer, data, stage, random.Random(stage.seed + seed_offset), words)
+    logger.info("stage of %d steps: %d examples, %.2f in the in-context format, up to %d tokens", stage.steps,
+                len(examples), stage.icl_fraction, stage.max_length)
+    losses += pretrain(model, examples, stage, tokenizer.pad_token_id)
+    seen |= {token for example in examples for token in example.input_ids}
+    return examples
+
+
 def build_backbone(output_dir: str | os.PathLike, settings: BuildSettings) -> dict:
     """Train tokenizer and model and save them (plus the report) into `output_dir`, which must be empty or absent."""
     start = time.time()
@@ -845,21 +860,13 @@ def build_backbone(output_dir: str | os.PathLike, settings: BuildSettings) -> di
         losses = pretrain(model, examples, settings, tokenizer.pad_token_id)
         seen = {token for example in examples for token in example.input_ids}
         if settings.consolidation_steps:
-            second = settings.consolidation_stage()
-            examples = encode_training_set(tokenizer, data, second, random.Random(settings.seed + CONSOLIDATION_SEED_OFFSET),
-                                           words)
-            logger.info("second stage: %d examples", len(examples))
-            losses += pretrain(model, examples, second, tokenizer.pad_token_id)
-            seen |= {token for example in examples for token in example.input_ids}
+            examples = train_stage(model, tokenizer, data, settings.consolidation_stage(), CONSOLIDATION_SEED_OFFSET,
+                                   words, losses, seen)
         refreshed = refresh_unseen_rows(model, tokenizer, seen, settings.seed)
         logger.info("fresh embedding rows for the %d BPE tokens no training sequence contains", refreshed)
         if settings.reading_steps:
-            reading = settings.reading_stage()
-            examples = encode_training_set(tokenizer, data, reading, random.Random(settings.seed + READING_SEED_OFFSET), words)
-            logger.info("reading stage: %d examples, %.2f in the in-context format, up to %d tokens", len(examples),
-                        reading.icl_fraction, reading.max_length)
-            losses += pretrain(model, examples, reading, tokenizer.pad_token_id)
-            seen |= {token for example in examples for token in example.input_ids}
+            examples = train_stage(model, tokenizer, data, settings.reading_stage(), READING_SEED_OFFSET, words, losses,
+                                   seen)
             refreshed = refresh_unseen_rows(model, tokenizer, seen, settings.seed)
             logger.info("fresh rows again for the %d tokens no training sequence contains", refreshed)
         train_seconds = time.time() - train_start
