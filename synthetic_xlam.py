@@ -472,6 +472,24 @@ def generate_rows(
     return [writer.row(row_id, planned) for row_id, planned in enumerate(progress)]
 
 
+def spare_tools(num_tools: int = 400, catalog_seed: int = CATALOG_SEED) -> list[ToolSpec]:
+    """The grammar's tools that a corpus of `num_tools` tools never calls, sorted by name, with their query templates."""
+    chosen = {tool.name for tool in _select_tools(catalog_seed, num_tools)}
+    return [_with_templates(tool, catalog_seed) for tool in CANDIDATES if tool.name not in chosen]
+
+
+def generate_tool_rows(tools: Sequence[ToolSpec], rows_per_tool: int, seed: int = 0) -> list[dict]:
+    """`rows_per_tool` single-tool rows for each of `tools` (MULTI_CALL_SHARE of them with several calls), shuffled:
+    rows for tools outside a corpus, written by the corpus's own grammar."""
+    rng = random.Random(f"tool-rows:{seed}")
+    multi_call = round(MULTI_CALL_SHARE * rows_per_tool)
+    plan = [PlannedRow((index,), calls=rng.choice(MULTI_SIZES) if k < multi_call else 1)
+            for index in range(len(tools)) for k in range(rows_per_tool)]
+    rng.shuffle(plan)
+    writer = RowWriter(tools, rng)
+    return [writer.row(row_id, planned) for row_id, planned in enumerate(plan)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write the synthetic rows as one JSON list."""
     parser = CliParser(description="Write synthetic function-calling rows in the xLAM format.")

@@ -2,8 +2,8 @@
 
 `python tiny_backbone.py` trains a byte-level BPE tokenizer carrying the Llama-3 special tokens and chat template on the
 synthetic xLAM corpus, pretrains a small `LlamaForCausalLM` (tied embeddings, every weight trainable) on function
-calling over synthetic tools the experiments never use (ranks 201-400; the default rounds use ranks 1-200 at most),
-scores greedy generation on held-out samples of those tools, and saves everything with `save_pretrained` to
+calling over synthetic tools the experiments never use (ranks 201-400, the default rounds use ranks 1-200 at most, and
+spare tools of the corpus's grammar that no corpus row calls), scores greedy generation on held-out samples of those tools, and saves everything with `save_pretrained` to
 `models/tiny-llama-fc/`. Each pretraining tool is one reserved special token, so the frozen backbone learns the grammar
 "tool token, then a JSON object whose values come from the query" that TokMem's tool memory plugs into.
 """
@@ -111,6 +111,8 @@ CORPUS_SEED = 42
 # The second and third stage draw their samples' formats and values from seed + these.
 CONSOLIDATION_SEED_OFFSET = 7
 READING_SEED_OFFSET = 11
+# Rows written for each spare pretraining tool (BuildSettings.spare_tools), about what a tail tool of the corpus has.
+SPARE_ROWS_PER_TOOL = 100
 
 
 @dataclass
@@ -164,6 +166,10 @@ class BuildSettings:
     reading_max_length: int = 1408
     reading_batch_tokens: int = 8192
     reading_name_loss_weight: float = 10.0
+    # Tools of the corpus's grammar that no corpus row calls, pretrained beside ranks 201-400 in the reserved tokens
+    # left (248 - 200): those whose domain object no rank 201-400 has first. Without them the round-3 tools whose
+    # object the backbone never saw (daily calories, credit score, betting odds) got a pretraining tool's keys.
+    spare_tools: int = 48
     max_samples_per_tool: int = 60
     train_size: int = 24000
     test_size: int = 300
@@ -376,7 +382,7 @@ def refresh_unseen_rows(model: LlamaForCausalLM, tokenizer, seen: set[int], seed
     rows = model.get_input_embeddings().weight
     seen_rows = rows[sorted(i for i in seen if i < first_special)].detach()
     generator = torch.Generator().manual_seed(seed)
-    fresh = torch.randn(len(unseen), rows.shape[1], generator=generator)
+    fresh = torch.randn(len(unseen), rows.shape[1], generator=generator).to(rows.device)
     with torch.no_grad():
         rows[unseen] = seen_rows.mean(0) + fresh * seen_rows.std(0)
     return len(unseen)
@@ -398,8 +404,20 @@ def load_corpus(seed: int = CORPUS_SEED) -> list[dict]:
     return xlam_datasets.load_xlam_rows("synthetic", None, seed)
 
 
+def spare_tools(own: Sequence[str], count: int) -> list:
+    """`count` tools of the corpus's grammar that no corpus row calls (synthetic_xlam.spare_tools), those whose domain
+    object none of `own` has first, each group by name."""
+    import synthetic_xlam
+
+    objects = {tool.domain_object for tool in synthetic_xlam.CANDIDATES if tool.name in set(own)}
+    spare = synthetic_xlam.spare_tools()
+    return sorted(spare, key=lambda tool: (tool.domain_object in objects, tool.name))[:count]
+
+
 def pretraining_samples(seed: int, rows: Sequence[dict] | None = None, settings: BuildSettings | None = None) -> PretrainingData:
-    """Train/test samples of the pretraining tools (ranks 201-400 of the synthetic corpus, never used by the rounds)."""
+    """Train/test samples of the pretraining tools: ranks 201-400 of the synthetic corpus and `spare_tools` tools no
+    corpus row calls, none of them ever used by the rounds."""
+    import synthetic_xlam
     import xlam_datasets
 
     settings = settings or BuildSettings(seed=seed)
@@ -408,10 +426,20 @@ def pretraining_samples(seed: int, rows: Sequence[dict] | None = None, settings:
     last = min(PRETRAIN_LAST_RANK, len(ranked), PRETRAIN_FIRST_RANK - 1 + NUM_RESERVED_TOKENS)
     if last < PRETRAIN_FIRST_RANK + 9:
         raise UserError(f"the corpus ranks only {len(ranked)} tools; the backbone needs ranks {PRETRAIN_FIRST_RANK}+")
+    ranked = list(ranked[:last])
+    if settings.spare_tools:
+        left = NUM_RESERVED_TOKENS - (last - PRETRAIN_FIRST_RANK + 1)
+        if settings.spare_tools > left:
+            raise UserError(f"spare_tools {settings.spare_tools}: only {left} reserved tokens are left after the "
+                            f"corpus's ranks {PRETRAIN_FIRST_RANK}-{last}")
+        spare = spare_tools(ranked[PRETRAIN_FIRST_RANK - 1:], settings.spare_tools)
+        rows = [*rows, *synthetic_xlam.generate_tool_rows(spare, SPARE_ROWS_PER_TOOL, settings.corpus_seed)]
+        ranked += [tool.name for tool in spare]
     cut = xlam_datasets.CutSettings(settings.max_samples_per_tool, settings.train_size, settings.test_size,
                                     settings.train_max_calls, settings.test_max_calls, seed=seed)
-    train, test, descriptions = xlam_datasets.build_round(rows, ranked, PRETRAIN_FIRST_RANK, last, cut)
-    slots = {name: rank - PRETRAIN_FIRST_RANK for rank, name in enumerate(ranked[:last], start=1) if rank >= PRETRAIN_FIRST_RANK}
+    # The spare tools rank after the corpus's; without them the samples are those of ranks 201-400 alone.
+    train, test, descriptions = xlam_datasets.build_round(rows, ranked, PRETRAIN_FIRST_RANK, len(ranked), cut)
+    slots = {name: rank - PRETRAIN_FIRST_RANK for rank, name in enumerate(ranked, start=1) if rank >= PRETRAIN_FIRST_RANK}
     return PretrainingData(train, test, descriptions, slots)
 
 
@@ -874,7 +902,8 @@ def build_backbone(output_dir: str | os.PathLike, settings: BuildSettings) -> di
     scores = probe(model, tokenizer, data, settings, words)
     report = {
         **scores,
-        "pretraining_ranks": [PRETRAIN_FIRST_RANK, PRETRAIN_FIRST_RANK + len(data.tool_slots) - 1],
+        "pretraining_ranks": [PRETRAIN_FIRST_RANK, PRETRAIN_FIRST_RANK + len(data.tool_slots) - settings.spare_tools - 1],
+        "spare_tools": list(data.tool_slots)[len(data.tool_slots) - settings.spare_tools:],
         "num_parameters": count_parameters(model),
         "vocab_size": len(tokenizer),
         "train_examples": len(examples),
@@ -982,6 +1011,7 @@ def settings_of(report: dict) -> BuildSettings:
         for name in ("reading_icl_fraction", "reading_max_length"):
             recorded.pop(name, None)
         recorded["reading_steps"] = 0
+    recorded.setdefault("spare_tools", 0)
     return BuildSettings(**{key: value for key, value in recorded.items() if key in known})
 
 
@@ -1019,6 +1049,7 @@ CHOICE_FLAGS: dict[str, dict[str, Any]] = {
     "icl_alias_fraction": {"type": unit_interval, "help": "share of in-context samples under made-up tool names"},
     "icl_min_listed": {"type": positive_int, "help": "fewest tools an in-context sample lists"},
     "icl_max_listed": {"type": positive_int, "help": "most tools an in-context sample lists"},
+    "spare_tools": {"type": non_negative_int, "help": "pretraining tools beyond ranks 201-400 that no corpus row calls"},
     "hidden_size": {"type": positive_int, "help": "model width"},
     "num_layers": {"type": positive_int, "help": "decoder layers"},
     "max_position_embeddings": {"type": positive_int, "help": "positions of the model"},

@@ -203,3 +203,28 @@ def test_cli_rejects_too_many_tools(tmp_path):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "--num_tools" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_spare_tools_are_the_grammars_tools_no_corpus_calls():
+    spare = synthetic_xlam.spare_tools()
+    corpus = {tool["name"] for tool in tool_catalog()}
+    names = [tool.name for tool in spare]
+    assert len(names) == synthetic_xlam.MAX_NUM_TOOLS - 400 and names == sorted(names)
+    assert not corpus & set(names)
+    assert all(tool.templates for tool in spare), "each has the query templates rows are written from"
+
+
+def test_rows_for_spare_tools_are_single_tool_rows_of_the_grammar():
+    tools = synthetic_xlam.spare_tools()[:3]
+    rows = synthetic_xlam.generate_tool_rows(tools, 50, seed=1)
+    assert rows == synthetic_xlam.generate_tool_rows(tools, 50, seed=1), "deterministic"
+    assert len(rows) == 150 and len({row["query"] for row in rows}) == 150
+    calls = Counter(len(set(_names(row))) for row in rows)
+    assert calls == {1: 150}, "one tool per row"
+    assert Counter(_names(row)[0] for row in rows) == {tool.name: 50 for tool in tools}
+    several = sum(len(_names(row)) > 1 for row in rows)
+    assert several == 3 * round(synthetic_xlam.MULTI_CALL_SHARE * 50)
+    for row in rows:
+        (name,) = set(_names(row))
+        offered = {tool["name"] for tool in json.loads(row["tools"])}
+        assert name in offered and offered <= {tool.name for tool in tools}

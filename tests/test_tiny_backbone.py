@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import synthetic_xlam
 import tiny_backbone as tb
 from common import UserError
 from dataset import IGNORE_INDEX, build_prompt_ids, end_of_turn_id
@@ -191,6 +193,32 @@ def test_old_reports_read_as_the_stages_they_had():
         "before the reading stage, the second stage was called reading_*"
     now = tb.settings_of({"settings": {"steps": 3000, "consolidation_steps": 5, "reading_steps": 7}})
     assert (now.consolidation_steps, now.reading_steps) == (5, 7)
+    assert none.spare_tools == second.spare_tools == now.spare_tools == 0, "builds from before the spare tools"
+    assert tb.settings_of({"settings": {"spare_tools": 9}}).spare_tools == 9
+
+
+def test_pretraining_tools_are_ranks_201_400_then_spare_tools_in_the_reserved_tokens_left():
+    import xlam_datasets
+
+    rows = tb.load_corpus()
+    ranked = xlam_datasets.rank_tools(rows)
+    data = tb.pretraining_samples(0, rows, tb.BuildSettings())
+    own = ranked[tb.PRETRAIN_FIRST_RANK - 1:tb.PRETRAIN_LAST_RANK]
+    assert list(data.tool_slots)[:200] == own and sorted(data.tool_slots.values()) == list(range(tb.NUM_RESERVED_TOKENS))
+    spare = list(data.tool_slots)[200:]
+    assert len(spare) == 48 and not set(spare) & set(ranked), "no corpus row calls a spare tool"
+    assert set(data.descriptions) == set(data.tool_slots)
+    called = {tool for sample in data.train for tool in sample["tools"]}
+    assert set(spare) <= called and not called & set(ranked[:200]), "the rounds' tools are never trained"
+    objects = {tool.name: tool.domain_object for tool in synthetic_xlam.CANDIDATES}
+    known = {objects[name] for name in own}
+    new = [objects[name] not in known for name in spare]
+    assert new == sorted(new, reverse=True) and sum(new) >= 20, "objects the corpus's tools lack come first"
+    assert {"daily_calories", "credit_score", "betting_odds"} <= {objects[name] for name in spare}
+    old = tb.pretraining_samples(0, rows, dataclasses.replace(tb.BuildSettings(), spare_tools=0))
+    assert list(old.tool_slots) == own
+    with pytest.raises(UserError, match="spare_tools 49: only 48 reserved tokens are left"):
+        tb.pretraining_samples(0, rows, dataclasses.replace(tb.BuildSettings(), spare_tools=49))
 
 
 def test_cli_rejects_a_reading_stage_longer_than_the_positions(tmp_path):
@@ -206,10 +234,10 @@ def test_cli_probe_needs_a_finished_build(tmp_path):
 
 def test_build_command_spells_out_the_changed_choices():
     assert tb.build_command(tb.BuildSettings()) == "python tiny_backbone.py --rebuild --steps 10000 --seed 0"
-    changed = tb.BuildSettings(steps=10, seed=2, split="llama3", icl_fraction=0.1, consolidation_steps=0,
+    changed = tb.BuildSettings(steps=10, seed=2, split="llama3", icl_fraction=0.1, spare_tools=0, consolidation_steps=0,
                                reading_steps=5, reading_max_length=1000, reading_name_loss_weight=2.0, threads=1)
     assert tb.build_command(changed, "x") == ("python tiny_backbone.py --rebuild --steps 10 --seed 2 --split llama3 "
-                                              "--icl_fraction 0.1 --consolidation_steps 0 --reading_steps 5 "
+                                              "--icl_fraction 0.1 --spare_tools 0 --consolidation_steps 0 --reading_steps 5 "
                                               "--reading_max_length 1000 --reading_name_loss_weight 2.0 --threads 1 "
                                               "--output x")
 
@@ -310,7 +338,7 @@ def test_micro_build_end_to_end_loads_back(tmp_path):
         assert hits == round(hits), "a share of whole samples"
         assert scores["exact_accuracy"] <= scores["tool_accuracy"], "an exact match has the right tools"
         assert 0.0 <= scores["argument_accuracy"] <= 1.0
-    assert report["pretraining_ranks"][0] == tb.PRETRAIN_FIRST_RANK
+    assert report["pretraining_ranks"][0] == tb.PRETRAIN_FIRST_RANK and len(report["spare_tools"]) == 48
     assert 0 < report["refreshed_rows"] < report["vocab_size"]
     assert report["weights_sha256"] == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
     assert report["command"] == ("python tiny_backbone.py --rebuild --steps 3 --seed 3 --icl_max_listed 3 --hidden_size 32 "
