@@ -3,8 +3,8 @@
 `python tiny_backbone.py` trains a byte-level BPE tokenizer carrying the Llama-3 special tokens and chat template on the
 synthetic xLAM corpus, pretrains a small `LlamaForCausalLM` (tied embeddings, every weight trainable) on function
 calling over synthetic tools the experiments never use (ranks 201-400, the default rounds use ranks 1-200 at most, and
-spare tools of the corpus's grammar that no corpus row calls), scores greedy generation on held-out samples of those tools, and saves everything with `save_pretrained` to
-`models/tiny-llama-fc/`. Each pretraining tool is one reserved special token, so the frozen backbone learns the grammar
+spare tools of the corpus's grammar that no corpus row calls), scores greedy generation on held-out samples of those
+tools, and saves everything with `save_pretrained` to `models/tiny-llama-fc/`. Each pretraining tool is one reserved special token, so the frozen backbone learns the grammar
 "tool token, then a JSON object whose values come from the query" that TokMem's tool memory plugs into.
 """
 
@@ -196,6 +196,10 @@ class BuildSettings:
                              f"{self.num_kv_heads} must divide")
         if self.split not in SPLIT_PATTERNS:
             raise ValueError(f"split must be one of {sorted(SPLIT_PATTERNS)}, got {self.split!r}")
+        left = NUM_RESERVED_TOKENS - (PRETRAIN_LAST_RANK - PRETRAIN_FIRST_RANK + 1)
+        if self.spare_tools > left:
+            raise ValueError(f"spare_tools {self.spare_tools}: only {left} reserved tokens are left after the corpus's "
+                             f"ranks {PRETRAIN_FIRST_RANK}-{PRETRAIN_LAST_RANK}")
 
     def consolidation_stage(self) -> "BuildSettings":
         """The settings the second stage encodes and trains with: the first stage's data recipe, its own steps and rate."""
@@ -409,7 +413,8 @@ def spare_tools(own: Sequence[str], count: int) -> list:
     object none of `own` has first, each group by name."""
     import synthetic_xlam
 
-    objects = {tool.domain_object for tool in synthetic_xlam.CANDIDATES if tool.name in set(own)}
+    own = set(own)
+    objects = {tool.domain_object for tool in synthetic_xlam.CANDIDATES if tool.name in own}
     spare = synthetic_xlam.spare_tools()
     return sorted(spare, key=lambda tool: (tool.domain_object in objects, tool.name))[:count]
 
@@ -427,11 +432,7 @@ def pretraining_samples(seed: int, rows: Sequence[dict] | None = None, settings:
     if last < PRETRAIN_FIRST_RANK + 9:
         raise UserError(f"the corpus ranks only {len(ranked)} tools; the backbone needs ranks {PRETRAIN_FIRST_RANK}+")
     ranked = list(ranked[:last])
-    if settings.spare_tools:
-        left = NUM_RESERVED_TOKENS - (last - PRETRAIN_FIRST_RANK + 1)
-        if settings.spare_tools > left:
-            raise UserError(f"spare_tools {settings.spare_tools}: only {left} reserved tokens are left after the "
-                            f"corpus's ranks {PRETRAIN_FIRST_RANK}-{last}")
+    if settings.spare_tools:  # BuildSettings bounds it by the reserved tokens ranks 201-400 leave
         spare = spare_tools(ranked[PRETRAIN_FIRST_RANK - 1:], settings.spare_tools)
         rows = [*rows, *synthetic_xlam.generate_tool_rows(spare, SPARE_ROWS_PER_TOOL, settings.corpus_seed)]
         ranked += [tool.name for tool in spare]

@@ -217,8 +217,14 @@ def test_pretraining_tools_are_ranks_201_400_then_spare_tools_in_the_reserved_to
     assert {"daily_calories", "credit_score", "betting_odds"} <= {objects[name] for name in spare}
     old = tb.pretraining_samples(0, rows, dataclasses.replace(tb.BuildSettings(), spare_tools=0))
     assert list(old.tool_slots) == own
-    with pytest.raises(UserError, match="spare_tools 49: only 48 reserved tokens are left"):
-        tb.pretraining_samples(0, rows, dataclasses.replace(tb.BuildSettings(), spare_tools=49))
+    with pytest.raises(ValueError, match="spare_tools 49: only 48 reserved tokens are left"):
+        dataclasses.replace(tb.BuildSettings(), spare_tools=49)
+
+
+def test_cli_rejects_more_spare_tools_than_reserved_tokens_before_building(tmp_path):
+    with pytest.raises(UserError, match="spare_tools 49: only 48 reserved tokens are left after the corpus's ranks 201-400"):
+        tb.main(["--output", str(tmp_path / "b"), "--spare_tools", "49"])
+    assert not (tmp_path / "b").exists()
 
 
 def test_cli_rejects_a_reading_stage_longer_than_the_positions(tmp_path):
