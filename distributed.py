@@ -399,3 +399,16 @@ def shard_backbone(causal_lm: torch.nn.Module) -> None:
         fully_shard(module, mesh=mesh, ignored_params={p for p in module.parameters() if id(p) in whole})
     _state.lockstep = True
     logger.info("backbone sharded over %d processes: %d decoder layers (FSDP2)", world_size(), len(layers))
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered parameters of every sharded module of `model`. A forward with no backward after it leaves
+    the root's parameters gathered, and the next forward would then skip a collective that a process which saved a
+    checkpoint in between (process 0: the state dict reshards) still makes."""
+    if not lockstep():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import distributed
-from common import CliParser, UserError, positive_float, positive_int
+from common import CliParser, UserError, non_negative_float, positive_float, positive_int
 from decoding import GROUND_TRUTH_STYLES
 from experiment import print_final_report
 from model import FunctionCallingModel
@@ -61,6 +61,11 @@ def build_parser() -> CliParser:
                              "(the original's way)")
     parser.add_argument("--renorm_from_round", type=positive_int, default=TrainSettings.renorm_from_round,
                         help="first round (1-based) that --renorm_active_tools applies to (the original: 3)")
+    parser.add_argument("--prototype_weight", type=non_negative_float, default=TrainSettings.prototype_weight,
+                        help="weight of the prototype loss: from round 2 on, draws around each earlier tool's query "
+                             "prototype must still score that tool (0: off, the original; run_n_rounds_main.sh: 1)")
+    parser.add_argument("--prototype_samples", type=positive_int, default=TrainSettings.prototype_samples,
+                        help="draws from the earlier tools' prototypes per step (with --prototype_weight)")
     parser.add_argument("--tool_init_norm", default=MemorySettings.tool_init_norm, choices=TOOL_INIT_NORMS,
                         help="norm of the orthogonal initial rows: the backbone's mean embedding norm, or unit "
                              "(the original's)")
@@ -88,7 +93,8 @@ def settings_from(args) -> tuple[RunSettings, MemorySettings]:
     if memory.freeze_lora_after_first and not memory.use_lora:
         raise UserError("--freeze_lora_after_first needs --use_lora (without it there is no LoRA to freeze)")
     train = train_settings(args, lora_lr=args.lora_lr, renorm_active_tools=args.renorm_active_tools,
-                           renorm_rows=args.renorm_rows, renorm_from_round=args.renorm_from_round)
+                           renorm_rows=args.renorm_rows, renorm_from_round=args.renorm_from_round,
+                           prototype_weight=args.prototype_weight, prototype_samples=args.prototype_samples)
     lora = lora_settings(args, args.lora_layer_indices) if memory.use_lora else None
     return run_settings(args, train, lora, from_flags(DecodingSettings, args)), memory
 

@@ -8,6 +8,7 @@ last finished round with the same numbers.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,7 @@ from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, c
                         parse_training_rounds, per_round_values, refuse_existing_run)
 from model import model_positions, resolve_device, resolve_dtype
 from settings import DataSettings, EvalSettings, OutputSettings, RunSettings, resolve_model_name
-from training import evaluate, format_demo, train_round
+from training import evaluate, format_demo, record_prototypes, train_round
 
 logger = logging.getLogger(__name__)
 
@@ -224,16 +225,23 @@ def run_rounds(
         model.set_lora_trainable(train_lora)
         stats = train_round(model, loader, settings.train.for_round(index, spec.epochs), active, train_lora,
                             f"round {spec.name}")
-        logger.info("round %s: %d steps, mean loss %.4f, final loss %.4f, tool loss %.4f",
-                    spec.name, stats.steps, stats.mean_loss, stats.final_loss, stats.mean_tool_loss)
+        logger.info("round %s: %d steps, mean loss %.4f, final loss %.4f, tool loss %.4f%s",
+                    spec.name, stats.steps, stats.mean_loss, stats.final_loss, stats.mean_tool_loss,
+                    "" if math.isnan(stats.mean_prototype_loss) else f", prototype loss {stats.mean_prototype_loss:.4f}")
+        if settings.train.prototype_weight and active is not None:
+            states = record_prototypes(model, loader, active)
+            logger.info("round %s: query prototypes of its tools from %d hidden states", spec.name, states)
         offered = None if settings.decoding.offer_all_tools else [t for d in data[: index + 1] for t in d.tools]
         model.set_generation_tools(offered)
         if run.writer:
             model.save(run.checkpoint_path(index))
         for test_index in evaluation_plan(index, len(data), settings.evaluation):
             evaluate_round(settings, model, data[test_index], index, test_index, run)
-        run.finish_round(index, {"steps": stats.steps, "mean_loss": stats.mean_loss, "final_loss": stats.final_loss,
-                                 "mean_tool_loss": stats.mean_tool_loss})
+        record = {"steps": stats.steps, "mean_loss": stats.mean_loss, "final_loss": stats.final_loss,
+                  "mean_tool_loss": stats.mean_tool_loss}
+        if not math.isnan(stats.mean_prototype_loss):
+            record["mean_prototype_loss"] = stats.mean_prototype_loss
+        run.finish_round(index, record)
         if not settings.output.save_checkpoints and index > 0 and run.writer:
             remove_checkpoint(run.checkpoint_path(index - 1))
     return run.write_summary({"parameters": model.parameter_breakdown()})

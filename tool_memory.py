@@ -17,6 +17,7 @@ MEMORY_DTYPES = ("float32", "model")
 TOOL_INIT_NORMS = ("embedding", "unit")
 INPUT_ROWS_KEY = "input_rows"
 OUTPUT_ROWS_KEY = "output_rows"
+PROTOTYPE_KEYS = ("prototype_mean", "prototype_std", "prototype_count")
 
 
 class ToolMemory(nn.Module):
@@ -38,6 +39,10 @@ class ToolMemory(nn.Module):
         self.decoupled_output_rows = (
             nn.Parameter(torch.zeros(num_tools, hidden, device=device, dtype=row_dtype)) if decoupled else None
         )
+        # Each learned tool's query prototype (see `set_prototypes`); a count of 0 means none was recorded.
+        self.register_buffer("prototype_mean", torch.zeros(num_tools, hidden, device=device))
+        self.register_buffer("prototype_std", torch.zeros(num_tools, hidden, device=device))
+        self.register_buffer("prototype_count", torch.zeros(num_tools, dtype=torch.long, device=device))
 
     @property
     def decoupled(self) -> bool:
@@ -90,11 +95,55 @@ class ToolMemory(nn.Module):
         """Overwrite the tool columns of float32 `logits` in place with the tool logits of `hidden`; returns them."""
         return logits.index_copy_(-1, self.tool_token_ids, self.tool_logits(hidden))
 
+    # --- query prototypes ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_prototypes(self, sums: torch.Tensor, squares: torch.Tensor, counts: torch.Tensor,
+                       tools: torch.Tensor) -> None:
+        """Record the query prototypes of `tools` (a bool mask) from per-tool sums, sums of squares and counts of
+        the hidden states that predicted them: their mean and per-dimension standard deviation."""
+        counts = counts.to(self.prototype_count.device)
+        tools = tools.to(counts.device) & (counts > 0)
+        n = counts[tools].unsqueeze(-1).double()
+        mean = sums.to(counts.device)[tools].double() / n
+        variance = (squares.to(counts.device)[tools].double() / n - mean.square()).clamp(min=0)
+        self.prototype_mean[tools] = mean.to(self.prototype_mean.dtype)
+        self.prototype_std[tools] = variance.sqrt().to(self.prototype_std.dtype)
+        self.prototype_count[tools] = counts[tools]
+
+    def has_prototype(self) -> torch.Tensor:
+        """Bool mask over tools: which have a recorded query prototype."""
+        return self.prototype_count > 0
+
+    def prototype_loss(self, old: torch.Tensor, learned: torch.Tensor, samples: int,
+                       generator: torch.Generator) -> torch.Tensor | None:
+        """Cross-entropy, over the `learned` tools' logits, of `samples` draws from the prototypes of the `old`
+        tools (bool masks), each toward its own tool; None where no old tool has a prototype.
+
+        A draw is the prototype's mean plus Gaussian noise of its per-dimension deviation (prototype augmentation,
+        Zhu et al., CVPR 2021). The loss reaches only the rows that are trained, so it keeps new rows from taking
+        the old tools' queries without any old query being stored.
+        """
+        tools = (old.to(self.prototype_count.device) & self.has_prototype()).nonzero().squeeze(-1)
+        if not len(tools):
+            return None
+        picks = torch.randint(len(tools), (samples,), generator=generator).to(tools.device)
+        targets = tools[picks]
+        noise = torch.randn((samples, self.prototype_mean.shape[-1]), generator=generator).to(tools.device)
+        draws = self.prototype_mean[targets] + self.prototype_std[targets] * noise
+        logits = self.tool_logits(draws).masked_fill(~learned.to(tools.device), float("-inf"))
+        return F.cross_entropy(logits, targets)
+
+    # --- state -------------------------------------------------------------------------------------------------------
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The rows as float32 CPU tensors, under the checkpoint's keys (`input_rows`, `output_rows`)."""
+        """The rows as float32 CPU tensors, under the checkpoint's keys (`input_rows`, `output_rows`), and the query
+        prototypes where any is recorded."""
         state = {INPUT_ROWS_KEY: self.input_rows.detach().float().cpu().contiguous()}
         if self.decoupled:
             state[OUTPUT_ROWS_KEY] = self.decoupled_output_rows.detach().float().cpu().contiguous()
+        if self.has_prototype().any():
+            state.update({key: getattr(self, key).cpu().contiguous() for key in PROTOTYPE_KEYS})
         return state
 
     @torch.no_grad()
@@ -103,3 +152,9 @@ class ToolMemory(nn.Module):
         self.input_rows.copy_(state[INPUT_ROWS_KEY].to(self.input_rows.device, self.input_rows.dtype))
         if self.decoupled:
             self.decoupled_output_rows.copy_(state[OUTPUT_ROWS_KEY].to(self.input_rows.device, self.input_rows.dtype))
+        for key in PROTOTYPE_KEYS:  # a checkpoint without prototypes (none recorded, or written before they were)
+            buffer = getattr(self, key)
+            if key in state:
+                buffer.copy_(state[key].to(buffer.device))
+            else:
+                buffer.zero_()

@@ -21,6 +21,7 @@ import distributed
 from common import UserError
 from dataset import IGNORE_INDEX
 from eval import score_predictions
+from model import labelled_positions
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class TrainSettings:
 
     `lr` is the tool rows' rate (the LoRA baseline trains its adapter at its --lr: `lora_lr` is set to it);
     `renorm_from_round` is 1-based; `batch_size` and `curriculum_learning` shape the round's loader.
+    `prototype_weight` > 0 adds the earlier tools' prototype loss (ToolMemory.prototype_loss) of
+    `prototype_samples` draws to every step's loss, and has each round record its tools' prototypes.
     """
 
     epochs: int = 1
@@ -49,6 +52,8 @@ class TrainSettings:
     renorm_from_round: int = 1
     batch_size: int = 8
     curriculum_learning: bool = False
+    prototype_weight: float = 0.0
+    prototype_samples: int = 64
 
     def for_round(self, index: int, epochs: int) -> TrainSettings:
         """The settings of round `index` (0-based): its epochs, and renormalisation from `renorm_from_round` on."""
@@ -64,6 +69,7 @@ class RoundStats:
     mean_loss: float
     mean_tool_loss: float
     final_loss: float
+    mean_prototype_loss: float = float("nan")
 
 
 def build_optimizer(model, settings: TrainSettings, train_lora: bool) -> torch.optim.AdamW:
@@ -129,9 +135,16 @@ def train_round(
         snapshots = [rows.detach()[~active_tools].clone() for rows in row_tensors]
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
 
+    prototypes = _prototype_masks(model, active_tools) if settings.prototype_weight else None
+    if prototypes is not None:
+        # Seeded by the round's seed (set_seed before the round), the same on every process: each process adds the
+        # same draws at 1/world_size weight, so any number of processes trains as one does.
+        generator = torch.Generator().manual_seed(torch.initial_seed())
+
     model.train()
     losses: list[float] = []
     tool_losses: list[float] = []
+    prototype_losses: list[float] = []
     step = 0
     progress = tqdm(total=total_steps, desc=description, leave=False, dynamic_ncols=True,
                     disable=not distributed.is_main())
@@ -149,7 +162,12 @@ def train_round(
                 loss_value = loss.item()
                 tool_value = tool_loss.item() if tool_loss is not None else float("nan")
             del out
-            if not math.isfinite(loss_value):
+            if prototypes is not None:
+                old_tools, learned = prototypes
+                prototype_loss = model.memory.prototype_loss(old_tools, learned, settings.prototype_samples, generator)
+                prototype_losses.append(prototype_loss.item())
+                loss = loss + settings.prototype_weight * prototype_loss / distributed.world_size()
+            if not math.isfinite(loss_value + (prototype_losses[-1] if prototypes is not None else 0.0)):
                 progress.close()
                 raise TrainingDiverged(
                     f"{description}: the loss became {loss_value} at epoch {epoch + 1}, batch {batch_index + 1}; "
@@ -188,7 +206,51 @@ def train_round(
         mean_loss=sum(losses) / len(losses),
         mean_tool_loss=_nanmean(tool_losses),
         final_loss=sum(losses[-10:]) / len(losses[-10:]),
+        mean_prototype_loss=_nanmean(prototype_losses),
     )
+
+
+def _prototype_masks(model, active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(old, learned) tool masks for the prototype loss: earlier tools with a recorded prototype, and those with
+    this round's; None where no earlier tool has one (the first round, or a model without a memory)."""
+    if active is None:
+        return None
+    memory = model.memory
+    active = active.to(memory.prototype_count.device)
+    old = memory.has_prototype() & ~active
+    return (old, old | active) if old.any() else None
+
+
+@torch.no_grad()
+def record_prototypes(model, loader: DataLoader, tools: torch.Tensor) -> int:
+    """Record the query prototypes of `tools` (a bool mask) in the model's memory: the mean and per-dimension
+    deviation of the last hidden states that predict each tool's token over `loader`'s batches (one pass, no
+    gradient; with several processes, over every process's share). Returns how many states went in."""
+    memory = model.memory
+    num_tools, hidden_size = memory.prototype_mean.shape
+    device = memory.prototype_mean.device
+    sums = torch.zeros(num_tools, hidden_size, dtype=torch.float64, device=device)
+    squares = torch.zeros_like(sums)
+    counts = torch.zeros(num_tools, dtype=torch.long, device=device)
+    model.eval()
+    for batch in loader:
+        input_ids, attention_mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+        labels = batch["labels"].to(model.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = model.training_hidden(input_ids, attention_mask, position_ids)
+        if batch.get("dummy", False):  # run for the collectives of a sharded backbone, counted nowhere
+            continue
+        rows, positions = labelled_positions(labels)
+        slots = memory.token_to_slot[labels[rows, positions + 1]]
+        keep = slots >= 0
+        states = hidden[rows[keep], positions[keep]].double()
+        sums.index_add_(0, slots[keep], states)
+        squares.index_add_(0, slots[keep], states.square())
+        counts.index_add_(0, slots[keep], torch.ones_like(slots[keep]))
+    distributed.reshard(model)
+    distributed.all_reduce_([sums, squares, counts])
+    memory.set_prototypes(sums, squares, counts, tools)
+    return int(counts[tools.to(device)].sum())
 
 
 def _global_batch_loss(out, labels: torch.Tensor, dummy: bool) -> tuple[torch.Tensor, float, float]:

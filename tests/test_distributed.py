@@ -227,7 +227,8 @@ def tokmem_args(rounds: Path, tiny_model_dir: Path, out: Path, epochs: str = "1-
 
 @pytest.mark.slow
 def test_tokmem_two_processes_and_a_sharded_backbone_give_one_process_numbers(tiny_model_dir, rounds, tmp_path):
-    extra = ["--use_lora", "--lora_dropout", "0", "--use_ground_truth_tools", "--gradient_accumulation_steps", "2"]
+    extra = ["--use_lora", "--lora_dropout", "0", "--use_ground_truth_tools", "--gradient_accumulation_steps", "2",
+             "--prototype_weight", "1"]
     in_one_process(main_sequential.main, tokmem_args(rounds, tiny_model_dir, tmp_path / "one") + extra)
     for name, flags in (("two", []), ("sharded", ["--shard_backbone"])):
         result = torchrun("main_sequential.py", tokmem_args(rounds, tiny_model_dir, tmp_path / name) + extra + flags,

@@ -1,6 +1,7 @@
 """What a TokMem run promises across rounds, checked on one recorded run: each round trains only its own rows, the
 other rows and a frozen LoRA stay bit for bit, renormalisation reaches the inactive rows' mean norm, a resumed run
-trains only the rounds it lacks, and a diverging round keeps the last good checkpoint.
+trains only the rounds it lacks (with the earlier rounds' query prototypes from the checkpoint), and a diverging round
+keeps the last good checkpoint.
 
 One uninterrupted run (module scope, in this process, every call of train_round recorded) is the reference of every
 test; only the killed run is a separate process.
@@ -32,7 +33,7 @@ def cli_args(model_dir: Path, data: Path, out: Path) -> list[str]:
     return ["--model_name", str(model_dir), "--training_rounds", "1-3:2,4-6:3", "--data_dir", str(data),
             "--output_dir", str(out), "--batch_size", str(BATCH_SIZE), "--eval_all_previous", "--max_new_tokens", "12",
             "--use_lora", "--freeze_lora_after_first", "--renorm_active_tools", "--renorm_from_round", "2",
-            "--save_checkpoints",
+            "--prototype_weight", "1", "--save_checkpoints",
             "--device", "cpu", "--seed", "7"]
 
 
@@ -106,6 +107,18 @@ def test_renormalisation_puts_a_rounds_rows_at_the_mean_norm_of_the_others_from_
         norms = rows[mask].norm(dim=-1)
         at_target = torch.allclose(norms, torch.full_like(norms, target), rtol=1e-5)
         assert at_target == (round_number >= 2), f"--renorm_from_round 2, round {round_number}: {norms} vs {target}"
+
+
+def test_each_round_records_its_tools_prototypes_and_the_next_round_trains_against_them(reference):
+    first, second = reference.mask(0), reference.mask(1)
+    one = load_file(str(reference.out / "checkpoints" / "round_1" / "tool_memory.safetensors"))
+    two = load_file(str(reference.out / "checkpoints" / "round_2" / "tool_memory.safetensors"))
+    assert torch.equal(one["prototype_count"] > 0, first) and torch.equal(two["prototype_count"] > 0, first | second)
+    for key in ("prototype_mean", "prototype_std", "prototype_count"):
+        assert torch.equal(two[key][first], one[key][first]), f"round 2 changed round 1's {key}"
+    assert (one["prototype_std"][first] > 0).all()
+    stats = reference.summary["round_stats"]
+    assert "mean_prototype_loss" not in stats[0] and stats[1]["mean_prototype_loss"] > 0
 
 
 @pytest.mark.slow
