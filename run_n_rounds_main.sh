@@ -25,6 +25,7 @@ RENORM_ACTIVE_TOOLS=${RENORM_ACTIVE_TOOLS:-true}       # new rows scaled to the 
 RENORM_ROWS=${RENORM_ROWS:-all}                        # all | output (the original)
 RENORM_FROM_ROUND=${RENORM_FROM_ROUND:-1}              # the original renormalises from round 3 on
 TOOL_INIT_NORM=${TOOL_INIT_NORM:-embedding}            # embedding | unit (the original)
+PROTOTYPE_WEIGHT=${PROTOTYPE_WEIGHT:-1}                 # earlier tools' query prototypes kept (0: the original)
 MEMORY_DTYPE=${MEMORY_DTYPE:-float32}                  # float32 | model (the backbone's dtype, the original)
 DECOUPLE_EMBEDDINGS=${DECOUPLE_EMBEDDINGS:-false}      # true: separate input and output rows per tool
 USE_LORA=${USE_LORA:-false}
@@ -68,7 +69,7 @@ args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "
       --dtype "$DTYPE" --seed "$SEED" --eval_after_each_round --eval_batch_size "$EVAL_BATCH_SIZE" --demo 2
       --train_max_function_calls_per_round "$TRAIN_CALLS_LIST" --test_max_function_calls_per_round "$TEST_CALLS_LIST"
       --prompt_format "$PROMPT_FORMAT" --tool_init_norm "$TOOL_INIT_NORM" --memory_dtype "$MEMORY_DTYPE"
-      --ground_truth_style "$GROUND_TRUTH_STYLE")
+      --ground_truth_style "$GROUND_TRUTH_STYLE" --prototype_weight "$PROTOTYPE_WEIGHT")
 [[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")
 [[ -n "$OUTPUT_DIR" ]] && args+=(--output_dir "$OUTPUT_DIR")
 [[ "$EVAL_ALL_PREVIOUS" == true ]] && args+=(--eval_all_previous)
