@@ -186,7 +186,20 @@ def load_base_model(model_name: str, device: torch.device, dtype: torch.dtype):
     model.to(device)
     for param in model.parameters():
         param.requires_grad_(False)
+    avoid_cudnn_attention(device)
     return model
+
+
+def avoid_cudnn_attention(device: torch.device) -> None:
+    """On CUDA, take cuDNN's fused attention out of torch's SDPA choices, for the whole process.
+
+    It is torch's first choice on Hopper, and its backward returned NaN gradients for a left-padded bfloat16 batch whose
+    answer attended to a cached prompt (H100, torch 2.11+cu130: `ScaledDotProductCudnnAttentionBackward0`; the main
+    job's round 3 diverged with and without the prototype loss). The memory-efficient and math kernels gave finite,
+    matching gradients on the same batch, and the memory-efficient one is what SDPA picks instead.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def attach_lora(base, settings: LoraSettings):

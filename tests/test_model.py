@@ -578,3 +578,18 @@ def test_more_tools_than_reserved_slots_is_a_user_error(tiny_model_dir):
 def test_missing_model_directory_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="cannot load"):
         FunctionCallingModel(str(tmp_path / "nope"), 1, ["a"], device="cpu")
+
+
+def test_loading_on_cuda_takes_cudnn_attention_out_of_sdpa(tiny_model_dir, monkeypatch):
+    import model as model_module
+
+    switched = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", switched.append)
+    model_module.avoid_cudnn_attention(torch.device("cpu"))
+    assert switched == []
+    model_module.avoid_cudnn_attention(torch.device("cuda", 0))
+    assert switched == [False]
+    seen = []
+    monkeypatch.setattr(model_module, "avoid_cudnn_attention", seen.append)
+    model_module.load_base_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    assert seen == [torch.device("cpu")], "every backbone load passes its device"
