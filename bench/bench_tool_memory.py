@@ -54,6 +54,7 @@ from dataset import IGNORE_INDEX, left_pad_collate  # noqa: E402
 from model import (  # noqa: E402
     CallingOutput,
     FunctionCallingModel,
+    avoid_cudnn_attention,
     labelled_positions,
     resolve_device,
     resolve_dtype,
@@ -827,6 +828,7 @@ def run_benchmark(args) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    avoid_cudnn_attention(device)  # before any step: the toolkit's models turn it off, so every line runs without it
     warn_if_busy(device)
     settings = {
         "device": str(device),
