@@ -57,6 +57,7 @@ class Breakage:
 RESUME = ("tests/test_resume.py",)
 MODEL = ("tests/test_model.py",)
 DISTRIBUTED = ("tests/test_distributed.py",)
+PROTOTYPES = ("tests/test_prototypes.py",)
 
 BREAKAGES = (
     Breakage("resume-from-round-1", "--resume retrains every round from round 1",
@@ -127,6 +128,22 @@ BREAKAGES = (
              (Edit("training.py", "renorm = self.renorm_active_tools and index + 1 >= self.renorm_from_round",
                    "renorm = self.renorm_active_tools"),),
              RESUME),
+    Breakage("prototype-loss-not-added", "--prototype_weight records prototypes but never adds their loss",
+             (Edit("training.py", "                loss = loss + settings.prototype_weight * prototype_loss / distributed.world_size()",
+                   "                loss = loss + 0.0 * prototype_loss"),),
+             PROTOTYPES + RESUME),
+    Breakage("prototypes-not-saved", "a checkpoint leaves the prototypes out, so a resumed run trains without them",
+             (Edit("tool_memory.py", "        if self.has_prototype().any():\n            state.update(",
+                   "        if False:\n            state.update("),),
+             PROTOTYPES + RESUME),
+    Breakage("prototypes-over-all-tools", "the prototype loss's softmax also holds tools not learned yet",
+             (Edit("tool_memory.py", "        logits = self.tool_logits(draws).masked_fill(~learned.to(tools.device), float(\"-inf\"))",
+                   "        logits = self.tool_logits(draws)"),),
+             PROTOTYPES),
+    Breakage("prototypes-of-every-tool", "a round records prototypes of every tool in its batches, not only its own",
+             (Edit("tool_memory.py", "        tools = tools.to(counts.device) & (counts > 0)",
+                   "        tools = counts > 0"),),
+             PROTOTYPES + RESUME),
     Breakage("scores-as-sets", "tool and call scores compare sets instead of multisets",
              (Edit("eval.py", "    output_counts = Counter(outputs)\n    target_counts = Counter(targets)",
                    "    output_counts = Counter(set(outputs))\n    target_counts = Counter(set(targets))"),
@@ -161,6 +178,10 @@ BREAKAGES = (
     Breakage("local-loss-normalisation", "each process divides its slice's loss by its own token count",
              (Edit("training.py", "    return out.loss * (count / total_count if total_count else 0.0), loss_value, tool_value",
                    "    return out.loss / distributed.world_size(), loss_value, tool_value"),),
+             DISTRIBUTED),
+    Breakage("prototypes-leave-root-gathered", "recording prototypes does not reshard the backbone before process 0 "
+             "alone saves the checkpoint",
+             (Edit("training.py", "    distributed.reshard(model)\n", ""),),
              DISTRIBUTED),
     Breakage("gather-out-of-order", "gathered predictions come back process by process, not in dataset order",
              (Edit("distributed.py", "            ordered[source + position * world] = item",
