@@ -109,6 +109,18 @@ int_var() {
     done
 }
 
+# number_var NAME...: each variable must be a number >= 0 (1, 0.5, 1e-2), so that a typo stops the script before the
+# data step instead of in the CLI after it.
+number_var() {
+    local name
+    for name in "$@"; do
+        if ! [[ ${!name} =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; then
+            echo "error: $name must be a number >= 0, got '${!name}'" >&2
+            exit 2
+        fi
+    done
+}
+
 # list_variables FILE: each `NAME=${NAME:-default}  # comment` line of FILE as `  NAME (default: default)   # comment`.
 list_variables() {
     grep -E '^[A-Z_]+=\$\{[A-Z_]+:-' "$1" | sed -E -e 's/^([A-Z_]+)=\$\{[A-Z_]+:-([^}]*)\}/  \1 (default: \2)/' -e 's/[[:space:]]+#/   #/'

@@ -49,6 +49,8 @@ SHARD_BACKBONE=${SHARD_BACKBONE:-false}            # with NPROC > 1: shard the f
 SEED=${SEED:-42}
 
 int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH LORA_R LORA_ALPHA REPLAY_BUFFER_SIZE NPROC
+number_var MAX_GRAD_NORM LORA_DROPOUT REPLAY_RATIO
+[[ -z "$LR" ]] || number_var LR
 bool_var REINIT_LORA USE_REPLAY_BUFFER EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS SHARD_BACKBONE
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-${GPU:-$(seq -s, 0 $((NPROC - 1)))}}
 # The tiny backbone (1.6M parameters) learns the markers in a few hundred steps only with a larger rate and adapters on

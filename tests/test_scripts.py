@@ -111,6 +111,8 @@ def test_default_dry_run_is_the_embedded_default(tmp_path):
     ({"USE_LORA": "maybe"}, "USE_LORA must be true or false"),
     ({"NUM_ROUNDS": "abc"}, "NUM_ROUNDS must be a positive integer, got 'abc'"),
     ({"EPOCHS_PER_ROUND": "1,2,3,4"}, "EPOCHS_PER_ROUND has 4 values for NUM_ROUNDS=3"),
+    ({"PROTOTYPE_WEIGHT": "abc"}, "PROTOTYPE_WEIGHT must be a number >= 0, got 'abc'"),
+    ({"LR": "-1e-2"}, "LR must be a number >= 0, got '-1e-2'"),
 ])
 def test_bad_script_variables_are_one_line_errors(tmp_path, env, message):
     result = run_script("run_n_rounds_main.sh", tmp_path, DRY_RUN="true", **env)
