@@ -30,6 +30,11 @@ class ScoreProcessor:
         """Called once per step with every row's chosen id (a finished row's is its filler stop id)."""
 
 
+def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: 0 at each row's first real token, counting on (padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def greedy_decode(step: Step, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   stop_ids: Sequence[int], processors: Sequence[ScoreProcessor] = ()) -> list[list[int]]:
@@ -42,7 +47,7 @@ def greedy_decode(step: Step, input_ids: torch.Tensor, attention_mask: torch.Ten
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     generated = []
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = left_pad_positions(attention_mask)
     scores, cache = step(input_ids, attention_mask, positions, None)
     position = positions[:, -1:]
     for _ in range(max_new_tokens):

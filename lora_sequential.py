@@ -25,7 +25,7 @@ from torch import nn
 import distributed
 from common import CliParser, UserError, atomic_write_json, positive_int, unit_interval
 from dataset import NativeFunctionCallingDataset, end_of_turn_id, make_dataloader
-from decoding import causal_lm_step, greedy_decode
+from decoding import causal_lm_step, greedy_decode, left_pad_positions
 from experiment import RoundData, print_final_report
 from model import (BackboneParts, CallingOutput, GeneratedCalls, LoraSettings, attach_lora, labelled_losses,
                    labelled_positions, load_base_model, load_lora_adapter, save_lora_adapter)
@@ -146,7 +146,7 @@ class MarkerLoRAModel(BackboneParts, nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = left_pad_positions(attention_mask)
         if labels is None:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False)

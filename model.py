@@ -27,7 +27,8 @@ from transformers.utils import logging as hf_logging
 
 from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with
 from dataset import IGNORE_INDEX, end_of_turn_id
-from decoding import CallBoundaryTracker, OfferedTools, ScoreProcessor, ToolForcingProcessor, greedy_decode
+from decoding import (CallBoundaryTracker, OfferedTools, ScoreProcessor, ToolForcingProcessor, greedy_decode,
+                      left_pad_positions)
 from tool_memory import MEMORY_DTYPES, ToolMemory
 
 logger = logging.getLogger(__name__)
@@ -557,7 +558,7 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = left_pad_positions(attention_mask)
         if labels is not None:
             if past_key_values is not None or use_cache or last_position_only:
                 raise ValueError("a forward with labels takes no cache and scores every labelled position")

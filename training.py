@@ -20,6 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 import distributed
 from common import UserError
 from dataset import IGNORE_INDEX
+from decoding import left_pad_positions
 from eval import score_predictions
 from model import labelled_positions
 
@@ -236,8 +237,7 @@ def record_prototypes(model, loader: DataLoader, tools: torch.Tensor) -> int:
     for batch in loader:
         input_ids, attention_mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
         labels = batch["labels"].to(model.device)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = model.training_hidden(input_ids, attention_mask, position_ids)
+        hidden = model.training_hidden(input_ids, attention_mask, left_pad_positions(attention_mask))
         if batch.get("dummy", False):  # run for the collectives of a sharded backbone, counted nowhere
             continue
         rows, positions = labelled_positions(labels)

@@ -51,6 +51,7 @@ from common import (  # noqa: E402
     setup_logging,
 )
 from dataset import IGNORE_INDEX, left_pad_collate  # noqa: E402
+from decoding import left_pad_positions  # noqa: E402
 from model import (  # noqa: E402
     CallingOutput,
     FunctionCallingModel,
@@ -340,7 +341,7 @@ class LoopedToolModel(FunctionCallingModel):
             return super().forward(input_ids, attention_mask, **kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = left_pad_positions(attention_mask)
         hidden = self.causal_lm.get_decoder()(
             inputs_embeds=self.embed(input_ids), attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
@@ -405,7 +406,7 @@ def plain_loss(model: FunctionCallingModel, stand_in: nn.Parameter) -> Callable[
 
     def loss(batch: dict) -> torch.Tensor:
         embeddings = lm.get_input_embeddings()(batch["input_ids"]).requires_grad_()
-        position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        position_ids = left_pad_positions(batch["attention_mask"])
         out = lm(
             inputs_embeds=embeddings,
             attention_mask=batch["attention_mask"],
@@ -424,7 +425,7 @@ def limit_loss(model: FunctionCallingModel, stand_in: nn.Parameter) -> Callable[
 
     def loss(batch: dict) -> torch.Tensor:
         embeddings = lm.get_input_embeddings()(batch["input_ids"]).requires_grad_()
-        position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        position_ids = left_pad_positions(batch["attention_mask"])
         hidden = lm.get_decoder()(
             inputs_embeds=embeddings, attention_mask=batch["attention_mask"], position_ids=position_ids
         ).last_hidden_state
