@@ -163,15 +163,17 @@ def train_round(
                 loss_value = loss.item()
                 tool_value = tool_loss.item() if tool_loss is not None else float("nan")
             del out
+            step_value = loss_value
             if prototypes is not None:
                 old_tools, learned = prototypes
                 prototype_loss = model.memory.prototype_loss(old_tools, learned, settings.prototype_samples, generator)
                 prototype_losses.append(prototype_loss.item())
                 loss = loss + settings.prototype_weight * prototype_loss / distributed.world_size()
-            if not math.isfinite(loss_value + (prototype_losses[-1] if prototypes is not None else 0.0)):
+                step_value += settings.prototype_weight * prototype_losses[-1]
+            if not math.isfinite(step_value):
                 progress.close()
                 raise TrainingDiverged(
-                    f"{description}: the loss became {loss_value} at epoch {epoch + 1}, batch {batch_index + 1}; "
+                    f"{description}: the loss became {step_value} at epoch {epoch + 1}, batch {batch_index + 1}; "
                     "this round is not saved (try a lower --lr / --lora_lr)"
                 )
             (loss / accumulation_group_size(batch_index, len(loader), accumulation)).backward()
