@@ -102,7 +102,7 @@ def test_default_dry_run_is_the_embedded_default(tmp_path):
     _, flags, switches = commands[-1]
     assert flags["--training_rounds"] == "1-10:3,11-20:3,21-30:3" and "--model_name" not in flags
     assert flags["--prompt_format"] == "chat" and flags["--max_grad_norm"] == "1.0"
-    assert flags["--prototype_weight"] == "1"
+    assert flags["--prototype_weight"] == "0"  # the paper's method; the prototype loss is an opt-in extension
     assert {"--renorm_active_tools", "--eval_all_previous"} <= switches and "--offer_all_tools" not in switches
 
 
