@@ -23,7 +23,7 @@ import logging
 import math
 import re
 from collections import Counter
-from typing import Any, Hashable, Iterable, Sequence
+from typing import Any, Hashable, Iterable, NamedTuple, Sequence
 
 from common import CliParser, UserError, atomic_write_json, read_json, run_cli, setup_logging
 
@@ -50,7 +50,6 @@ PAPER_METRICS = tuple(PAPER_PREFIX + name for name in TABLE_ROWS if name not in 
 _CODE_FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*\n?(.*?)\n?```$", re.DOTALL)
 _CALL_START = re.compile(r"(?<![\w.])([A-Za-z_][\w.]*)\s*\(")
 _JSON_LITERAL_NAMES = {"true": True, "false": False, "null": None, "none": None}
-_PAPER_CALL_FORM = re.compile(r"\w+\(.*\)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -276,58 +275,112 @@ def _gold_key(call: Any, where: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # The original toolkit's scores (the paper_ metrics)
 
-# How the original identifies a call: ("json", sorted-key JSON text), ("call", text of a `name(...)` form) or
-# ("raw", whitespace-collapsed text of an unparseable call).
-PaperKey = tuple[str, str]
+# The original toolkit reads a call in two steps, reproduced here from its behaviour (README, "Scores"; ORIGINAL.md):
+# parse the text into a Python value, then turn that value into the string that sets, sorts and exact match compare.
+# Strings from different routes (JSON, a call through `ast`, collapsed raw text) are compared as plain strings, as the
+# original compares them, so they can meet.
+_PAPER_CALL_TEXT = re.compile(r"(\w+)\((.*)\)")
 
 
-def _collapsed(text: Any) -> str:
-    """Text with runs of whitespace made one space; None is the empty text."""
-    return "" if text is None else " ".join(str(text).split())
+class PaperCall(NamedTuple):
+    """One call as the original scores it: the string it compares, whether it counts as a parse error, and whether
+    the original's scorer raises on it (its bug: the rest of that batch then scores 0; here it is a parse error)."""
+
+    key: str
+    parse_error: bool
+    crashes_original: bool = False
 
 
-def _paper_json_key(value: dict) -> PaperKey:
-    """An arguments object as the original compares it: keys sorted, values exactly as parsed (`3.0` != `3`)."""
-    try:
-        return ("json", json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")))
-    except (TypeError, ValueError):
-        return ("raw", _collapsed(repr(value)))
+class _RawText(str):
+    """Text the original could not parse (its `{'raw_text': ..., 'parse_error': True}`)."""
 
 
-def paper_call_key(call: Any) -> PaperKey:
-    """One call as the original toolkit scores it (README, "Scores").
-
-    A dict is taken as is. Text is read as one JSON object, else as the JSON between its first `{` and its last `}`;
-    text opening with `name(...)` counts as parsed but matches no arguments object; anything else (empty text, JSON
-    that is not an object) is a parse error. Nothing is canonicalised: `3.0` != `3` and `" x"` != `"x"`.
-    """
+def _paper_parse(call: Any) -> Any:
+    """The value the original reads from a call: a dict as is; text as JSON (any JSON value), else the JSON object
+    between the first `{` and the last `}`, else a `name(key=value, ...)` form split at every comma, else _RawText."""
     if isinstance(call, dict):
-        return _paper_json_key(call)
-    if not isinstance(call, str) or not call.strip():
-        return ("raw", _collapsed(call))
+        return call
+    if not isinstance(call, str) or not call:
+        return _RawText(str(call))
     text = call.strip()
     try:
-        whole = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        first, last = text.find("{"), text.rfind("}")
-        if first != -1 and last > first:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    if "{" in text and "}" in text:
+        try:
+            return json.loads(text[text.find("{"):text.rfind("}") + 1])
+        except json.JSONDecodeError:
+            pass
+    match = _PAPER_CALL_TEXT.match(text)
+    if match:
+        name, arguments = match.groups()
+        try:
+            parsed = {}
+            if arguments.strip():
+                for part in arguments.split(","):
+                    if "=" in part:
+                        key, value = (piece.strip() for piece in part.split("=", 1))
+                        try:
+                            parsed[key] = ast.literal_eval(value)
+                        except (ValueError, SyntaxError):
+                            parsed[key] = value
+            return {name: parsed}
+        except Exception:  # noqa: BLE001 - the original falls back to raw text on any failure here
+            pass
+    return _RawText(text)
+
+
+def _paper_raw_key(text: str) -> str:
+    """Raw text as the original normalises it: re-dumped when it is JSON, else whitespace runs made one space."""
+    try:
+        return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+    except json.JSONDecodeError:
+        return re.sub(r"\s+", " ", text.strip())
+
+
+def _paper_value_key(value: Any) -> str:
+    """A parsed value as the original normalises it. A one-key object whose value is an object is the call
+    `key(k=v, ...)` through `ast` (keys sorted, values by `repr`, so nested key order counts and `3.0` != `3`);
+    anything else is sorted-key compact JSON (`str` where JSON cannot hold it)."""
+    if len(value) == 1:
+        name, params = next(iter(value.items()))
+        if isinstance(params, dict):
+            source = f"{name}({', '.join(f'{k}={v!r}' for k, v in sorted(params.items()))})"
             try:
-                return _paper_json_key(json.loads(text[first:last + 1]))
-            except (json.JSONDecodeError, RecursionError):
+                return ast.dump(ast.parse(source).body[0].value, annotate_fields=False, include_attributes=False)
+            except Exception:  # noqa: BLE001 - the original falls back to JSON on any failure here
                 pass
-        return ("call" if _PAPER_CALL_FORM.match(text) else "raw", _collapsed(text))
-    return _paper_json_key(whole) if isinstance(whole, dict) else ("raw", _collapsed(text))
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return str(value)
 
 
-def _paper_gold_key(call: Any, where: str) -> PaperKey:
-    """A gold call as the original reads it, falling back to this toolkit's parser for non-JSON gold text."""
-    key = paper_call_key(call)
-    if key[0] == "json":
-        return key
-    parsed = parse_function_call(call)
-    if parsed is None:
-        raise UserError(f"{where}: gold call {call!r} is not a JSON object of arguments")
-    return _paper_json_key(parsed)
+def paper_call(call: Any) -> PaperCall:
+    """One call as the original toolkit scores it (see `_paper_parse` and `_paper_value_key`).
+
+    A parse error is raw text or an object with a `parse_error` key (one with only a `raw_text` key is compared as
+    its raw text but not counted). JSON that is not an object is no parse error
+    (`[1, 2]` and `": "` are compared as their JSON), except where the original's scorer raises: a number, `null`,
+    a boolean, a one-element list, a one-character string, or a string or list holding `parse_error` or `raw_text`.
+    Those are parse errors here, flagged `crashes_original`.
+    """
+    parsed = _paper_parse(call)
+    if isinstance(parsed, _RawText):
+        return PaperCall(_paper_raw_key(parsed), True)
+    if isinstance(parsed, dict):
+        if "parse_error" in parsed or "raw_text" in parsed:
+            raw = parsed.get("raw_text", str(parsed))
+            if not isinstance(raw, str):
+                return PaperCall(_paper_raw_key(str(raw)), True, True)
+            return PaperCall(_paper_raw_key(raw), "parse_error" in parsed)
+        return PaperCall(_paper_value_key(parsed), False)
+    crashes = (not isinstance(parsed, (list, str)) or len(parsed) == 1
+               or "parse_error" in parsed or "raw_text" in parsed)
+    if crashes:
+        return PaperCall(_paper_raw_key(call if isinstance(call, str) else str(call)), True, True)
+    return PaperCall(json.dumps(parsed, sort_keys=True, separators=(",", ":")), False)
 
 
 def calculate_set_f1_score(outputs: Iterable[Hashable], targets: Iterable[Hashable]) -> dict[str, float]:
@@ -338,21 +391,25 @@ def calculate_set_f1_score(outputs: Iterable[Hashable], targets: Iterable[Hashab
 
 
 def _paper_sample_scores(predicted_tools: list[str], predicted_calls: list[Any], gold_tools: list[str],
-                         gold_calls: list[Any], where: str) -> dict[str, float | int]:
-    """Per-sample scores under the original's rules: the paper_ counterparts of `_sample_scores`."""
-    predicted = [paper_call_key(call) for call in predicted_calls]
-    gold = [_paper_gold_key(call, f"{where}, gold call {position}") for position, call in enumerate(gold_calls)]
-    calls = calculate_set_f1_score(predicted, gold)
+                         gold_calls: list[Any], untooled_text: str | None = None) -> dict[str, float | int]:
+    """Per-sample scores under the original's rules: the paper_ counterparts of `_sample_scores`. An answer with no
+    tool token is one call holding its whole text (`untooled_text`), as the original scores it."""
+    if not predicted_tools and not predicted_calls and untooled_text:
+        predicted_calls = [untooled_text]
+    predicted = [paper_call(call) for call in predicted_calls]
+    gold = [paper_call(call).key for call in gold_calls]
+    keys = [call.key for call in predicted]
+    calls = calculate_set_f1_score(keys, gold)
     tools = calculate_set_f1_score(predicted_tools, gold_tools)
     return {
-        "paper_exact": float(sorted(predicted) == sorted(gold)),
+        "paper_exact": float(sorted(keys) == sorted(gold)),
         "paper_f1_score": calls["f1_score"],
         "paper_precision": calls["precision"],
         "paper_recall": calls["recall"],
         "paper_tool_f1_score": tools["f1_score"],
         "paper_tool_precision": tools["precision"],
         "paper_tool_recall": tools["recall"],
-        "n_paper_parse_errors": sum(kind == "raw" for kind, _ in predicted),
+        "n_paper_parse_errors": sum(call.parse_error for call in predicted),
     }
 
 
@@ -411,7 +468,8 @@ def _sample_scores(prediction: Any, index: int) -> dict[str, float | int]:
         "tool_recall": tool_scores["recall"],
         "n_predicted_calls": len(predicted_keys),
         "n_parse_errors": sum(isinstance(key, _Unparseable) for _, key in predicted_keys),
-        **_paper_sample_scores(predicted_tools, [call for _, call in predicted], gold_tools, gold_calls, where),
+        **_paper_sample_scores(predicted_tools, [call for _, call in predicted], gold_tools, gold_calls,
+                               prediction.get("untooled_text")),
     }
 
 
@@ -452,7 +510,7 @@ def _aggregate(samples: list[dict[str, float | int]]) -> dict[str, float | int |
         name: _mean([s[key] for s in samples]) for name, key in _AVERAGED.items()
     }
     metrics["parse_error_rate"] = n_errors / n_predicted if n_predicted else None
-    metrics["paper_parse_error_rate"] = n_paper_errors / len(samples) if n_predicted else None
+    metrics["paper_parse_error_rate"] = n_paper_errors / len(samples)
     metrics["total_examples"] = len(samples)
     return metrics
 

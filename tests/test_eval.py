@@ -195,10 +195,11 @@ def test_score_predictions_has_every_metric_name_of_the_design():
     expected = ours | paper | {"total_examples", "call_count_breakdown"}
     assert set(metrics) == expected
     assert set(metrics["call_count_breakdown"]["1"]) == expected - {"call_count_breakdown"}
-    # empty prediction: every score 0, and with no predicted call the parse-error rates are absent, not perfect
+    # empty prediction: every score 0; with no predicted call our parse-error rate is absent, not perfect, and the
+    # paper's is 0 errors over the samples, as the original reports it
     assert metrics["avg_f1_score"] == 0.0 and metrics["avg_tool_precision"] == 0.0
     assert metrics["paper_avg_f1_score"] == 0.0 and metrics["paper_avg_tool_precision"] == 0.0
-    assert metrics["parse_error_rate"] is None and metrics["paper_parse_error_rate"] is None
+    assert metrics["parse_error_rate"] is None and metrics["paper_parse_error_rate"] == 0.0
     assert metrics["call_count_breakdown"]["1"]["parse_error_rate"] is None
 
 
@@ -289,7 +290,7 @@ def test_paper_call_f1_ignores_the_tool_of_a_call():
     ('{"city": " Paris"}', '{"city": "Paris"}', 0.0, 1.0),  # string values are not stripped
     ('{ "b": 1,\n "a": [2, 3] }', '{"a": [2, 3], "b": 1}', 1.0, 1.0),  # parsed JSON: key order and layout do not count
     ('Sure: {"a": 1} done', '{"a": 1}', 1.0, 1.0),  # the JSON between the first { and the last }
-    ('get(a=1)', '{"a": 1}', 0.0, 1.0),  # a call form parses, but never matches an arguments object
+    ('get(a=1)', '{"a": 1}', 0.0, 1.0),  # a call form parses, but never matches a plain arguments object
 ])
 def test_paper_call_identity(predicted, gold, paper_f1, ours_f1):
     metrics = scoring.score_predictions([prediction(["t"], [predicted], ["t"], [gold])])
@@ -298,9 +299,53 @@ def test_paper_call_identity(predicted, gold, paper_f1, ours_f1):
     assert metrics["paper_parse_error_rate"] == 0.0
 
 
-@pytest.mark.parametrize("text", ["", "   ", "oops", "[1, 2]", '"{}"', 'a {"x": 1} b {"y": 2}', None])
-def test_paper_call_key_parse_errors(text):
-    assert scoring.paper_call_key(text)[0] == "raw"
+@pytest.mark.parametrize("text", ["", "   ", "oops", 'a {"x": 1} b {"y": 2}', "f(", None])
+def test_paper_call_parse_errors(text):
+    assert scoring.paper_call(text).parse_error
+
+
+# The original's scorer (compositional/eval.py, compare_function_calls_advanced), run on these inputs on 2026-12-06:
+# (predicted calls, gold calls) -> (f1, precision, recall, exact, parse errors) as it returned them.
+ORIGINAL_SCORES = [
+    # valid JSON that is no object is compared as its JSON, not a parse error
+    (['": "'], ['{"a": 1}'], (0.0, 0.0, 0.0, 0.0, 0)),
+    (["[1, 2]"], ['{"a": 1}'], (0.0, 0.0, 0.0, 0.0, 0)),
+    # call-form text goes through the AST: spacing does not count, and it can match a one-key object of an object
+    (["f(a=1)", "f(a = 1)"], ['{"f": {"a": 1}}'], (1.0, 1.0, 1.0, 0.0, 0)),
+    (["filters(min=1, max=9)"], ['{"filters": {"min": 1, "max": 9}}'], (1.0, 1.0, 1.0, 1.0, 0)),
+    # a one-key object of an object keeps the key order of the values inside it
+    (['{"a": {"b": {"y": 1, "x": 2}}}'], ['{"a": {"b": {"x": 2, "y": 1}}}'], (0.0, 0.0, 0.0, 0.0, 0)),
+    (['{"a": {"y": 1, "x": 2}}'], ['{"a": {"x": 2, "y": 1}}'], (1.0, 1.0, 1.0, 1.0, 0)),
+    # a dict with a parse_error key is a parse error; one with only raw_text is compared as that text, uncounted
+    (['{"parse_error": 1}'], ['{"a": 1}'], (0.0, 0.0, 0.0, 0.0, 1)),
+    (['{"raw_text": "x  y"}', "x y"], ['{"a": 1}'], (0.0, 0.0, 0.0, 0.0, 1)),
+    # raw text whose collapsed whitespace is a gold call's JSON matches it
+    (['{"a":"x\ny"}'], ['{"a": "x y"}'], (1.0, 1.0, 1.0, 1.0, 1)),
+]
+
+
+@pytest.mark.parametrize("predicted, gold, expected", ORIGINAL_SCORES)
+def test_paper_scores_equal_the_original_scorer(predicted, gold, expected):
+    metrics = scoring.score_predictions([prediction(["t"] * len(predicted), predicted, ["t"] * len(gold), gold)])
+    got = tuple(metrics[name] for name in ("paper_avg_f1_score", "paper_avg_precision", "paper_avg_recall",
+                                           "paper_exact_accuracy", "paper_parse_error_rate"))
+    assert got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text", ["3", "null", "true", "[1]", '"a"', '"a parse_error"', '["raw_text", 1]'])
+def test_inputs_that_crash_the_original_are_parse_errors_here(text):
+    # The original's scorer raises on these, then scores the rest of its batch of 16 as 0 (its bug, not reproduced).
+    call = scoring.paper_call(text)
+    assert call.crashes_original and call.parse_error
+    metrics = scoring.score_predictions([prediction(["t"], [text], ["t"], ['{"a": 1}'])])
+    assert metrics["paper_parse_error_rate"] == 1.0 and metrics["paper_avg_f1_score"] == 0.0
+
+
+def test_paper_scores_an_answer_without_tool_token_as_one_call_of_its_text():
+    untooled = {**prediction([], [], ["t"], ['{"a": 1}']), "untooled_text": '{"a": 1}'}
+    metrics = scoring.score_predictions([untooled])
+    assert metrics["paper_avg_f1_score"] == 1.0 and metrics["paper_avg_tool_f1_score"] == 0.0
+    assert metrics["avg_f1_score"] == 0.0  # ours: no tool token, no call
 
 
 def test_paper_unparseable_calls_collapse_in_the_set_but_count_each_as_an_error():
@@ -322,7 +367,7 @@ def test_empty_prediction_for_empty_gold_scores_one_in_both_families():
     for name in ("avg_f1_score", "avg_precision", "avg_recall", "avg_tool_f1_score", "exact_accuracy"):
         assert metrics[name] == 1.0
         assert metrics["paper_" + name] == 1.0
-    assert metrics["parse_error_rate"] is None and metrics["paper_parse_error_rate"] is None
+    assert metrics["parse_error_rate"] is None and metrics["paper_parse_error_rate"] == 0.0  # the original: 0 / 1
 
 
 def test_parse_error_denominators_and_absent_groups():
@@ -340,13 +385,13 @@ def test_parse_error_denominators_and_absent_groups():
     assert breakdown["1"]["parse_error_rate"] == pytest.approx(2 / 3)
     assert breakdown["1"]["paper_parse_error_rate"] == 2.0  # over samples it can exceed 1
     assert breakdown["2"]["parse_error_rate"] == 0.0 and breakdown["2"]["paper_parse_error_rate"] == 0.0
-    assert breakdown["3"]["parse_error_rate"] is None and breakdown["3"]["paper_parse_error_rate"] is None
+    assert breakdown["3"]["parse_error_rate"] is None and breakdown["3"]["paper_parse_error_rate"] == 0.0
     table = scoring.format_metrics_table(metrics).splitlines()
     assert next(line for line in table if line.startswith("parse_error_rate")).split()[1:] == [
         "0.5000", "0.6667", "0.0000", "n/a"]
     assert any(line.startswith("paper scoring") for line in table)
     assert next(line for line in table if line.startswith("paper_parse_error_rate")).split()[1:] == [
-        "0.6667", "2.0000", "0.0000", "n/a"]
+        "0.6667", "2.0000", "0.0000", "0.0000"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
