@@ -279,10 +279,11 @@ def curriculum_order(samples: Sequence[dict], seed: int) -> list[dict]:
 
 
 def make_dataloader(
-    dataset: NativeFunctionCallingDataset, batch_size: int, pad_token_id: int, shuffle: bool, seed: int = 0
+    dataset: NativeFunctionCallingDataset, batch_size: int, pad_token_id: int, shuffle: bool, seed: int | None = 0
 ) -> DataLoader:
-    """A DataLoader with left-padding collate; shuffling is seeded so runs repeat exactly."""
-    generator = torch.Generator().manual_seed(seed)
+    """A DataLoader with left-padding collate; shuffling is seeded so runs repeat exactly. Seed None shuffles from
+    torch's global generator at the start of every epoch (the original's DataLoader)."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -16,14 +16,16 @@ import distributed
 from common import CliParser, UserError, non_negative_float, positive_float, positive_int
 from decoding import GROUND_TRUTH_STYLES
 from experiment import print_final_report
-from model import FunctionCallingModel
+from model import STOP_TOKENS, FunctionCallingModel
 from sequential import RunPlan, prepare_run, run_rounds, start_run
-from settings import (DecodingSettings, RunSettings, add_sequential_flags, from_flags, lora_settings, run_settings,
-                      train_settings)
+from settings import (RNG_MODES, DecodingSettings, RunSettings, add_sequential_flags, from_flags, lora_settings,
+                      run_settings, train_settings)
 from tool_memory import MEMORY_DTYPES, TOOL_INIT_NORMS
 from training import RENORM_ROWS, TrainSettings
 
 logger = logging.getLogger("main_sequential")
+
+ORIGINAL_TOOL_SLOTS = 248  # the original caps its tool slots at Llama-3's reserved special tokens
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,15 @@ def build_parser() -> CliParser:
     parser.add_argument("--unconstrained_decoding", action="store_true",
                         help="let a tool token come anywhere, also inside a call's unfinished JSON "
                              "(the original's way)")
+    parser.add_argument("--stop_tokens", default=DecodingSettings.stop_tokens, choices=STOP_TOKENS,
+                        help="where an answer ends: eot (end-of-turn), or generation_config (also every "
+                             "end-of-sequence id of the model's generation config, as Hugging Face generate stops: "
+                             "the original's way)")
+    parser.add_argument("--rng", default=RunSettings.rng, choices=RNG_MODES,
+                        help="toolkit: each round seeds its own draws (seed + round), so resume and several processes "
+                             "are exact; original: one seed, then every draw (rows, LoRA, shuffles, dropout) from "
+                             "torch's global generator in the original's order, so a seed gives the original's "
+                             "batches and rows (one process only; PRESET=paper)")
     parser.add_argument("--offer_all_tools", action="store_true",
                         help="let generation emit every tool row, also later rounds' untrained ones (the original's "
                              "way); by default only the tools learned so far are offered")
@@ -112,8 +123,16 @@ def build_model(plan: RunPlan, memory: MemorySettings) -> FunctionCallingModel:
         lora_config=settings.lora,
         memory_dtype=memory.memory_dtype,
     )
-    model.initialize_rows(seed=settings.seed, norm=memory.tool_init_norm)
+    if settings.rng == "original":
+        # The original draws one orthogonal matrix over its tool slots: as many as the last round's last rank, at
+        # most Llama-3's 248 reserved tokens (its constant), from the global generator right after LoRA's draws.
+        slots = min(max(spec.end for spec in plan.rounds), ORIGINAL_TOOL_SLOTS)
+        model.initialize_rows(seed=None, norm=memory.tool_init_norm, drawn_rows=slots)
+        model.split_prompt = False
+    else:
+        model.initialize_rows(seed=settings.seed, norm=memory.tool_init_norm)
     model.constrain_calls = not settings.decoding.unconstrained_decoding
+    model.set_stop_tokens(settings.decoding.stop_tokens)
     return model
 
 

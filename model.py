@@ -38,6 +38,7 @@ ADDED_TOOL_TOKEN = "<|tool_memory_{}|>"
 MEMORY_FILE = "tool_memory.safetensors"
 MEMORY_META_FILE = "tool_memory.json"
 LORA_DIR = "lora"
+STOP_TOKENS = ("eot", "generation_config")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -71,6 +72,7 @@ class GeneratedCalls:
     function_calls: list[str]
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    untooled_text: str | None = None  # an answer with no tool token: its text (the original scores it as one call)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -430,6 +432,7 @@ class FunctionCallingModel(BackboneParts, nn.Module):
                 param.requires_grad_(False)
         self.base_model = attach_lora(base, lora_config) if lora_config else base
         self.end_id = end_of_turn_id(self.tokenizer)
+        self.stop_ids = [self.end_id]
 
         self._name_to_index = {name: i for i, name in enumerate(self.tool_names)}
         vocab_size, hidden = self.causal_lm.get_input_embeddings().weight.shape
@@ -444,6 +447,7 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         # Generation: tool tokens only at call boundaries (see CallBoundaryTracker), and only of the tools in
         # `generation_tools` (None: all); a sequential run offers only the tools learned so far.
         self.constrain_calls = True
+        self.split_prompt = True  # training_hidden: the prompt without autograd when nothing in it is trained
         self.generation_tools: list[str] | None = None
         self._json_pieces: dict[int, str] | None = None
         self.eval()
@@ -516,14 +520,26 @@ class FunctionCallingModel(BackboneParts, nn.Module):
             processors.append(ToolForcingProcessor(gold_ids, self.tool_token_ids, self.end_id, tracker, style))
         return processors
 
+    def set_stop_tokens(self, stop_tokens: str) -> None:
+        """Where an answer ends: at end-of-turn (`eot`), or also at every end-of-sequence id of the model's generation
+        config (`generation_config`, as Hugging Face `generate` stops: Llama-3's `<|end_of_text|>` too)."""
+        if stop_tokens not in STOP_TOKENS:
+            raise UserError(f"--stop_tokens: expected one of {', '.join(STOP_TOKENS)}, got {stop_tokens!r}")
+        ids = [self.end_id]
+        if stop_tokens == "generation_config":
+            eos = self.causal_lm.generation_config.eos_token_id
+            ids += [i for i in ([eos] if isinstance(eos, int) else eos or []) if i not in ids]
+        self.stop_ids = ids
+
     def row_parameters(self) -> list[nn.Parameter]:
         """The memory's rows (input rows, and output rows when decoupled)."""
         return self.memory.rows()
 
-    def initialize_rows(self, seed: int = 0, norm: str = "embedding") -> None:
-        """Re-initialise the memory's rows against the backbone's embeddings and LM head (ToolMemory.initialize)."""
+    def initialize_rows(self, seed: int | None = 0, norm: str = "embedding", drawn_rows: int | None = None) -> None:
+        """Re-initialise the memory's rows against the backbone's embeddings and LM head (ToolMemory.initialize;
+        seed None: from the global generator, as the original)."""
         self.memory.initialize(self.causal_lm.get_input_embeddings().weight,
-                               self.causal_lm.get_output_embeddings().weight, seed, norm)
+                               self.causal_lm.get_output_embeddings().weight, seed, norm, drawn_rows)
 
     # --- forward ---------------------------------------------------------------------------------------------------
 
@@ -594,7 +610,9 @@ class FunctionCallingModel(BackboneParts, nn.Module):
 
         With no trainable backbone parameter (LoRA off or frozen), nothing before the batch's first tool token
         depends on a trained value: that prefix runs without autograd, and the rest attends to its cached keys and
-        values, so backward neither stores nor walks the prompt's activations.
+        values, so backward neither stores nor walks the prompt's activations. With `split_prompt` off the batch
+        runs in one pass, as the original's does (`--rng original`: a frozen adapter's dropout then draws its masks
+        in the original's shapes and order).
         """
         decoder = self.causal_lm.get_decoder()
         split = self.constant_prefix_length(input_ids) if torch.is_grad_enabled() else 0
@@ -611,8 +629,9 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         return torch.cat([prefix.last_hidden_state, rest.last_hidden_state], dim=1)
 
     def constant_prefix_length(self, input_ids: torch.Tensor) -> int:
-        """How many leading positions hold no tool token in any row, when no backbone parameter is trained (else 0)."""
-        if any(p.requires_grad for p in self.base_model.parameters()):
+        """How many leading positions hold no tool token in any row, when no backbone parameter is trained and
+        `split_prompt` is on (else 0)."""
+        if not self.split_prompt or any(p.requires_grad for p in self.base_model.parameters()):
             return 0
         has_tool = self.memory.is_tool(input_ids).any(dim=0).nonzero()
         return int(has_tool[0]) if len(has_tool) else input_ids.shape[1]
@@ -633,15 +652,17 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         if processors is None:
             processors = self.decoding_processors(input_ids.shape[0])
         return greedy_decode(self.decoding_step, input_ids.to(self.device), attention_mask.to(self.device),
-                             max_new_tokens, [self.end_id], processors)
+                             max_new_tokens, self.stop_ids, processors)
 
     def parse_generated(self, token_ids: Sequence[int]) -> GeneratedCalls:
         """Split generated ids at tool tokens into tools and their argument strings (text before a tool is dropped)."""
         tools: list[str] = []
         calls: list[list[int]] = []
+        answer: list[int] = []
         for token_id in token_ids:
-            if token_id == self.end_id:
+            if token_id in self.stop_ids:
                 break
+            answer.append(token_id)
             name = self.get_tool_name_from_token_id(token_id)
             if name is not None:
                 tools.append(name)
@@ -650,7 +671,8 @@ class FunctionCallingModel(BackboneParts, nn.Module):
                 calls[-1].append(token_id)
         function_calls = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in calls]
         text = self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
-        return GeneratedCalls(tools, function_calls, text, list(token_ids))
+        untooled = None if tools else self.tokenizer.decode(answer, skip_special_tokens=True).strip()
+        return GeneratedCalls(tools, function_calls, text, list(token_ids), untooled)
 
     def generate_with_tool_prediction(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 256

@@ -42,6 +42,7 @@ apply_preset() {
             # The original's behaviour where this toolkit departs from it (README: Departures from the original).
             : "${MAX_GRAD_NORM=0}" "${TOOL_INIT_NORM=unit}" "${MEMORY_DTYPE=model}" "${OFFER_ALL_TOOLS=true}"
             : "${UNCONSTRAINED_DECODING=true}" "${GROUND_TRUTH_STYLE=replace}" "${PROTOTYPE_WEIGHT=0}"
+            : "${STOP_TOKENS=generation_config}" "${QUERY_CUT=none}" "${RNG=original}"
             ;;
         lora)
             : "${NUM_ROUNDS=2}" "${TOOLS_PER_ROUND=50}" "${START_TOOL=1}" "${EPOCHS_PER_ROUND=1}"

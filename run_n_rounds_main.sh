@@ -40,6 +40,8 @@ OFFER_ALL_TOOLS=${OFFER_ALL_TOOLS:-false}              # true: untrained later r
 UNCONSTRAINED_DECODING=${UNCONSTRAINED_DECODING:-false}  # true: tool tokens also inside a call (the original)
 USE_GROUND_TRUTH_TOOLS=${USE_GROUND_TRUTH_TOOLS:-false}  # also score with the gold tools at the tool positions
 GROUND_TRUTH_STYLE=${GROUND_TRUTH_STYLE:-forced}       # forced | replace (the original)
+STOP_TOKENS=${STOP_TOKENS:-eot}                        # eot | generation_config (also <|end_of_text|>, the original)
+QUERY_CUT=${QUERY_CUT:-head}                           # head: long queries lose their head | none (the original)
 EVAL_ALL_PREVIOUS=${EVAL_ALL_PREVIOUS:-true}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-16}
 SAVE_CHECKPOINTS=${SAVE_CHECKPOINTS:-false}
@@ -52,6 +54,7 @@ GPU=${GPU:-}                                           # CUDA_VISIBLE_DEVICES wh
 NPROC=${NPROC:-1}                                      # processes: one per GPU, or per core on CPU; more than 1 runs under torchrun
 SHARD_BACKBONE=${SHARD_BACKBONE:-false}                # with NPROC > 1: shard the frozen backbone over them (FSDP2)
 SEED=${SEED:-42}
+RNG=${RNG:-toolkit}                                    # toolkit: draws seeded per round | original: the original's order
 
 int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH RENORM_FROM_ROUND LORA_R LORA_ALPHA NPROC
 number_var LR LORA_LR MAX_GRAD_NORM PROTOTYPE_WEIGHT LORA_DROPOUT
@@ -70,7 +73,8 @@ args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "
       --dtype "$DTYPE" --seed "$SEED" --eval_after_each_round --eval_batch_size "$EVAL_BATCH_SIZE" --demo 2
       --train_max_function_calls_per_round "$TRAIN_CALLS_LIST" --test_max_function_calls_per_round "$TEST_CALLS_LIST"
       --prompt_format "$PROMPT_FORMAT" --tool_init_norm "$TOOL_INIT_NORM" --memory_dtype "$MEMORY_DTYPE"
-      --ground_truth_style "$GROUND_TRUTH_STYLE" --prototype_weight "$PROTOTYPE_WEIGHT")
+      --ground_truth_style "$GROUND_TRUTH_STYLE" --prototype_weight "$PROTOTYPE_WEIGHT"
+      --stop_tokens "$STOP_TOKENS" --query_cut "$QUERY_CUT" --rng "$RNG")
 [[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")
 [[ -n "$OUTPUT_DIR" ]] && args+=(--output_dir "$OUTPUT_DIR")
 [[ "$EVAL_ALL_PREVIOUS" == true ]] && args+=(--eval_all_previous)

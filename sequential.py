@@ -10,16 +10,18 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 import distributed
-from common import UserError, check_writable, read_json, set_seed
+from common import UserError, atomic_write_with, check_writable, read_json, set_seed
 from dataset import (NativeFunctionCallingDataset, build_prompt_text, check_prompt_format, curriculum_order,
                      discover_available_tools, encode_sample, make_dataloader)
 from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, claim_default_run_dir, load_round_data,
@@ -105,6 +107,11 @@ def prepare_run(settings: RunSettings, method: str) -> RunPlan:
     if positions and max_length > positions:
         raise UserError(f"--max_length {max_length} is beyond the {positions} positions of --model_name "
                         f"{model_name}; use at most {positions}")
+    if settings.data.query_cut == "none":
+        settings = replace(settings, data=replace(settings.data, max_length=positions or sys.maxsize))
+    if settings.rng == "original" and distributed.env_world_size() > 1:
+        raise UserError("--rng original draws every random number in one process's program order, so it cannot "
+                        "run under several processes (WORLD_SIZE > 1); use --rng toolkit")
     settings = resolve_model_settings(settings)
     resumed = None
     if settings.output.resume:
@@ -178,7 +185,8 @@ def evaluation_plan(round_index: int, num_rounds: int, evaluation: EvalSettings)
 def round_loader(settings: RunSettings, model, samples: list[dict], index: int,
                  make_loader: LoaderFactory | None) -> DataLoader:
     """Round `index`'s training loader: its samples (fewer calls first with --curriculum_learning, else shuffled),
-    seeded by the round; with several processes, each one's share of every global batch (distributed.share_batches)."""
+    seeded by the round (with --rng original, shuffled from torch's global generator at each epoch, as the original's
+    DataLoader is); with several processes, each one's share of every global batch (distributed.share_batches)."""
     seed = settings.seed + index
     if settings.train.curriculum_learning:
         samples = curriculum_order(samples, seed)
@@ -186,7 +194,8 @@ def round_loader(settings: RunSettings, model, samples: list[dict], index: int,
                                              "train", prompt_format=settings.data.prompt_format)
     shuffle = not settings.train.curriculum_learning
     if make_loader is None:
-        loader = make_dataloader(train_set, settings.train.batch_size, model.tokenizer.pad_token_id, shuffle, seed)
+        loader = make_dataloader(train_set, settings.train.batch_size, model.tokenizer.pad_token_id, shuffle,
+                                 None if settings.rng == "original" else seed)
     else:
         loader = make_loader(index, train_set, shuffle, seed)
     return distributed.share_batches(loader)
@@ -209,13 +218,17 @@ def run_rounds(
     if run.completed_rounds == len(data) and (run.path / "summary.json").is_file():
         logger.info("%s already finished its %d round(s); nothing to train", run.path, len(data))
         return read_json(run.path / "summary.json", "run summary")
+    original_rng = settings.rng == "original"
     if run.completed_rounds:
         model.load(run.checkpoint_path(run.completed_rounds - 1))
+        if original_rng:
+            load_rng_state(run.checkpoint_path(run.completed_rounds - 1))
     for index, round_data in enumerate(data):
         if index < run.completed_rounds:
             continue
         spec = round_data.spec
-        set_seed(settings.seed + index)
+        if not original_rng:  # the original seeds once, before the model is built (prepare_run)
+            set_seed(settings.seed + index)
         samples = prepare_round(index)
         loader = round_loader(settings, model, samples, index, make_loader)
         active = active_tool_mask(model, round_data.tools)
@@ -235,6 +248,8 @@ def run_rounds(
         model.set_generation_tools(offered)
         if run.writer:
             model.save(run.checkpoint_path(index))
+            if original_rng:
+                save_rng_state(run.checkpoint_path(index))
         for test_index in evaluation_plan(index, len(data), settings.evaluation):
             evaluate_round(settings, model, data[test_index], index, test_index, run)
         record = {"steps": stats.steps, "mean_loss": stats.mean_loss, "final_loss": stats.final_loss,
@@ -245,6 +260,31 @@ def run_rounds(
         if not settings.output.save_checkpoints and index > 0 and run.writer:
             remove_checkpoint(run.checkpoint_path(index - 1))
     return run.write_summary({"parameters": model.parameter_breakdown()})
+
+
+RNG_STATE_FILE = "rng_state.safetensors"
+
+
+def save_rng_state(checkpoint: Path) -> None:
+    """Write torch's global generator states (CPU, and CUDA's when present) beside a checkpoint: with --rng original
+    the next round's draws continue from there, so a run resumed after this round draws what an unbroken one does."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    atomic_write_with(checkpoint / RNG_STATE_FILE, lambda tmp: save_file(states, tmp))
+
+
+def load_rng_state(checkpoint: Path) -> None:
+    """Restore the generator states `save_rng_state` wrote; a checkpoint without them cannot resume exactly."""
+    path = checkpoint / RNG_STATE_FILE
+    if not path.is_file():
+        raise UserError(f"--rng original: {path} is missing, so the run cannot continue its random draws where it "
+                        "stopped; start the run again")
+    states = load_file(str(path))
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in states]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def active_tool_mask(model, tools: Sequence[str]) -> torch.Tensor | None:

@@ -18,6 +18,9 @@ from training import TrainSettings
 
 T = TypeVar("T")
 
+QUERY_CUTS = ("head", "none")
+RNG_MODES = ("toolkit", "original")
+
 
 @dataclass(frozen=True)
 class ModelSettings:
@@ -42,6 +45,7 @@ class DataSettings:
     test_max_function_calls_per_round: str | None = None
     max_length: int = 512
     prompt_format: str = "chat"
+    query_cut: str = "head"  # none: queries are never cut to max_length (the original's way)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class DecodingSettings:
     unconstrained_decoding: bool = False
     use_ground_truth_tools: bool = False
     ground_truth_style: str = "forced"
+    stop_tokens: str = "eot"
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ class RunSettings:
     output: OutputSettings = field(default_factory=OutputSettings)
     lora: LoraSettings | None = None
     seed: int = 42
+    rng: str = "toolkit"  # original: every draw from torch's global generator in the original's order (TokMem)
     flags: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -159,6 +165,9 @@ def add_data_flags(parser: CliParser) -> None:
     parser.add_argument("--prompt_format", default=DataSettings.prompt_format, choices=PROMPT_FORMATS,
                         help="chat: the tokenizer's chat template with a fixed date; original: the original toolkit's "
                              "hand-written Llama-3 turns (no system turn, nothing after the assistant header)")
+    parser.add_argument("--query_cut", default=DataSettings.query_cut, choices=QUERY_CUTS,
+                        help="head: a sample over --max_length loses the head of its query; none: queries are never "
+                             "cut, only the model's positions bound a sample (the original's way)")
 
 
 def add_training_flags(parser: CliParser) -> None:
@@ -258,5 +267,6 @@ def run_settings(args: argparse.Namespace, train: TrainSettings, lora: LoraSetti
         output=from_flags(OutputSettings, args),
         lora=lora,
         seed=args.seed,
+        rng=getattr(args, "rng", RunSettings.rng),
         flags=dict(vars(args)),
     )

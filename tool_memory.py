@@ -62,21 +62,30 @@ class ToolMemory(nn.Module):
         return self.token_to_slot[token_ids] >= 0
 
     @torch.no_grad()
-    def initialize(self, input_reference: torch.Tensor, output_reference: torch.Tensor, seed: int = 0,
-                   norm: str = "embedding") -> None:
+    def initialize(self, input_reference: torch.Tensor, output_reference: torch.Tensor, seed: int | None = 0,
+                   norm: str = "embedding", drawn_rows: int | None = None) -> None:
         """Orthogonal rows, scaled to the mean row norm of `input_reference` (the backbone's embeddings; input rows)
         and `output_reference` (its LM head; output rows) with `norm="embedding"`, or left at unit norm with
-        `norm="unit"` (the original's initialisation)."""
+        `norm="unit"` (the original's initialisation).
+
+        `seed` None draws from torch's global generator on the rows' device, as the original does (`--rng
+        original`): one orthogonal matrix of `drawn_rows` rows per row tensor, of which the first are kept as they
+        come (orthonormal, not re-normalised). A seed draws from its own generator and leaves the global one alone.
+        """
         if norm not in TOOL_INIT_NORMS:
             raise UserError(f"--tool_init_norm: expected one of {', '.join(TOOL_INIT_NORMS)}, got {norm!r}")
-        generator = torch.Generator().manual_seed(seed)
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
         targets = [(self.input_rows, input_reference)]
         if self.decoupled:
             targets.append((self.decoupled_output_rows, output_reference))
         for rows, reference in targets:
-            fresh = torch.empty(rows.shape, dtype=torch.float32)
+            count = max(drawn_rows or 0, rows.shape[0])
+            fresh = torch.empty((count, rows.shape[1]), dtype=torch.float32,
+                                device=rows.device if generator is None else "cpu")
             nn.init.orthogonal_(fresh, generator=generator)
-            fresh = F.normalize(fresh, dim=-1)
+            fresh = fresh[: rows.shape[0]]
+            if generator is not None:
+                fresh = F.normalize(fresh, dim=-1)
             if norm == "embedding":
                 fresh = fresh * reference.float().norm(dim=-1).mean().item()
             rows.copy_(fresh.to(device=rows.device, dtype=rows.dtype))

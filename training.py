@@ -323,6 +323,7 @@ def predict(
                 "gold_tools": tools,
                 "gold_calls": calls,
                 "generated_text": out.text,
+                **({"untooled_text": out.untooled_text} if out.untooled_text else {}),
             }
             for out, query, tools, calls in zip(outputs, batch["user_input"], batch["gold_tools"], batch["gold_calls"])
         ])
