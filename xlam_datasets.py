@@ -147,8 +147,21 @@ def _parse_rows_text(text: str, origin: str) -> list:
     return rows
 
 
-def read_xlam_file(path: str | Path) -> list[dict]:
-    """Read and validate every row of an xLAM file (a JSON list, or JSON lines)."""
+def _answers_decode(row: Any) -> bool:
+    """Whether a row's `answers` is a JSON string of a list, what the original needs to use the row at all (a row
+    that is no object or has no `answers` counts as decoding: validation refuses it, as the original fails on it)."""
+    if not isinstance(row, dict) or "answers" not in row:
+        return True
+    try:
+        return isinstance(json.loads(row["answers"]), list)
+    except (TypeError, json.JSONDecodeError):
+        return False
+
+
+def read_xlam_file(path: str | Path, skip_bad_answers: bool = False) -> list[dict]:
+    """Read and validate every row of an xLAM file (a JSON list, or JSON lines). With `skip_bad_answers` (`--recut
+    original`) a row whose `answers` is not a JSON list is left out and counted in one warning, as the original
+    skips it; any other bad row is still refused."""
     path = Path(path)
     origin = f"xLAM file {path}"
     if not path.is_file():
@@ -160,8 +173,16 @@ def read_xlam_file(path: str | Path) -> list[dict]:
     rows = _parse_rows_text(text, origin)
     if not isinstance(rows, list) or not rows:
         raise UserError(f"{origin} holds no rows; expected a non-empty JSON list of rows or JSON lines")
+    skipped = [index for index, row in enumerate(rows) if not _answers_decode(row)] if skip_bad_answers else []
+    if skipped:
+        logger.warning("%s: %d row(s) left out whose 'answers' is not a JSON list (rows %s), as the original skips "
+                       "them (--recut original)", origin, len(skipped),
+                       ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else ""))
+    left_out = set(skipped)
     for index, row in enumerate(tqdm(rows, desc="validating rows", unit="row", disable=None, leave=False)):
-        validate_row(row, index, origin)
+        if index not in left_out:
+            validate_row(row, index, origin)
+    rows = [row for index, row in enumerate(rows) if index not in left_out] if left_out else rows
     return rows
 
 
@@ -217,13 +238,13 @@ def resolve_source(source: str, xlam_path: str | None) -> Path | None:
     raise UserError(f"--source must be 'synthetic' or 'xlam', got {source!r}")
 
 
-def rows_from(path: Path | None, seed: int) -> list[dict]:
-    """The rows of an xLAM file, or synthetic rows from `seed` when `path` is None."""
+def rows_from(path: Path | None, seed: int, skip_bad_answers: bool = False) -> list[dict]:
+    """The rows of an xLAM file (`read_xlam_file`), or synthetic rows from `seed` when `path` is None."""
     if path is None:
         import synthetic_xlam
 
         return synthetic_xlam.generate_rows(seed=seed)
-    return read_xlam_file(path)
+    return read_xlam_file(path, skip_bad_answers)
 
 
 def load_xlam_rows(source: str, xlam_path: str | None, seed: int) -> list[dict]:
@@ -912,7 +933,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         todo = _stale_ranges(args.output_dir, cut, settings) if args.reuse_if_unchanged else list(settings)
         rounds = []
         if todo:
-            rows = rows_from(source_path, args.seed)
+            rows = rows_from(source_path, args.seed, skip_bad_answers=args.recut == "original")
             ranked = rank_tools(rows)
             for start, end in todo:
                 check_range(start, end, ranked)

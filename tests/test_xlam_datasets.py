@@ -197,6 +197,24 @@ def test_bad_rows_are_one_clear_error(tmp_path, rows, message):
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_original_recut_skips_rows_whose_answers_do_not_decode_in_one_warning(tmp_path, caplog):
+    rows = real_format_rows()[:6]
+    rows[1] = {**rows[1], "answers": "[{not json"}
+    rows[4] = {**rows[4], "answers": '{"name": "x"}'}
+    path = _write_rows(tmp_path, rows)
+    with pytest.raises(UserError, match="row 1: field 'answers' is not valid JSON"):
+        xlam_datasets.read_xlam_file(path)  # the toolkit's re-cut refuses the file
+    with caplog.at_level("WARNING"):
+        kept = xlam_datasets.read_xlam_file(path, skip_bad_answers=True)
+    assert kept == [rows[0], rows[2], rows[3], rows[5]]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"xLAM file {path}: 2 row(s) left out whose 'answers' is not a JSON list (rows 1, 4), as the "
+                        "original skips them (--recut original)"]
+    rows[2] = {**rows[2], "query": ""}  # any other bad row is still refused
+    with pytest.raises(UserError, match="row 2: field 'query' must be a non-empty string"):
+        xlam_datasets.read_xlam_file(_write_rows(tmp_path, rows), skip_bad_answers=True)
+
+
 def test_missing_and_malformed_files_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         xlam_datasets.read_xlam_file(tmp_path / "nope.json")
