@@ -544,6 +544,33 @@ def test_parse_generated_splits_at_tool_tokens(tiny_model_dir):
     assert parsed.function_calls == ['{"city": "Paris"}', '{"n": 2}']
 
 
+def test_an_answer_without_tool_token_keeps_its_text_for_the_paper_scores(tiny_model_dir):
+    model = build(tiny_model_dir)
+    tok = model.tokenizer
+    ids = tok(' {"city": "Paris"} ', add_special_tokens=False)["input_ids"] + [model.end_id] + [5]
+    parsed = model.parse_generated(ids)
+    assert parsed.predicted_tools == [] and parsed.function_calls == []
+    assert parsed.untooled_text == '{"city": "Paris"}'
+    with_tool = model.parse_generated([model.get_tool_token_id("get_weather")] + ids)
+    assert with_tool.untooled_text is None
+
+
+def test_stop_tokens_of_the_generation_config_end_the_answer_as_generate_does(tiny_model_dir):
+    model = build(tiny_model_dir)
+    end_of_text = model.tokenizer.convert_tokens_to_ids("<|end_of_text|>")
+    model.causal_lm.generation_config.eos_token_id = [end_of_text, model.end_id]
+    tool, call = model.get_tool_token_id("get_weather"), model.tokenizer('{"a": 1}', add_special_tokens=False)
+    ids = [tool, *call["input_ids"], end_of_text, tool, *call["input_ids"], model.end_id]
+    assert model.stop_ids == [model.end_id]
+    assert model.parse_generated(ids).predicted_tools == ["get_weather", "get_weather"]  # end-of-text is not an end
+    model.set_stop_tokens("generation_config")
+    assert model.stop_ids == [model.end_id, end_of_text]
+    parsed = model.parse_generated(ids)
+    assert parsed.predicted_tools == ["get_weather"] and parsed.function_calls == ['{"a": 1}']
+    with pytest.raises(UserError, match="--stop_tokens: expected one of eot, generation_config"):
+        model.set_stop_tokens("eos")
+
+
 def test_tokenizer_without_reserved_tokens_gets_added_tokens(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

@@ -22,6 +22,7 @@ PAPER_MAIN = {
     "--ground_truth_style": "replace", "--model_name": "meta-llama/Llama-3.2-3B-Instruct",
     "--renorm_rows": "output", "--renorm_from_round": "3", "--lora_r": "8", "--lora_alpha": "32",
     "--lora_dropout": "0.1", "--lora_target_modules": "q_proj,v_proj", "--prototype_weight": "0",
+    "--rng": "original", "--stop_tokens": "generation_config", "--query_cut": "none",
 }
 PAPER_MAIN_SWITCHES = {"--renorm_active_tools", "--use_lora", "--freeze_lora_after_first", "--offer_all_tools",
                        "--unconstrained_decoding", "--save_checkpoints", "--eval_after_each_round"}
@@ -103,6 +104,7 @@ def test_default_dry_run_is_the_embedded_default(tmp_path):
     assert flags["--training_rounds"] == "1-10:3,11-20:3,21-30:3" and "--model_name" not in flags
     assert flags["--prompt_format"] == "chat" and flags["--max_grad_norm"] == "1.0"
     assert flags["--prototype_weight"] == "0"  # the paper's method; the prototype loss is an opt-in extension
+    assert flags["--rng"] == "toolkit" and flags["--stop_tokens"] == "eot" and flags["--query_cut"] == "head"
     assert {"--renorm_active_tools", "--eval_all_previous"} <= switches and "--offer_all_tools" not in switches
 
 
