@@ -275,7 +275,7 @@ def _gold_key(call: Any, where: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # The original toolkit's scores (the paper_ metrics)
 
-# The original toolkit reads a call in two steps, reproduced here from its behaviour (README, "Scores" and "Reproducing the paper"):
+# The original toolkit reads a call in two steps, reproduced here from its behaviour (README, "Scores"):
 # parse the text into a Python value, then turn that value into the string that sets, sorts and exact match compare.
 # Strings from different routes (JSON, a call through `ast`, collapsed raw text) are compared as plain strings, as the
 # original compares them, so they can meet.

@@ -65,7 +65,8 @@ def build_parser() -> CliParser:
                         help="first round (1-based) that --renorm_active_tools applies to (the original: 3)")
     parser.add_argument("--prototype_weight", type=non_negative_float, default=TrainSettings.prototype_weight,
                         help="weight of the prototype loss: from round 2 on, draws around each earlier tool's query "
-                             "prototype must still score that tool (0: off, the paper's method and the default; an opt-in extension)")
+                             "prototype must still score that tool (0: off, the paper's method and the default; an "
+                             "extension the paper does not have)")
     parser.add_argument("--prototype_samples", type=positive_int, default=TrainSettings.prototype_samples,
                         help="draws from the earlier tools' prototypes per step (with --prototype_weight)")
     parser.add_argument("--tool_init_norm", default=MemorySettings.tool_init_norm, choices=TOOL_INIT_NORMS,
