@@ -3,9 +3,9 @@
 The original seeds once (random, numpy, torch) and then draws, in program order: peft's LoRA initialisation as the
 backbone is wrapped, one orthogonal matrix over its tool slots (the last round's last rank, at most 248 rows), the
 DataLoader's two draws at the start of every epoch (its iterator's base seed, its sampler's seed), and LoRA's dropout
-masks in every training forward (a frozen adapter's too, since the model stays in training mode). These tests recompute each draw independently in that order
-and compare bit for bit; the end-to-end comparison against the original's own code is in the README (Reproducing
-the paper).
+masks in every training forward (a frozen adapter's too, since the model stays in training mode). These tests
+recompute each draw independently in that order and compare bit for bit; the end-to-end comparison against the
+original's own code is in the README (Reproducing the paper).
 """
 
 from __future__ import annotations
