@@ -248,10 +248,10 @@ def run_rounds(
         model.set_generation_tools(offered)
         if run.writer:
             model.save(run.checkpoint_path(index))
-            if original_rng:
-                save_rng_state(run.checkpoint_path(index))
         for test_index in evaluation_plan(index, len(data), settings.evaluation):
             evaluate_round(settings, model, data[test_index], index, test_index, run)
+        if original_rng and run.writer:  # after evaluation: each test loader's iterator draws a seed, as the original's
+            save_rng_state(run.checkpoint_path(index))
         record = {"steps": stats.steps, "mean_loss": stats.mean_loss, "final_loss": stats.final_loss,
                   "mean_tool_loss": stats.mean_tool_loss}
         if not math.isnan(stats.mean_prototype_loss):

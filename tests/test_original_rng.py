@@ -2,10 +2,10 @@
 
 The original seeds once (random, numpy, torch) and then draws, in program order: peft's LoRA initialisation as the
 backbone is wrapped, one orthogonal matrix over its tool slots (the last round's last rank, at most 248 rows), the
-DataLoader's two draws at the start of every epoch (its iterator's base seed, its sampler's seed), and LoRA's dropout
-masks in every training forward (a frozen adapter's too, since the model stays in training mode). These tests
-recompute each draw independently in that order and compare bit for bit; the end-to-end comparison against the
-original's own code is in the README (Reproducing the paper).
+DataLoader's two draws at the start of every epoch (its iterator's base seed, its sampler's seed), one draw for each
+test loader's iterator (its base seed), and LoRA's dropout masks in every training forward (a frozen adapter's too,
+since the model stays in training mode). These tests recompute each draw independently in that order and compare bit
+for bit; the end-to-end comparison against the original's own code is in the README (Reproducing the paper).
 """
 
 from __future__ import annotations
@@ -103,5 +103,7 @@ def test_original_rng_refuses_several_processes(tiny_model_dir, two_round_data, 
                              *original_args(tiny_model_dir, two_round_data, out)], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --rng original draws every random number")
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "error: --rng original draws every random number in one process's program order, so it cannot run under "
+        "several processes (WORLD_SIZE > 1); use --rng toolkit")
     assert not out.exists()
