@@ -151,6 +151,18 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise UserError(f"{what} {path} cannot be read ({err})") from None
 
 
+def read_safetensors(path: str | os.PathLike, what: str = "file") -> dict:
+    """Read a safetensors file into CPU tensors; a truncated, empty or foreign file is a UserError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own errors (and OSError) on a damaged file
+        text = str(err).strip().splitlines()
+        raise UserError(f"{what} {path} is damaged or not a safetensors file "
+                        f"({text[0] if text else type(err).__name__})") from None
+
+
 def setup_logging(log_file: str | os.PathLike | None = None, level: int = logging.INFO, prefix: str = "") -> None:
     """Log to stderr and, when given, to a file, each line after `prefix`; calling it again replaces the handlers."""
     root = logging.getLogger()

@@ -3,13 +3,16 @@ forgetting matrix, summary, plot, resume state)."""
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import re
+import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import distributed
 import round_files
-from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with, read_json
+from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with, is_main_process, read_json
 from dataset import load_samples
 
 logger = logging.getLogger(__name__)
@@ -41,7 +44,11 @@ MAX_EPOCHS = 100
 # Flags whose values are paths: `data/` and `data` name the same place.
 PATH_FLAGS = {"data_dir", "model_name"}
 # Flags that may differ between a run and its --resume without changing its numbers.
-RESUME_FREE_FLAGS = {"resume", "output_dir", "log_file", "demo", "checkpoint_dir", "eval_batch_size", "shard_backbone"}
+RESUME_FREE_FLAGS = {"resume", "output_dir", "log_file", "demo", "checkpoint_dir", "eval_batch_size", "shard_backbone",
+                     "preflight"}
+LOCK_FILE = "run.lock"
+# Backbone files up to this size are fingerprinted by their SHA-256, larger ones (weight shards) by their size alone.
+HASHED_BACKBONE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -189,6 +196,118 @@ def refuse_existing_run(path: Path) -> None:
         raise UserError(f"--output_dir {path} already holds a run; pass --resume or another --output_dir")
 
 
+class RunLock:
+    """One process writes a run directory: `acquire` takes an exclusive lock on its `run.lock` (an flock held for the
+    process's life, the file naming the holder's pid and host) and `release` (or leaving the `with` block) gives it
+    back, removing the file and any directory `acquire` created. A lock left by a process that died is taken over,
+    with a warning naming it; one held by a live process is a UserError. Under torchrun process 0 alone locks."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self._fd: int | None = None
+        self._made: list[Path] = []
+
+    def acquire(self, run_dir: Path) -> None:
+        if self._fd is not None or not is_main_process():
+            return
+        run_dir = Path(run_dir)
+        missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._made = missing
+        path = run_dir / LOCK_FILE
+        try:
+            fd = self._lock(path, run_dir)
+        except BaseException:
+            self._remove_made()
+            raise
+        previous = os.read(fd, 4096).decode("utf-8", "replace").strip()
+        if previous:
+            logger.warning("%s: taking over the lock of %s, which no longer runs", path, previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        self._fd, self.path = fd, path
+
+    @staticmethod
+    def _lock(path: Path, run_dir: Path) -> int:
+        """Open and flock the lock file; retried when the file was removed by its holder in between."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise UserError(f"--output_dir {run_dir} is in use by another run ({holder}, {path}); wait for it "
+                                "to end or use another --output_dir") from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            if self.path is not None and self.path.exists():
+                self.path.unlink()
+            os.close(self._fd)
+            self._fd = None
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        """Remove the directories `acquire` created, where they stayed empty (a refused run leaves no trace)."""
+        for directory in self._made:
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        self._made = []
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def backbone_fingerprint(model_name: str) -> dict[str, str]:
+    """What --resume compares of the backbone: each file of its directory (a hub id: its cached snapshot) by SHA-256,
+    files over 64 MiB by their size; {"hub id": name} when no local copy is found."""
+    directory = Path(model_name).expanduser()
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model_name, "config.json")
+        except Exception:  # noqa: BLE001 - an id the cache cannot look up is fingerprinted by its name
+            cached = None
+        if not isinstance(cached, str):
+            return {"hub id": model_name}
+        directory = Path(cached).parent
+    found = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        found[path.relative_to(directory).as_posix()] = (
+            f"sha256 {round_files.file_sha256(path)}" if size <= HASHED_BACKBONE_BYTES else f"{size} bytes")
+    return found
+
+
+def data_fingerprint(paths: Sequence[Path]) -> dict[str, str]:
+    """Each data file (normalised path) by its SHA-256 and size."""
+    return {os.path.normpath(str(p)): f"sha256 {round_files.file_sha256(p)}, {p.stat().st_size} bytes"
+            for p in paths if p.is_file()}
+
+
+def fingerprint_changes(what: str, old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
+    """`what name: old then, new now` for every entry that differs."""
+    changes = []
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            changes.append(f"{what}{name}: {old.get(name) or 'absent'} then, {new.get(name) or 'absent'} now")
+    return changes
+
+
 def comparable_flags(values: dict) -> dict:
     """Flag values as --resume compares them: spaces around list separators and round specs, a path's trailing
     slash, and `cuda` for `cuda:0` make no difference."""
@@ -230,6 +349,7 @@ class RunDirectory:
         self.elapsed_before = 0.0
         self.started = time.time()
         self.round_stats: list[dict] = []
+        self.stored_config: dict = {}  # config.json as a resumed run recorded it
         if resume:
             self._load_for_resume()
         elif self.writer:
@@ -243,13 +363,18 @@ class RunDirectory:
         return distributed.is_main()
 
     def _load_for_resume(self) -> None:
+        """Read and check config.json, state.json and metrics.jsonl; a damaged file is a UserError naming it."""
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise UserError(f"--resume: {self.path} holds no run (no config.json)")
         stored = read_json(config_path, "run config")
-        if "prompt_sample" in stored:
-            self.config["prompt_sample"] = stored["prompt_sample"]
-        mine, theirs = self.config["args"], stored.get("args", {})
+        if not isinstance(stored, dict) or not isinstance(stored.get("args"), dict):
+            raise UserError(f"run config {config_path}: expected an object with the run's \"args\"")
+        self.stored_config = stored
+        for key in ("prompt_sample", "inputs"):
+            if key in stored:
+                self.config[key] = stored[key]
+        mine, theirs = self.config["args"], stored["args"]
         same_mine, same_theirs = comparable_flags(mine), comparable_flags(theirs)
         differing = sorted(k for k in set(mine) | set(theirs)
                            if k not in RESUME_FREE_FLAGS and same_mine.get(k) != same_theirs.get(k))
@@ -259,19 +384,51 @@ class RunDirectory:
             raise UserError(f"--resume: {self.path} was run with a different configuration ({what})")
         state_path = self.path / "state.json"
         if state_path.is_file():
-            state = read_json(state_path, "run state")
-            self.completed_rounds = int(state["completed_rounds"])
-            self.elapsed_before = float(state.get("wall_seconds", 0.0))
-            self.round_stats = list(state.get("round_stats", []))
+            self._read_state(state_path)
             last = self.completed_rounds - 1
             if last >= 0 and not self.checkpoint_path(last).is_dir():
                 raise UserError(f"--resume: {self.path} finished {self.completed_rounds} round(s) but the checkpoint "
                                 f"of round {last + 1}, {self.checkpoint_path(last)}, is missing")
         metrics_path = self.path / "metrics.jsonl"
         if metrics_path.is_file():
-            lines = metrics_path.read_text(encoding="utf-8").splitlines()
-            self.records = [json.loads(line) for line in lines if line.strip()]
-            self.records = [r for r in self.records if r["round"] < self.completed_rounds]
+            self.records = [r for r in read_metrics(metrics_path, len(self.rounds)) if r["round"] < self.completed_rounds]
+        elif self.completed_rounds:
+            raise UserError(f"--resume: {metrics_path} is missing, though {state_path} records "
+                            f"{self.completed_rounds} finished round(s) whose scores it held; start the run again")
+
+    def _read_state(self, path: Path) -> None:
+        state = read_json(path, "run state")
+        completed = state.get("completed_rounds") if isinstance(state, dict) else None
+        if not isinstance(completed, int) or isinstance(completed, bool) or not 0 <= completed <= len(self.rounds):
+            raise UserError(f"run state {path}: expected \"completed_rounds\", an integer from 0 to "
+                            f"{len(self.rounds)}, got {json.dumps(completed)}")
+        wall = state.get("wall_seconds", 0.0)
+        stats = state.get("round_stats", [])
+        if not isinstance(wall, (int, float)) or isinstance(wall, bool) or not math.isfinite(wall):
+            raise UserError(f"run state {path}: \"wall_seconds\" must be a number, got {json.dumps(wall)}")
+        if not isinstance(stats, list) or not all(isinstance(s, dict) and isinstance(s.get("round"), int)
+                                                  for s in stats):
+            raise UserError(f"run state {path}: \"round_stats\" must be a list of objects with a \"round\"")
+        self.completed_rounds, self.elapsed_before, self.round_stats = completed, float(wall), list(stats)
+
+    @property
+    def finished(self) -> bool:
+        """Every round done and the summary written: a --resume has nothing to do and writes nothing."""
+        return self.completed_rounds == len(self.rounds) and (self.path / "summary.json").is_file()
+
+    def check_inputs(self, inputs: dict) -> None:
+        """A resumed run must read the data files and backbone its config.json recorded (`inputs`: their
+        fingerprints now, see data_fingerprint and backbone_fingerprint); a run recorded before fingerprints were
+        kept is not checked."""
+        stored = self.stored_config.get("inputs")
+        if not isinstance(stored, dict):
+            return
+        changes = fingerprint_changes("data file ", stored.get("data") or {}, inputs["data"])
+        changes += fingerprint_changes("backbone file ", stored.get("backbone") or {}, inputs["backbone"])
+        if changes:
+            more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+            raise UserError(f"--resume: {self.path} was run on other inputs: {changes[0]}{more}; restore them or "
+                            "start a new run")
 
     def check_prompt(self, prompt: str) -> None:
         """A resumed run must build the prompt its config.json recorded for the first test sample."""
@@ -281,11 +438,17 @@ class RunDirectory:
             raise UserError(f"--resume: {self.path} was run with another prompt (first test sample, from character "
                             f"{at}: was {stored[at:at + 60]!r}, now {prompt[at:at + 60]!r})")
 
-    def record_inputs(self, data: Sequence["RoundData"], prompt: str) -> None:
+    def record_inputs(self, data: Sequence["RoundData"], prompt: str, inputs: dict | None = None) -> None:
         """Keep in config.json where each round's files came from (their manifest's settings, and whether the files
-        still match) and the exact prompt text of the first test sample (checked first, see check_prompt)."""
+        still match), the fingerprints of the data files and backbone (`inputs`, compared by --resume) and the exact
+        prompt text of the first test sample (checked first, see check_prompt). A finished run's config is left as
+        it is."""
         self.check_prompt(prompt)
+        if self.finished:
+            return
         self.config["data"] = {d.spec.name: d.provenance for d in data}
+        if inputs is not None:
+            self.config.setdefault("inputs", inputs)
         self.config.setdefault("prompt_sample", prompt)
         if self.writer:
             atomic_write_json(self.path / "config.json", self.config)
@@ -350,6 +513,37 @@ class RunDirectory:
             atomic_write_json(self.path / "summary.json", summary)
             plot_matrix(summary, self.path / "forgetting.png")
         return summary
+
+
+METRIC_RECORD_FIELDS = {"round": int, "test_round": int, "mode": str, "metrics": dict}
+
+
+def read_metrics(path: Path, num_rounds: int) -> list[dict]:
+    """The records of metrics.jsonl, each line checked: a JSON object with round and test_round within the run's
+    rounds, a mode and its metrics; a damaged line is a UserError naming the file and line."""
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"run metrics {path} cannot be read ({err})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"run metrics {path} line {number} is not valid JSON ({err.msg}; a line cut short?); "
+                            "restore the file or start the run again") from None
+        bad = [k for k, kind in METRIC_RECORD_FIELDS.items()
+               if not isinstance(record, dict) or not isinstance(record.get(k), kind)]
+        if not bad and not (0 <= record["test_round"] <= record["round"] < num_rounds):
+            bad = ["round", "test_round"]
+        if bad:
+            raise UserError(f"run metrics {path} line {number}: expected an object with {', '.join(bad)} "
+                            f"({', '.join(f'{k}: {v.__name__}' for k, v in METRIC_RECORD_FIELDS.items())}, rounds "
+                            f"below {num_rounds})")
+        records.append(record)
+    return records
 
 
 def average_after_last(grid: list[list[float | None]]) -> float | None:

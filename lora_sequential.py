@@ -12,7 +12,6 @@ rule).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import asdict, dataclass
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 import distributed
-from common import CliParser, UserError, atomic_write_json, positive_int, unit_interval
+from common import CliParser, UserError, atomic_write_json, positive_int, read_json, unit_interval
 from dataset import NativeFunctionCallingDataset, end_of_turn_id, make_dataloader
 from decoding import causal_lm_step, greedy_decode, left_pad_positions
 from experiment import RoundData, print_final_report
@@ -216,7 +215,11 @@ class MarkerLoRAModel(BackboneParts, nn.Module):
         meta_path = directory / MARKERS_FILE
         if not meta_path.is_file():
             raise UserError(f"checkpoint {directory} is incomplete: expected {MARKERS_FILE}")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = read_json(meta_path, "checkpoint file")
+        if not isinstance(meta, dict) or not isinstance(meta.get("tool_names"), list) \
+                or not isinstance(meta.get("marker_style"), str):
+            raise UserError(f"checkpoint file {meta_path}: expected an object with tool_names (a list) and "
+                            "marker_style")
         if meta["tool_names"] != self.tool_names or meta["marker_style"] != self.markers.style:
             raise UserError(f"checkpoint {directory} holds different tools or markers than this model")
         load_lora_adapter(self.base_model, directory, self.device)

@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with
+from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with, read_json, read_safetensors
 from dataset import IGNORE_INDEX, end_of_turn_id
 from decoding import (CallBoundaryTracker, OfferedTools, ScoreProcessor, ToolForcingProcessor, greedy_decode,
                       left_pad_positions)
@@ -164,6 +164,35 @@ def assign_tool_tokens(tokenizer, num_tools: int) -> tuple[list[int], bool]:
     new_tokens = [ADDED_TOOL_TOKEN.format(i) for i in range(num_tools)]
     tokenizer.add_tokens(new_tokens, special_tokens=True)
     return [tokenizer.convert_tokens_to_ids(t) for t in new_tokens], True
+
+
+def check_backbone(model_name: str, num_tools: int | None, lora: LoraSettings | None) -> None:
+    """What can be known of the backbone before any data is read: `num_tools` tools fit the tokenizer's reserved
+    tool slots (None: the method needs no tool tokens), and LoRA's target modules and layers exist in the model
+    (built from its config on the meta device, no weights loaded)."""
+    if num_tools is not None:
+        reserved = reserved_token_ids(load_tokenizer(model_name))
+        if reserved and num_tools > len(reserved):
+            raise UserError(f"--training_rounds names {num_tools} tools but the tokenizer of --model_name "
+                            f"{model_name} has only {len(reserved)} reserved special tokens (tool slots); train fewer "
+                            "tools in one run")
+    if lora is None:
+        return
+    try:
+        config = AutoConfig.from_pretrained(model_name)
+        with torch.device("meta"), _quiet_loading():
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # noqa: BLE001 - any loader failure is reported as one line naming the model
+        raise UserError(f"cannot load --model_name {model_name!r}: {_first_line(err)}") from None
+    names = [name for name, _ in skeleton.named_modules()]
+    unknown = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        raise UserError(f"--lora_target_modules: {', '.join(unknown)} not found in --model_name {model_name}; the "
+                        f"model's modules LoRA can adapt: {', '.join(lora_capable_modules(skeleton))}")
+    layers = config.num_hidden_layers
+    outside = [i for i in lora.layer_indices or () if not -layers <= i < layers]
+    if outside:
+        raise UserError(f"--lora_layer_indices: {outside[0]} is outside the model's {layers} layers")
 
 
 @contextlib.contextmanager
@@ -322,14 +351,44 @@ def save_lora_adapter(peft_model, checkpoint: Path) -> None:
     atomic_write_text(lora_dir / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True))
 
 
-def load_lora_adapter(peft_model, checkpoint: Path, device: torch.device) -> None:
-    """Load the adapter that `save_lora_adapter` wrote under `checkpoint/lora` into `peft_model`."""
-    from peft import set_peft_model_state_dict
+def read_lora_adapter(peft_model, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The adapter that `save_lora_adapter` wrote under `checkpoint/lora`, checked against `peft_model`'s adapter
+    (the same tensor names and shapes); a damaged or foreign file is a UserError naming it."""
+    from peft import get_peft_model_state_dict
 
     adapter = checkpoint / LORA_DIR / "adapter_model.safetensors"
     if not adapter.is_file():
         raise UserError(f"checkpoint {checkpoint} has no LoRA adapter but this model uses LoRA")
-    set_peft_model_state_dict(peft_model, load_file(str(adapter), device=str(device)))
+    state = read_safetensors(adapter, "checkpoint file")
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
+    check_tensor_shapes(adapter, state, expected, required=set(expected))
+    return state
+
+
+def apply_lora_adapter(peft_model, state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Load an adapter read by `read_lora_adapter` into `peft_model`."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in state.items()})
+
+
+def load_lora_adapter(peft_model, checkpoint: Path, device: torch.device) -> None:
+    """Load the adapter that `save_lora_adapter` wrote under `checkpoint/lora` into `peft_model`."""
+    apply_lora_adapter(peft_model, read_lora_adapter(peft_model, checkpoint), device)
+
+
+def check_tensor_shapes(path: Path, state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+                        required: set[str]) -> None:
+    """A checkpoint file's tensors are those this model expects (names and shapes): else a UserError naming it."""
+    missing = sorted(required - set(state))
+    unknown = sorted(set(state) - set(expected))
+    if missing or unknown:
+        what = f"lacks {missing[0]}" if missing else f"holds {unknown[0]}, unknown to this model"
+        raise UserError(f"checkpoint file {path} {what}: it was not written by this run's model")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key]):
+            raise UserError(f"checkpoint file {path}: {key} has shape {list(tensor.shape)}, this model's is "
+                            f"{list(expected[key])}: it was not written by this run's model")
 
 
 def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -723,12 +782,24 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         meta_path, memory_path = directory / MEMORY_META_FILE, directory / MEMORY_FILE
         if not meta_path.is_file() or not memory_path.is_file():
             raise UserError(f"checkpoint {directory} is incomplete: expected {MEMORY_FILE} and {MEMORY_META_FILE}")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = read_json(meta_path, "checkpoint file")
+        if not isinstance(meta, dict) or not isinstance(meta.get("tool_names"), list) \
+                or not isinstance(meta.get("decouple_embeddings"), bool) \
+                or not isinstance(meta.get("generation_tools", []), (list, type(None))):
+            raise UserError(f"checkpoint file {meta_path}: expected an object with tool_names (a list), "
+                            "decouple_embeddings (true or false) and generation_tools")
         if meta["tool_names"] != self.tool_names:
             raise UserError(f"checkpoint {directory} holds different tools than this model")
-        if bool(meta["decouple_embeddings"]) != self.decouple_embeddings:
+        if meta["decouple_embeddings"] != self.decouple_embeddings:
             raise UserError(f"checkpoint {directory} differs in --decouple_embeddings")
-        self.set_generation_tools(meta.get("generation_tools"))
-        self.memory.load_trainable_state(load_file(str(memory_path)))
+        unknown = sorted(set(meta.get("generation_tools") or []) - set(self.tool_names))
+        if unknown:
+            raise UserError(f"checkpoint file {meta_path}: generation_tools names unknown tools: {unknown[:3]}")
+        state = read_safetensors(memory_path, "checkpoint file")
+        check_tensor_shapes(memory_path, state, self.memory.expected_shapes(), required=self.memory.required_keys())
         if self.lora_settings:
-            load_lora_adapter(self.base_model, directory, self.device)
+            adapter = read_lora_adapter(self.base_model, directory)
+        self.set_generation_tools(meta.get("generation_tools"))
+        self.memory.load_trainable_state(state)
+        if self.lora_settings:
+            apply_lora_adapter(self.base_model, adapter, self.device)

@@ -155,6 +155,18 @@ class ToolMemory(nn.Module):
             state.update({key: getattr(self, key).cpu().contiguous() for key in PROTOTYPE_KEYS})
         return state
 
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor a checkpoint of this memory may hold, by key."""
+        shapes = {INPUT_ROWS_KEY: tuple(self.input_rows.shape)}
+        if self.decoupled:
+            shapes[OUTPUT_ROWS_KEY] = tuple(self.decoupled_output_rows.shape)
+        shapes.update({key: tuple(getattr(self, key).shape) for key in PROTOTYPE_KEYS})
+        return shapes
+
+    def required_keys(self) -> set[str]:
+        """The keys every checkpoint of this memory holds (the prototypes only once recorded)."""
+        return {INPUT_ROWS_KEY, OUTPUT_ROWS_KEY} if self.decoupled else {INPUT_ROWS_KEY}
+
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Copy rows saved by `trainable_state` into this memory (same tools, same shapes)."""
