@@ -191,8 +191,9 @@ def claim_default_run_dir(method: str, root: Path = DEFAULT_RUNS_ROOT) -> Path:
 
 
 def refuse_existing_run(path: Path) -> None:
-    """A new run must not overwrite a run already in its directory."""
-    if (path / "state.json").exists():
+    """A new run must not overwrite a run already in its directory (one that wrote its config.json, finished a round
+    or not)."""
+    if (path / "state.json").exists() or (path / "config.json").exists():
         raise UserError(f"--output_dir {path} already holds a run; pass --resume or another --output_dir")
 
 

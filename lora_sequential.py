@@ -30,7 +30,7 @@ from model import (BackboneParts, CallingOutput, GeneratedCalls, LoraSettings, a
                    labelled_positions, load_base_model, load_lora_adapter, save_lora_adapter)
 from replay_buffer import (REPLAY_POLICIES, DisplacingBatchSampler, ReplaySettings, ReservoirBuffer,
                            check_replay_settings, mixed_dataloader, original_round_subset, sampled_dataloader)
-from sequential import prepare_run, run_rounds, start_run
+from sequential import preflight, prepare_run, run_rounds, start_run
 from settings import RunSettings, add_sequential_flags, lora_settings, run_settings, train_settings
 from training import TrainSettings
 
@@ -332,17 +332,21 @@ def settings_from(args) -> tuple[RunSettings, BaselineSettings]:
 def main(argv: Sequence[str] | None = None) -> int:
     settings, baseline = settings_from(build_parser().parse_args(argv))
     method = "lora_replay" if baseline.replay is not None else "lora"
-    plan = prepare_run(settings, method)
-    settings, data, tool_names = plan.settings, plan.data, plan.tool_names
-    model = MarkerLoRAModel(plan.model_name, tool_names, settings.lora, device=settings.model.device,
-                            dtype=settings.model.dtype, marker_style=baseline.marker_style)
-    run = start_run(plan, model)
-    hooks = BaselineRounds(settings, baseline, model, data)
-    logger.info("run directory %s; %d tools over %d rounds, markers %s ... %s; parameters %s", run.path,
-                len(tool_names), len(data), model.markers.marker(tool_names[0]), model.markers.marker(tool_names[-1]),
-                model.parameter_breakdown())
-    summary = run_rounds(settings, model, data, run, prepare_round=hooks.prepare_round,
-                         train_lora_for=lambda index: True, make_loader=hooks.make_loader)
+    if settings.output.preflight:
+        preflight(settings, tool_tokens=False)
+        return 0
+    plan = prepare_run(settings, method, tool_tokens=False)
+    with plan.lock:
+        settings, data, tool_names = plan.settings, plan.data, plan.tool_names
+        model = MarkerLoRAModel(plan.model_name, tool_names, settings.lora, device=settings.model.device,
+                                dtype=settings.model.dtype, marker_style=baseline.marker_style)
+        run = start_run(plan, model)
+        hooks = BaselineRounds(settings, baseline, model, data)
+        logger.info("run directory %s; %d tools over %d rounds, markers %s ... %s; parameters %s", run.path,
+                    len(tool_names), len(data), model.markers.marker(tool_names[0]),
+                    model.markers.marker(tool_names[-1]), model.parameter_breakdown())
+        summary = run_rounds(settings, model, data, run, prepare_round=hooks.prepare_round,
+                             train_lora_for=lambda index: True, make_loader=hooks.make_loader)
     if run.writer:
         print_final_report(run, summary)
     return 0

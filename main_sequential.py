@@ -17,7 +17,7 @@ from common import CliParser, UserError, non_negative_float, positive_float, pos
 from decoding import GROUND_TRUTH_STYLES
 from experiment import print_final_report
 from model import STOP_TOKENS, FunctionCallingModel
-from sequential import RunPlan, prepare_run, run_rounds, start_run
+from sequential import RunPlan, preflight, prepare_run, run_rounds, start_run
 from settings import (RNG_MODES, DecodingSettings, RunSettings, add_sequential_flags, from_flags, lora_settings,
                       run_settings, train_settings)
 from tool_memory import MEMORY_DTYPES, TOOL_INIT_NORMS
@@ -139,14 +139,18 @@ def build_model(plan: RunPlan, memory: MemorySettings) -> FunctionCallingModel:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings, memory = settings_from(build_parser().parse_args(argv))
+    if settings.output.preflight:
+        preflight(settings, tool_tokens=True)
+        return 0
     plan = prepare_run(settings, "tokmem")
-    model = build_model(plan, memory)
-    run = start_run(plan, model)
-    data = plan.data
-    logger.info("run directory %s; %d tools over %d rounds; parameters %s",
-                run.path, len(plan.tool_names), len(data), model.parameter_breakdown())
-    summary = run_rounds(plan.settings, model, data, run, prepare_round=lambda i: data[i].train,
-                         train_lora_for=memory.train_lora_in)
+    with plan.lock:
+        model = build_model(plan, memory)
+        run = start_run(plan, model)
+        data = plan.data
+        logger.info("run directory %s; %d tools over %d rounds; parameters %s",
+                    run.path, len(plan.tool_names), len(data), model.parameter_breakdown())
+        summary = run_rounds(plan.settings, model, data, run, prepare_round=lambda i: data[i].train,
+                             train_lora_for=memory.train_lora_in)
     if run.writer:
         print_final_report(run, summary)
     return 0

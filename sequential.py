@@ -17,16 +17,17 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 import distributed
-from common import UserError, atomic_write_with, check_writable, read_json, set_seed
+from common import UserError, atomic_write_with, check_writable, read_json, read_safetensors, set_seed
 from dataset import (NativeFunctionCallingDataset, build_prompt_text, check_prompt_format, curriculum_order,
                      discover_available_tools, encode_sample, make_dataloader)
-from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, claim_default_run_dir, load_round_data,
-                        parse_training_rounds, per_round_values, refuse_existing_run)
-from model import model_positions, resolve_device, resolve_dtype
+from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, RunLock, backbone_fingerprint,
+                        claim_default_run_dir, data_fingerprint, descriptions_file, load_round_data,
+                        parse_training_rounds, per_round_values, refuse_existing_run, test_file, train_file)
+from model import check_backbone, model_positions, resolve_device, resolve_dtype
 from settings import DataSettings, EvalSettings, OutputSettings, RunSettings, resolve_model_name
 from training import evaluate, format_demo, record_prototypes, train_round
 
@@ -36,16 +37,30 @@ logger = logging.getLogger(__name__)
 LoaderFactory = Callable[[int, NativeFunctionCallingDataset, bool, int], DataLoader]
 
 
+def round_caps(data: DataSettings, rounds: Sequence[RoundSpec]) -> tuple[list[int], list[int]]:
+    """Each round's train and test call caps (the k of its files' names)."""
+    n = len(rounds)
+    return (per_round_values("--train_max_function_calls_per_round", data.train_max_function_calls_per_round,
+                             data.train_max_function_calls, n),
+            per_round_values("--test_max_function_calls_per_round", data.test_max_function_calls_per_round,
+                             data.test_max_function_calls, n))
+
+
 def load_rounds(data: DataSettings) -> tuple[list[RoundSpec], list[RoundData]]:
     """Parse the rounds and caps, then read and validate every round's files up front."""
     rounds = parse_training_rounds(data.training_rounds)
-    n = len(rounds)
-    train_caps = per_round_values("--train_max_function_calls_per_round", data.train_max_function_calls_per_round,
-                                  data.train_max_function_calls, n)
-    test_caps = per_round_values("--test_max_function_calls_per_round", data.test_max_function_calls_per_round,
-                                 data.test_max_function_calls, n)
+    train_caps, test_caps = round_caps(data, rounds)
     loaded = [load_round_data(data.data_dir, spec, tr, te) for spec, tr, te in zip(rounds, train_caps, test_caps)]
     return rounds, loaded
+
+
+def data_paths(data: DataSettings, rounds: Sequence[RoundSpec]) -> list[Path]:
+    """Every file the rounds read: train, test and (where present) descriptions, round by round."""
+    paths = []
+    for spec, train_calls, test_calls in zip(rounds, *round_caps(data, rounds)):
+        paths += [train_file(data.data_dir, spec, train_calls), test_file(data.data_dir, spec, test_calls),
+                  descriptions_file(data.data_dir, spec)]
+    return paths
 
 
 @dataclass
@@ -62,6 +77,8 @@ class RunPlan:
     model_name: str
     positions: int | None
     resumed: RunDirectory | None
+    inputs: dict = field(default_factory=dict)  # fingerprints of the data files and backbone (config.json "inputs")
+    lock: RunLock = field(default_factory=RunLock)  # held on the run directory until the run ends (`with plan.lock`)
     started: float = field(default_factory=time.time)
 
 
@@ -92,34 +109,84 @@ def resolve_model_settings(settings: RunSettings) -> RunSettings:
     return replace(settings, model=model, flags=flags)
 
 
-def prepare_run(settings: RunSettings, method: str) -> RunPlan:
-    """Check what can be checked before the model is built, and write nothing: the output places, every round's
-    data, the model directory and --max_length against its positions, the device, and with --resume the run to
-    continue. The plan's settings have device and dtype resolved. Seeds the run. Logs go to stderr until the run
-    directory exists (building the default backbone reports its progress there). Under torchrun every process
-    checks the same and joins the job here, before the model is built."""
-    distributed.setup_process_logging()
+def check_before_data(settings: RunSettings, tool_tokens: bool) -> tuple[RunSettings, list[RoundSpec], str,
+                                                                        int | None]:
+    """What needs no data file, checked first and writing nothing: the output places, the rounds, the model
+    directory and --max_length against its positions, the backbone (its tool slots for the rounds' tools when
+    `tool_tokens`, LoRA's target modules and layers), --rng and the device. Returns the settings with device and
+    dtype resolved, the rounds, the model name and its positions. Under torchrun this joins the job."""
     check_output_flags(settings.output)
-    rounds, data = load_rounds(settings.data)
+    rounds = parse_training_rounds(settings.data.training_rounds)
+    round_caps(settings.data, rounds)
     model_name = resolve_model_name(settings.model.model_name)
     positions = model_positions(model_name)
     max_length = settings.data.max_length
     if positions and max_length > positions:
         raise UserError(f"--max_length {max_length} is beyond the {positions} positions of --model_name "
                         f"{model_name}; use at most {positions}")
+    check_backbone(model_name, sum(r.end - r.start + 1 for r in rounds) if tool_tokens else None, settings.lora)
     if settings.data.query_cut == "none":
         settings = replace(settings, data=replace(settings.data, max_length=positions or sys.maxsize))
     if settings.rng == "original" and distributed.env_world_size() > 1:
         raise UserError("--rng original draws every random number in one process's program order, so it cannot "
                         "run under several processes (WORLD_SIZE > 1); use --rng toolkit")
-    settings = resolve_model_settings(settings)
-    resumed = None
-    if settings.output.resume:
-        resumed = RunDirectory(Path(settings.output.output_dir), method, settings.flags, rounds, resume=True,
-                               checkpoint_dir=settings.output.checkpoint_dir)
+    return resolve_model_settings(settings), rounds, model_name, positions
+
+
+def prepare_run(settings: RunSettings, method: str, tool_tokens: bool = True) -> RunPlan:
+    """Check what can be checked before the model is built, and write nothing but the run directory's lock: first
+    what needs no data (check_before_data), then the lock on --output_dir (another run holding it is refused), with
+    --resume the run to continue (its config, state and metrics), every round's data, and with --resume that the
+    data files and backbone are those the run started with. The plan's settings have device and dtype resolved.
+    Seeds the run. Logs go to stderr until the run directory exists (building the default backbone reports its
+    progress there). Under torchrun every process checks the same and joins the job here, before the model is
+    built. The caller holds the plan's lock for the run (`with plan.lock`); a refusal here releases it."""
+    distributed.setup_process_logging()
+    settings, rounds, model_name, positions = check_before_data(settings, tool_tokens)
+    lock = RunLock()
+    try:
+        if settings.output.output_dir:
+            distributed.from_main(lambda: lock.acquire(Path(settings.output.output_dir)))
+            if not settings.output.resume:  # again under the lock: a run may have ended there since the first check
+                refuse_existing_run(Path(settings.output.output_dir))
+        resumed = None
+        if settings.output.resume:
+            resumed = RunDirectory(Path(settings.output.output_dir), method, settings.flags, rounds, resume=True,
+                                   checkpoint_dir=settings.output.checkpoint_dir)
+            check_recorded_scores(resumed, settings.evaluation, settings.decoding.use_ground_truth_tools)
+        rounds, data = load_rounds(settings.data)
+        inputs = {"data": data_fingerprint(data_paths(settings.data, rounds)),
+                  "backbone": backbone_fingerprint(model_name)}
+        if resumed is not None:
+            resumed.check_inputs(inputs)
+    except BaseException:
+        lock.release()
+        raise
     set_seed(settings.seed)
     tool_names = discover_available_tools([d.train for d in data])
-    return RunPlan(method, settings, rounds, data, tool_names, model_name, positions, resumed)
+    return RunPlan(method, settings, rounds, data, tool_names, model_name, positions, resumed, inputs, lock)
+
+
+def preflight(settings: RunSettings, tool_tokens: bool) -> None:
+    """--preflight: check_before_data alone, so a script refuses a bad flag or backbone before its data step."""
+    distributed.setup_process_logging()
+    check_before_data(settings, tool_tokens)
+    logger.info("preflight: the flags, output place and backbone pass (no data read, nothing written)")
+
+
+def check_recorded_scores(run: RunDirectory, evaluation: EvalSettings, ground_truth: bool) -> None:
+    """metrics.jsonl of a resumed run holds every score its finished rounds recorded (evaluation_plan): else it was
+    cut or replaced, and the forgetting matrix would miss them without a word."""
+    modes = ["predicted"] + (["ground_truth_tools"] if ground_truth else [])
+    recorded = {(r["round"], r["test_round"], r["mode"]) for r in run.records}
+    for index in range(run.completed_rounds):
+        for test_index in evaluation_plan(index, len(run.rounds), evaluation):
+            for mode in modes:
+                if (index, test_index, mode) not in recorded:
+                    raise UserError(f"--resume: {run.path / 'metrics.jsonl'} lacks the {mode} scores of round "
+                                    f"{run.rounds[index].name} on test set {run.rounds[test_index].name}, recorded "
+                                    "when that round finished (the file was cut or replaced); restore it or start "
+                                    "the run again")
 
 
 def check_lengths(model, plan: RunPlan) -> None:
@@ -162,14 +229,29 @@ def start_run(plan: RunPlan, model) -> RunDirectory:
     if run is None:
         output_dir = settings.output.output_dir
         path = Path(output_dir) if output_dir else distributed.from_main(lambda: claim_default_run_dir(plan.method))
+        distributed.from_main(lambda: plan.lock.acquire(path))
         run = RunDirectory(path, plan.method, settings.flags, plan.rounds, resume=False,
                            checkpoint_dir=settings.output.checkpoint_dir)
-    run.record_inputs(plan.data, prompt)
+    elif run.completed_rounds and not run.finished:
+        load_checkpoint(model, run, settings.rng == "original")
+    run.record_inputs(plan.data, prompt, plan.inputs)
     run.started = plan.started
+    if run.finished:
+        return run
     distributed.setup_process_logging(settings.output.log_file or run.path / "train.log")
     if run.completed_rounds:
         logger.info("resuming %s after %d finished round(s)", run.path, run.completed_rounds)
     return run
+
+
+def load_checkpoint(model, run: RunDirectory, original_rng: bool) -> None:
+    """Load the last finished round's checkpoint (and with --rng original its generator states) into the model: each
+    file checked first, so a damaged one is refused before the run directory is written."""
+    checkpoint = run.checkpoint_path(run.completed_rounds - 1)
+    states = read_rng_state(checkpoint) if original_rng else None
+    model.load(checkpoint)
+    if states is not None:
+        restore_rng_state(states)
 
 
 def evaluation_plan(round_index: int, num_rounds: int, evaluation: EvalSettings) -> list[int]:
@@ -214,15 +296,12 @@ def run_rounds(
 
     `prepare_round(i)` returns round i's training samples, `train_lora_for(i)` whether LoRA trains in round i, and
     `make_loader` (optional) builds the training loader (the LoRA baseline mixes replay into each batch there).
+    A resumed run's model holds its last finished round's checkpoint already (start_run).
     """
-    if run.completed_rounds == len(data) and (run.path / "summary.json").is_file():
+    if run.finished:
         logger.info("%s already finished its %d round(s); nothing to train", run.path, len(data))
         return read_json(run.path / "summary.json", "run summary")
     original_rng = settings.rng == "original"
-    if run.completed_rounds:
-        model.load(run.checkpoint_path(run.completed_rounds - 1))
-        if original_rng:
-            load_rng_state(run.checkpoint_path(run.completed_rounds - 1))
     for index, round_data in enumerate(data):
         if index < run.completed_rounds:
             continue
@@ -274,13 +353,20 @@ def save_rng_state(checkpoint: Path) -> None:
     atomic_write_with(checkpoint / RNG_STATE_FILE, lambda tmp: save_file(states, tmp))
 
 
-def load_rng_state(checkpoint: Path) -> None:
-    """Restore the generator states `save_rng_state` wrote; a checkpoint without them cannot resume exactly."""
+def read_rng_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The generator states `save_rng_state` wrote, checked; a checkpoint without them cannot resume exactly."""
     path = checkpoint / RNG_STATE_FILE
     if not path.is_file():
         raise UserError(f"--rng original: {path} is missing, so the run cannot continue its random draws where it "
                         "stopped; start the run again")
-    states = load_file(str(path))
+    states = read_safetensors(path, "checkpoint file")
+    if "cpu" not in states or states["cpu"].dtype != torch.uint8:
+        raise UserError(f"checkpoint file {path} holds no CPU generator state (\"cpu\", uint8)")
+    return states
+
+
+def restore_rng_state(states: dict[str, torch.Tensor]) -> None:
+    """Set torch's generators to states read by `read_rng_state`."""
     torch.set_rng_state(states["cpu"])
     cuda = [states[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in states]
     if cuda:

@@ -79,6 +79,7 @@ class OutputSettings:
     log_file: str | None = None
     checkpoint_dir: str | None = None
     save_checkpoints: bool = False
+    preflight: bool = False  # check what needs no data (flags, output place, backbone), then exit
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,9 @@ def add_output_flags(parser: CliParser) -> None:
                         help="run directory (default: runs/<method>_<timestamp>, a new one per run)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output_dir after its last finished round (same configuration)")
+    parser.add_argument("--preflight", action="store_true",
+                        help="check what needs no data (the flags, the output place, the backbone's tool slots and "
+                             "LoRA modules), write nothing and exit (the scripts run it before their data step)")
 
 
 def add_sequential_flags(parser: CliParser) -> None:
