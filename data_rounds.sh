@@ -1,7 +1,8 @@
 # The rounds' data, shared by run_n_rounds_main.sh, run_n_rounds_lora.sh and icl_baseline.sh (sourced, not run): its
 # variables, so that TokMem, the LoRA baseline and the in-context baselines read the same files, and the data step.
 #
-# generate_round_data reads the variables below and the script's NUM_ROUNDS, TOOLS_PER_ROUND, START_TOOL,
+# plan_round_data sets the three lists below without running anything; generate_round_data (which plans too) reads
+# the variables below and the script's NUM_ROUNDS, TOOLS_PER_ROUND, START_TOOL,
 # EPOCHS_PER_ROUND (one value or one per round), SEED and PYTHON. For every round it runs xlam_datasets.py
 # --reuse_if_unchanged, which keeps a round's files when the manifest beside them says they were made with the same
 # settings and remakes them otherwise; it sets
@@ -54,25 +55,39 @@ per_round_list() {
     echo "${values[*]// /}"
 }
 
-generate_round_data() {
-    local python=${PYTHON:-python3}
+# plan_round_data: set TRAINING_ROUNDS, TRAIN_CALLS_LIST and TEST_CALLS_LIST from the variables, reading and running
+# nothing (the scripts check the run with them before the data step).
+plan_round_data() {
     local epochs train_caps test_caps
     epochs=$(per_round_list EPOCHS_PER_ROUND "$EPOCHS_PER_ROUND" 1) || return 2
     train_caps=$(per_round_list TRAIN_MAX_CALLS_PER_ROUND "$TRAIN_MAX_CALLS_PER_ROUND" "$TRAIN_MAX_CALLS") || return 2
     test_caps=$(per_round_list TEST_MAX_CALLS_PER_ROUND "$TEST_MAX_CALLS_PER_ROUND" "$TEST_MAX_CALLS") || return 2
-    local -a epoch_list train_list test_list specs=()
+    local -a epoch_list specs=()
     IFS=',' read -r -a epoch_list <<< "$epochs"
-    IFS=',' read -r -a train_list <<< "$train_caps"
-    IFS=',' read -r -a test_list <<< "$test_caps"
-
-    local round start end range train_k test_k
+    local round start
     for ((round = 0; round < NUM_ROUNDS; round++)); do
         start=$((START_TOOL + round * TOOLS_PER_ROUND))
-        end=$((start + TOOLS_PER_ROUND - 1))
-        range="$start-$end"
+        specs+=("$start-$((start + TOOLS_PER_ROUND - 1)):${epoch_list[$round]}")
+    done
+    local IFS=','
+    TRAINING_ROUNDS="${specs[*]}"
+    TRAIN_CALLS_LIST="$train_caps"
+    TEST_CALLS_LIST="$test_caps"
+}
+
+generate_round_data() {
+    local python=${PYTHON:-python3}
+    plan_round_data || return 2
+    local -a spec_list train_list test_list
+    IFS=',' read -r -a spec_list <<< "$TRAINING_ROUNDS"
+    IFS=',' read -r -a train_list <<< "$TRAIN_CALLS_LIST"
+    IFS=',' read -r -a test_list <<< "$TEST_CALLS_LIST"
+
+    local round range train_k test_k
+    for ((round = 0; round < NUM_ROUNDS; round++)); do
+        range=${spec_list[$round]%%:*}
         train_k=${train_list[$round]}
         test_k=${test_list[$round]}
-        specs+=("$range:${epoch_list[$round]}")
         local -a cmd=("$python" xlam_datasets.py --top_k "$range" --max_samples_per_tool "$SAMPLES_PER_TOOL"
                       --train_size "$TRAIN_SIZE" --test_size "$TEST_SIZE"
                       --train_max_function_calls "$train_k" --test_max_function_calls "$test_k"
@@ -83,9 +98,4 @@ generate_round_data() {
         [[ "$DATA_SOURCE" == xlam && -n "$XLAM_PATH" ]] && cmd+=(--xlam_path "$XLAM_PATH")
         run_step "${cmd[@]}" || return $?
     done
-
-    local IFS=','
-    TRAINING_ROUNDS="${specs[*]}"
-    TRAIN_CALLS_LIST="$train_caps"
-    TEST_CALLS_LIST="$test_caps"
 }

@@ -13,8 +13,30 @@ start_script() {
     shift 2
     cd "$(dirname "$script")"
     script_help "$(basename "$script")" "$@"
+    refuse_variable_arguments "$(basename "$script")" "$@"
     apply_preset "$name"
     source ./data_rounds.sh
+}
+
+# refuse_variable_arguments SCRIPT ARGS...: an argument that looks like a variable (OUTPUT_DIR=x) would reach the Python
+# CLI as an unknown argument after the data step; refuse it at once, saying how variables are set.
+refuse_variable_arguments() {
+    local script=$1 arg
+    shift
+    for arg in "$@"; do
+        if [[ "$arg" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; then
+            echo "error: argument '$arg' looks like a variable; variables go before the command, in the environment:" \
+                 "${arg%%=*}=... bash $script (arguments after the script go to the Python CLI as flags)" >&2
+            exit 2
+        fi
+    done
+}
+
+# preflight CLI ARGS...: run the Python CLI with --preflight (one process): the flags, the output place and the backbone
+# (tool slots, LoRA modules) are checked before the data step, which may take minutes. Skipped when DRY_RUN is true.
+preflight() {
+    [[ "${DRY_RUN:-false}" == true ]] && return 0
+    "$PYTHON" "$@" --preflight
 }
 
 # apply_preset SCRIPT: SCRIPT is main, lora or icl. Assigns only variables that are unset (${VAR=value}).

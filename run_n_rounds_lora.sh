@@ -66,10 +66,9 @@ fi
 PYTHON=${PYTHON:-python3}
 
 
-# Step 1: each round's train/test/description files (the same files TokMem uses; made again when their settings changed).
-generate_round_data
+plan_round_data   # the rounds' specs and call caps (data_rounds.sh); nothing runs yet
 
-# Step 2: the rounds.
+# The rounds' command.
 args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "$BATCH_SIZE" --lr "$LR"
       --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
       --lora_target_modules "$LORA_TARGET_MODULES" --marker_style "$MARKER_STYLE" --max_grad_norm "$MAX_GRAD_NORM"
@@ -85,6 +84,12 @@ args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "
 [[ "$SAVE_CHECKPOINTS" == true ]] && args+=(--save_checkpoints)
 [[ "$SHARD_BACKBONE" == true ]] && args+=(--shard_backbone)
 
+# Step 1: check what needs no data (flags, output place, backbone), then each round's files.
+preflight lora_sequential.py "${args[@]}" "$@"
+# Each round's train/test/description files (the same files TokMem uses; made again when their settings changed).
+generate_round_data
+
+# Step 2: the rounds.
 [[ "${DRY_RUN:-false}" == true ]] ||
     echo "Running the LoRA baseline, rounds $TRAINING_ROUNDS (replay: $USE_REPLAY_BUFFER, reinit: $REINIT_LORA)"
 python_cli lora_sequential.py

@@ -64,10 +64,9 @@ export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-${GPU:-$(seq -s, 0 $((NPROC 
 PYTHON=${PYTHON:-python3}
 
 
-# Step 1: each round's train/test/description files (made again when their settings changed).
-generate_round_data
+plan_round_data   # the rounds' specs and call caps (data_rounds.sh); nothing runs yet
 
-# Step 2: the rounds.
+# The rounds' command.
 args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "$BATCH_SIZE" --lr "$LR"
       --lora_lr "$LORA_LR" --max_grad_norm "$MAX_GRAD_NORM" --max_length "$MAX_LENGTH" --device "$DEVICE"
       --dtype "$DTYPE" --seed "$SEED" --eval_after_each_round --eval_batch_size "$EVAL_BATCH_SIZE" --demo 2
@@ -91,6 +90,12 @@ args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "
 [[ "$SAVE_CHECKPOINTS" == true ]] && args+=(--save_checkpoints)
 [[ "$SHARD_BACKBONE" == true ]] && args+=(--shard_backbone)
 
+# Step 1: check what needs no data (flags, output place, backbone), then each round's files.
+preflight main_sequential.py "${args[@]}" "$@"
+# Each round's train/test/description files (made again when their settings changed).
+generate_round_data
+
+# Step 2: the rounds.
 [[ "${DRY_RUN:-false}" == true ]] || echo "Running TokMem rounds $TRAINING_ROUNDS"
 python_cli main_sequential.py
 run_step "${CLI[@]}" "${args[@]}" "$@"
