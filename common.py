@@ -27,6 +27,16 @@ class JobFailed(Exception):
     line and exit status 1."""
 
 
+class WriteFailed(Exception):
+    """A file could not be written (a full disk, a permission error): reported as one line naming the path and the OS
+    error, exit status 1."""
+
+
+def write_failure(err: OSError, path: str | os.PathLike) -> WriteFailed:
+    """The WriteFailed of an OSError met while writing `path`."""
+    return WriteFailed(f"cannot write {path}: {err.strerror or err}")
+
+
 def is_main_process() -> bool:
     """Whether this is process 0 of a torchrun job (RANK unset or 0), the one that reports a bad input: every process
     reads the same input and would report the same line."""
@@ -68,7 +78,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         if is_main_process():
             sys.stderr.write(f"{prog}: error: {err}\n")
         sys.exit(2)
-    except JobFailed as err:
+    except (JobFailed, WriteFailed) as err:
         sys.stderr.write(f"{prog}: error: {err}\n")
         sys.exit(1)
     except KeyboardInterrupt:
@@ -78,18 +88,24 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same directory, then rename: the final name never holds a partial file."""
+    """Write through a temporary file in the same directory, then rename: the final name never holds a partial file.
+    An OSError (a full disk, a permission error) is a WriteFailed naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise write_failure(err, path) from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise write_failure(err, path) from None
         raise
 
 

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 import distributed
-from common import UserError, atomic_write_with, check_writable, read_json, read_safetensors, set_seed
+from common import (UserError, WriteFailed, atomic_write_with, check_writable, read_json, read_safetensors, set_seed,
+                    write_failure)
 from dataset import (NativeFunctionCallingDataset, build_prompt_text, check_prompt_format, curriculum_order,
                      discover_available_tools, encode_sample, make_dataloader)
 from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, RunLock, backbone_fingerprint,
@@ -326,11 +327,11 @@ def run_rounds(
         offered = None if settings.decoding.offer_all_tools else [t for d in data[: index + 1] for t in d.tools]
         model.set_generation_tools(offered)
         if run.writer:
-            model.save(run.checkpoint_path(index))
+            write_checkpoint(model.save, run.checkpoint_path(index))
         for test_index in evaluation_plan(index, len(data), settings.evaluation):
             evaluate_round(settings, model, data[test_index], index, test_index, run)
         if original_rng and run.writer:  # after evaluation: each test loader's iterator draws a seed, as the original's
-            save_rng_state(run.checkpoint_path(index))
+            write_checkpoint(save_rng_state, run.checkpoint_path(index))
         record = {"steps": stats.steps, "mean_loss": stats.mean_loss, "final_loss": stats.final_loss,
                   "mean_tool_loss": stats.mean_tool_loss}
         if not math.isnan(stats.mean_prototype_loss):
@@ -381,6 +382,16 @@ def active_tool_mask(model, tools: Sequence[str]) -> torch.Tensor | None:
     for tool in tools:
         mask[model.tool_names.index(tool)] = True
     return mask
+
+
+def write_checkpoint(save: Callable[[Path], None], path: Path) -> None:
+    """`save(path)` for an unfinished round's checkpoint; when it fails (a full disk, a permission error) the
+    checkpoint is removed, so the run stays resumable from its last finished round, and the failure is one line."""
+    try:
+        save(path)
+    except (OSError, WriteFailed) as err:
+        remove_checkpoint(path)
+        raise err if isinstance(err, WriteFailed) else write_failure(err, err.filename or path) from None
 
 
 def remove_checkpoint(path: Path) -> None:

@@ -258,6 +258,51 @@ def break_state(ctx: Context) -> None:
     (ctx.out / "state.json").write_text('{"completed_rounds": ')
 
 
+def unfinish(ctx: Context) -> None:
+    """Remove a finished run's summary.json: a --resume then loads the last checkpoint to write it again."""
+    (ctx.out / "summary.json").unlink()
+
+
+def run_file(relative: str, content: bytes | Callable[[bytes], bytes]) -> Setup:
+    """Replace a file of the run directory: by `content`, or by `content(old bytes)`."""
+
+    def apply(ctx: Context) -> None:
+        path = ctx.out / relative
+        path.write_bytes(content(path.read_bytes()) if callable(content) else content)
+
+    return apply
+
+
+def half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def foreign_rows(ctx: Context) -> None:
+    """The checkpoint's rows replaced by a well-formed safetensors file of another model (7 rows of width 5)."""
+    from safetensors.torch import save_file
+
+    save_file({"input_rows": torch.zeros(7, 5)}, str(ctx.out / MEMORY))
+
+
+def copied_model(ctx: Context) -> None:
+    shutil.copytree(ctx.model, ctx.tmp / "model_copy")
+
+
+def edit_model_config(ctx: Context) -> None:
+    """The copied backbone's config.json gains a key: a changed backbone that still loads."""
+    path = ctx.tmp / "model_copy" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "note": "edited"}))
+
+
+def stale_lock(ctx: Context) -> None:
+    """{out}/run.lock as a process that died left it: the holder named, no flock held."""
+    ctx.out.mkdir(exist_ok=True)
+    (ctx.out / "run.lock").write_text("pid 999999 on host gone\n")
+
+
+MEMORY = "checkpoints/round_1/tool_memory.safetensors"
+MEMORY_META = "checkpoints/round_1/tool_memory.json"
+ADAPTER = "checkpoints/round_1/lora/adapter_model.safetensors"
 MISSING_MODEL = ["--model_name", "{tmp}/no_such_model"]
 ONE_ROUND = ["--training_rounds", "1-3:1"]
 UNWRITABLE = "/sys/tokmem_run"  # /sys refuses new entries, to root as well
@@ -376,6 +421,44 @@ MAIN_CASES = SEQUENTIAL_CASES + [
          earlier_run(ONE_ROUND), remove_checkpoints),
     case("resume-state-corrupt", ONE_ROUND + ["--resume"], "run state {out}/state.json is not valid JSON",
          earlier_run(ONE_ROUND), break_state),
+    case("resume-state-empty-object", ONE_ROUND + ["--resume"],
+         'run state {out}/state.json: expected "completed_rounds", an integer from 0 to 1, got null',
+         earlier_run(ONE_ROUND), run_file("state.json", b"{}")),
+    case("resume-train-file-changed", ONE_ROUND + ["--resume"],
+         ["--resume: {out} was run on other inputs: data file {data}/" + TRAIN_1 + ": sha256 ", " bytes then, sha256 ",
+          " bytes now"], earlier_run(ONE_ROUND), edit_rows(TRAIN_1, lambda rows: rows[:8])),
+    case("resume-backbone-changed", ONE_ROUND + ["--model_name", "{tmp}/model_copy", "--resume"],
+         ["--resume: {out} was run on other inputs: backbone file config.json: sha256 ", "then, sha256 "],
+         copied_model, earlier_run(ONE_ROUND + ["--model_name", "{tmp}/model_copy"]), edit_model_config),
+    case("resume-metrics-missing", ONE_ROUND + ["--resume"],
+         "--resume: {out}/metrics.jsonl is missing, though {out}/state.json records 1 finished round(s)",
+         earlier_run(ONE_ROUND), lambda ctx: (ctx.out / "metrics.jsonl").unlink()),
+    case("resume-metrics-cut", ONE_ROUND + ["--resume"],
+         ["run metrics {out}/metrics.jsonl line 1 is not valid JSON", "a line cut short?"],
+         earlier_run(ONE_ROUND), run_file("metrics.jsonl", half)),
+    case("resume-metrics-row-missing", ONE_ROUND + ["--resume"],
+         "--resume: {out}/metrics.jsonl lacks the predicted scores of round 1-3 on test set 1-3",
+         earlier_run(ONE_ROUND), run_file("metrics.jsonl", b"")),
+    case("resume-memory-truncated", ONE_ROUND + ["--resume"],
+         "checkpoint file {out}/" + MEMORY + " is damaged or not a safetensors file",
+         earlier_run(ONE_ROUND), unfinish, run_file(MEMORY, half)),
+    case("resume-memory-foreign", ONE_ROUND + ["--resume"],
+         "checkpoint file {out}/" + MEMORY + ": input_rows has shape [7, 5], this model's is [3, 64]",
+         earlier_run(ONE_ROUND), unfinish, foreign_rows),
+    case("resume-memory-meta-cut", ONE_ROUND + ["--resume"],
+         "checkpoint file {out}/" + MEMORY_META + " is not valid JSON",
+         earlier_run(ONE_ROUND), unfinish, run_file(MEMORY_META, half)),
+    case("resume-memory-meta-empty", ONE_ROUND + ["--resume"],
+         "checkpoint file {out}/" + MEMORY_META + ": expected an object with tool_names (a list)",
+         earlier_run(ONE_ROUND), unfinish, run_file(MEMORY_META, b"{}")),
+    case("resume-adapter-truncated", ONE_ROUND + ["--use_lora", "--resume"],
+         "checkpoint file {out}/" + ADAPTER + " is damaged or not a safetensors file",
+         earlier_run(ONE_ROUND + ["--use_lora"]), unfinish, run_file(ADAPTER, half)),
+    case("new-run-over-an-unfinished-one", ONE_ROUND, "--output_dir {out} already holds a run; pass --resume",
+         earlier_run(ONE_ROUND), lambda ctx: (ctx.out / "state.json").unlink()),
+    case("tool-slots-before-data", ["--training_rounds", "1-249:1"], ["249 tools", "only 248 reserved special tokens"]),
+    case("lora-target-before-data", ["--training_rounds", "7-9:1", "--use_lora", "--lora_target_modules", "nope"],
+         "--lora_target_modules: nope not found in --model_name {model}"),
 ]
 
 LORA_BASE = MAIN_BASE + ["--lora_r", "2"]
@@ -396,6 +479,14 @@ LORA_CASES = SEQUENTIAL_CASES + [
          ["--resume", "{out}", "different configuration (--lora_r 2 then, 4 now)"], earlier_run(ONE_ROUND)),
     case("resume-checkpoint-missing", ONE_ROUND + ["--resume"], ["--resume", "{out}/checkpoints/round_1", "missing"],
          earlier_run(ONE_ROUND), remove_checkpoints),
+    case("resume-adapter-truncated", ONE_ROUND + ["--resume"],
+         "checkpoint file {out}/" + ADAPTER + " is damaged or not a safetensors file",
+         earlier_run(ONE_ROUND), unfinish, run_file(ADAPTER, half)),
+    case("resume-markers-empty", ONE_ROUND + ["--resume"],
+         "checkpoint file {out}/checkpoints/round_1/markers.json: expected an object with tool_names",
+         earlier_run(ONE_ROUND), unfinish, run_file("checkpoints/round_1/markers.json", b"{}")),
+    case("lora-target-before-data", ["--training_rounds", "7-9:1", "--lora_target_modules", "nope"],
+         "--lora_target_modules: nope not found in --model_name {model}"),
 ]
 
 ICL_BASE = ["--test_data", "{data}/" + TEST_1, "--model_name", "{model}", "--output", "{out}", "--device", "cpu",
