@@ -16,6 +16,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,12 +293,6 @@ def edit_model_config(ctx: Context) -> None:
     """The copied backbone's config.json gains a key: a changed backbone that still loads."""
     path = ctx.tmp / "model_copy" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "note": "edited"}))
-
-
-def stale_lock(ctx: Context) -> None:
-    """{out}/run.lock as a process that died left it: the holder named, no flock held."""
-    ctx.out.mkdir(exist_ok=True)
-    (ctx.out / "run.lock").write_text("pid 999999 on host gone\n")
 
 
 MEMORY = "checkpoints/round_1/tool_memory.safetensors"
@@ -1156,3 +1151,69 @@ def test_help_names_the_scripts_default_where_it_differs(module, factory, flag, 
     value = script_default(script, variable)
     assert float(value) != float(parser._option_string_actions[flag].default)
     assert value in help_entry(parser, flag)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One process writes a run directory
+
+
+def test_two_runs_started_a_second_apart_into_one_directory_one_runs_one_is_refused(fork_server, tiny_model_dir,
+                                                                                   tmp_path):
+    write_round_files(tmp_path / "data", 1, 3, ROUND_1, n_train=6, n_test=2)
+    out = tmp_path / "run"
+    argv = ["--model_name", str(tiny_model_dir), "--training_rounds", "1-3:1", "--data_dir", str(tmp_path / "data"),
+            "--output_dir", str(out), "--device", "cpu", "--batch_size", "4", "--max_new_tokens", "4"]
+    first = subprocess.Popen([sys.executable, str(REPO_ROOT / "main_sequential.py"), *argv, "--seed", "42"],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + CASE_TIMEOUT
+        while not (out / "run.lock").is_file() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before the second started"
+        holder = (out / "run.lock").read_text()
+        assert holder.startswith(f"pid {first.pid} on host "), holder
+        second = fork_server.run("main_sequential.py", argv + ["--seed", "7"], tmp_path)
+        assert first.poll() is None, "the second run was refused only after the first ended"
+        assert_one_line_error(second, "main_sequential.py", (
+            f"--output_dir {out} is in use by another run (pid {first.pid} on host ", f"{out}/run.lock",
+            "wait for it to end or use another --output_dir"))
+    finally:
+        _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["args"]["seed"] == 42
+    assert not (out / "run.lock").exists(), "the lock is given back when the run ends"
+    assert (out / "train.log").read_text().count("run directory") == 1, "one run's lines in train.log"
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_saying_so(fork_server, tiny_model_dir, tmp_path):
+    write_round_files(tmp_path / "data", 1, 3, ROUND_1, n_train=6, n_test=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.lock").write_text("pid 999999 on host gone\n")
+    result = fork_server.run("main_sequential.py", [
+        "--model_name", str(tiny_model_dir), "--training_rounds", "1-3:1", "--data_dir", str(tmp_path / "data"),
+        "--output_dir", str(out), "--device", "cpu", "--batch_size", "4", "--max_new_tokens", "4"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{out}/run.lock: taking over the lock of pid 999999 on host gone, which no longer runs" in result.stderr
+    assert not (out / "run.lock").exists() and (out / "summary.json").is_file()
+
+
+def test_preflight_checks_without_data_and_writes_nothing(fork_server, tiny_model_dir, tmp_path):
+    before = tree_state(tmp_path)
+    result = fork_server.run("main_sequential.py", [
+        "--model_name", str(tiny_model_dir), "--training_rounds", "1-3:1,4-6:1", "--data_dir", str(tmp_path / "none"),
+        "--output_dir", str(tmp_path / "run"), "--device", "cpu", "--use_lora", "--preflight"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "preflight: the flags, output place and backbone pass" in result.stderr
+    assert tree_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("script", ["run_n_rounds_main.sh", "run_n_rounds_lora.sh"])
+def test_scripts_refuse_a_variable_given_as_an_argument_before_any_step(script, tmp_path):
+    result = subprocess.run(["bash", str(REPO_ROOT / script), "OUTPUT_DIR=x"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "PYTHON": "false"})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: argument 'OUTPUT_DIR=x' looks like a variable; variables go before the command, in the environment: "
+        f"OUTPUT_DIR=... bash {script} (arguments after the script go to the Python CLI as flags)"]
+    assert not any(tmp_path.iterdir()) and not (REPO_ROOT / "x").exists()

@@ -172,3 +172,36 @@ def test_nan_loss_stops_the_round_and_keeps_the_last_good_checkpoint(tiny_model_
     assert json.loads((out / "state.json").read_text())["completed_rounds"] == 1
     assert (out / "checkpoints" / "round_1" / "tool_memory.safetensors").is_file()
     assert not (out / "checkpoints" / "round_2").exists()
+
+
+def test_a_full_disk_is_one_line_leaves_no_checkpoint_folder_and_the_run_resumes(reference, tiny_model_dir,
+                                                                                 two_round_data, tmp_path, monkeypatch,
+                                                                                 capsys, restore_logging):
+    import errno
+
+    import model as model_module
+    from common import run_cli
+
+    real_save = model_module.save_file
+    calls = []
+
+    def full_disk_in_round_two(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 2:  # round 1 wrote its rows and its adapter
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    out = tmp_path / "run"
+    args = cli_args(tiny_model_dir, two_round_data, out)
+    with monkeypatch.context() as patch:
+        patch.setattr(model_module, "save_file", full_disk_in_round_two)
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main_sequential.main, args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"{Path(sys.argv[0]).name}: error: cannot write {out}/checkpoints/round_2/"
+                       "tool_memory.safetensors: No space left on device")
+    assert json.loads((out / "state.json").read_text())["completed_rounds"] == 1
+    assert not (out / "checkpoints" / "round_2").exists() and not (out / "run.lock").exists()
+    resumed = run_in_process(main_sequential.main, args + ["--resume"], TrainingRecorder())
+    assert numbers(resumed) == numbers(reference.summary)
