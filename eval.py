@@ -427,7 +427,7 @@ def _require_list(prediction: dict, name: str, where: str) -> list:
     return value
 
 
-def _sample_scores(prediction: Any, index: int) -> dict[str, float | int]:
+def _sample_scores(prediction: Any, index: int, strict: bool = False) -> dict[str, float | int]:
     """Per-sample scores of one prediction (see `score_predictions`)."""
     where = f"prediction {index}"
     if not isinstance(prediction, dict):
@@ -443,6 +443,9 @@ def _sample_scores(prediction: Any, index: int) -> dict[str, float | int]:
         for name in names:
             if not isinstance(name, str):
                 raise UserError(f"{where}: {field_name!r} must hold tool names (strings), got {name!r}")
+    if len(predicted_tools) != len(function_calls) and strict:
+        raise UserError(f"{where}: 'predicted_tools' has {len(predicted_tools)} entries but 'function_calls' has "
+                        f"{len(function_calls)}")
     if len(predicted_tools) != len(function_calls):
         logger.warning(
             "%s: %d predicted tools but %d generated calls; a tool without a call counts as an unparseable call",
@@ -515,7 +518,7 @@ def _aggregate(samples: list[dict[str, float | int]]) -> dict[str, float | int |
     return metrics
 
 
-def score_predictions(predictions: Sequence[dict]) -> dict[str, Any]:
+def score_predictions(predictions: Sequence[dict], strict: bool = False) -> dict[str, Any]:
     """Score a list of predictions into the metric dict of docs/DESIGN.md, overall and per number of gold calls.
 
     Each prediction is {"predicted_tools": [name, ...], "function_calls": [raw arguments text, ...],
@@ -523,13 +526,15 @@ def score_predictions(predictions: Sequence[dict]) -> dict[str, Any]:
     Every avg_* is a mean of per-sample values; parse_error_rate is unparseable predicted calls over all predicted
     calls. The paper_* metrics score the same predictions by the original toolkit's rules (`paper_call_key`, sets;
     paper_parse_error_rate is over samples). A group with no predicted call has both parse-error rates None.
-    An empty list, a missing field or an unparseable gold call is a UserError.
+    An empty list, a missing field or an unparseable gold call is a UserError. A model's own predictions may hold a
+    tool whose call was cut off (a warning, scored as an unparseable call); `strict` (a predictions file given to the
+    CLI) refuses predicted fields of different lengths as it does gold ones.
     """
     if not isinstance(predictions, (list, tuple)):
         raise UserError(f"predictions must be a list, got {type(predictions).__name__}")
     if not predictions:
         raise UserError("no predictions to score")
-    samples = [_sample_scores(prediction, index) for index, prediction in enumerate(predictions)]
+    samples = [_sample_scores(prediction, index, strict) for index, prediction in enumerate(predictions)]
     metrics: dict[str, Any] = _aggregate(samples)
     by_count: dict[int, list[dict[str, float | int]]] = {}
     for sample in samples:
@@ -586,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not isinstance(predictions, list):
         raise UserError(f"predictions file {args.predictions} must hold a JSON list, got {type(predictions).__name__}")
     try:
-        metrics = score_predictions(predictions)
+        metrics = score_predictions(predictions, strict=True)
     except UserError as err:
         raise UserError(f"predictions file {args.predictions}: {err}") from None
     if args.output:

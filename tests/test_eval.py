@@ -420,3 +420,19 @@ def test_cli_scores_a_file_and_reports_bad_input_in_one_line(tmp_path):
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1
     assert "prediction 0" in bad.stderr and str(preds_file) in bad.stderr
+
+
+def test_cli_refuses_predicted_fields_of_different_lengths_as_it_does_gold_ones(tmp_path, capsys):
+    from common import UserError
+
+    preds_file = tmp_path / "preds.json"
+    preds_file.write_text(json.dumps([prediction(["t"], ['{"a": 1}'], ["t"], ['{"a": 1}']),
+                                      prediction(["t", "u"], ['{"a": 1}'], ["t"], ['{"a": 1}'])]))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(UserError) as error:
+        scoring.main(["--predictions", str(preds_file), "--output", str(tmp_path / "metrics.json")])
+    assert str(error.value) == (f"predictions file {preds_file}: prediction 1: 'predicted_tools' has 2 entries but "
+                                "'function_calls' has 1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # A model's own answer cut off after a tool still scores, the missing call as an unparseable one.
+    assert scoring.score_predictions([prediction(["t", "u"], ['{"a": 1}'], ["t"], ['{"a": 1}'])])["parse_error_rate"]
