@@ -25,6 +25,7 @@ import os
 import random
 import re
 import socket
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -351,11 +352,30 @@ def parse_ratios(text: str, flag: str) -> tuple[float, float]:
     return ratios[0], ratios[1]
 
 
+# A tool named like a tokenizer's special token (`<|eot_id|>`, `<s>`, `[INST]`) would be read as that token in a
+# prompt or answer and can never be predicted as a tool.
+SPECIAL_TOKEN_NAME = re.compile(r"<\|[^|]*\|>|^</?[A-Za-z_]+>$|^\[/?[A-Z_]+\]$")
+
+
+def tool_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a tool's name (None: it can): a special token's form, or control characters."""
+    if SPECIAL_TOKEN_NAME.search(name):
+        return "is written like a tokenizer's special token, so it would be read as that token, never as a tool"
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in name):
+        return "holds control or format characters"
+    return None
+
+
 def check_range(start: int, end: int, ranked: Sequence[str]) -> None:
-    """A range must lie within the ranking."""
+    """A range must lie within the ranking and name tools whose names can be tools (tool_name_problem)."""
     if end > len(ranked):
         raise UserError(f"--top_k {start}-{end}: only {len(ranked)} tools are ranked by single-tool use "
                         f"('{GENERIC_TOOL}' left out)")
+    for rank, name in enumerate(ranked[start - 1:end], start):
+        problem = tool_name_problem(name)
+        if problem:
+            raise UserError(f"--top_k {start}-{end}: the tool of rank {rank}, {name!r}, {problem}; remove or rename "
+                            "it in the xLAM file")
 
 
 def check_test_caps(test_max_calls: int, test_ratios: tuple[float, float]) -> None:

@@ -675,6 +675,20 @@ def undefined_answer_tool(rows: list[dict]) -> None:
         row["answers"] = json.dumps([{"name": "book_taxi", "arguments": {"city": "Rome"}}])
 
 
+def renamed_tool(name: str) -> Callable[[list[dict]], None]:
+    """tool_a (rank 1) renamed `name` wherever a row defines or calls it."""
+
+    def edit(rows: list[dict]) -> None:
+        for row in rows:
+            for key in ("tools", "answers"):
+                items = json.loads(row[key])
+                for item in items:
+                    item["name"] = name if item["name"] == "tool_a" else item["name"]
+                row[key] = json.dumps(items)
+
+    return edit
+
+
 XLAM_FILE = ["--source", "xlam", "--xlam_path", "{tmp}/xlam.json"]
 XLAM_BASE = ["--output_dir", "{data}", "--max_samples_per_tool", "5", "--train_size", "10", "--test_size", "4"]
 XLAM_CASES = [
@@ -718,6 +732,12 @@ XLAM_CASES = [
          xlam_edit(undefined_answer_tool)),
     case("xlam-file-empty-list", XLAM_FILE, "xLAM file {tmp}/xlam.json holds no rows", xlam_file(lambda ctx: "[]")),
     case("xlam-file-zero-bytes", XLAM_FILE, "xLAM file {tmp}/xlam.json holds no rows", xlam_file(lambda ctx: "")),
+    case("xlam-tool-named-like-a-special-token", XLAM_FILE + ["--top_k", "1-1"],
+         "--top_k 1-1: the tool of rank 1, '<|eot_id|>', is written like a tokenizer's special token",
+         xlam_edit(renamed_tool("<|eot_id|>"))),
+    case("xlam-tool-name-with-control-character", XLAM_FILE + ["--top_k", "1-1"],
+         "--top_k 1-1: the tool of rank 1, 'tool\\x07a', holds control or format characters",
+         xlam_edit(renamed_tool("tool\x07a"))),
 ]
 
 
