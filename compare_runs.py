@@ -74,9 +74,19 @@ def load_run(path: Path) -> dict:
 
 
 def run_labels(paths: Sequence[Path], summaries: Sequence[dict]) -> list[str]:
-    """The method name, with the directory name added where two runs share a method."""
+    """A label per run, every one different: the method name, with the directory name added where two runs share a
+    method, its whole path where two such directories share a name, and `#k` (k-th time given) where a run is given
+    more than once."""
     counts = Counter(s["method"] for s in summaries)
-    return [s["method"] if counts[s["method"]] == 1 else f"{s['method']} ({p.name})" for p, s in zip(paths, summaries)]
+    labels = [s["method"] if counts[s["method"]] == 1 else f"{s['method']} ({p.name})" for p, s in zip(paths, summaries)]
+    counts = Counter(labels)
+    labels = [label if counts[label] == 1 else f"{s['method']} ({p})" for label, p, s in zip(labels, paths, summaries)]
+    counts, seen = Counter(labels), Counter()
+    numbered = []
+    for label in labels:
+        seen[label] += 1
+        numbered.append(label if counts[label] == 1 else f"{label} #{seen[label]}")
+    return numbered
 
 
 def column_names(summaries: Sequence[dict]) -> list[str]:

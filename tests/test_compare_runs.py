@@ -124,3 +124,13 @@ def test_bad_run_directories_are_one_line_errors(tmp_path, capsys, content, mess
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_runs_given_twice_or_sharing_a_name_get_labels_apart():
+    from compare_runs import run_labels
+
+    tokmem, lora = {"method": "tokmem"}, {"method": "lora"}
+    paths = [Path("runs/a/x"), Path("runs/a/x"), Path("runs/b/x"), Path("runs/c/y"), Path("runs/l")]
+    labels = run_labels(paths, [tokmem, tokmem, tokmem, tokmem, lora])
+    assert labels == ["tokmem (runs/a/x) #1", "tokmem (runs/a/x) #2", "tokmem (runs/b/x)", "tokmem (y)", "lora"]
+    assert run_labels([Path("r1"), Path("r2")], [tokmem, lora]) == ["tokmem", "lora"]
