@@ -65,7 +65,7 @@ BREAKAGES = (
                    "        if index < 0:\n            continue"),),
              RESUME),
     Breakage("resume-without-checkpoint", "--resume trains the missing rounds without loading the last checkpoint",
-             (Edit("sequential.py", "        model.load(run.checkpoint_path(run.completed_rounds - 1))", "        pass"),),
+             (Edit("sequential.py", "    model.load(checkpoint)\n", "    pass\n"),),
              RESUME),
     Breakage("inactive-rows-updated", "every row is active in every round (active_tool_mask all True)",
              (Edit("sequential.py", "    mask = torch.zeros(model.num_tools, dtype=torch.bool)",
@@ -187,6 +187,19 @@ BREAKAGES = (
              (Edit("distributed.py", "            ordered[source + position * world] = item",
                    "            ordered[sum(map(len, parts[:source])) + position] = item"),),
              DISTRIBUTED),
+    Breakage("unlearned-tools-offered", "decoding after a round may emit later rounds' untrained rows "
+             "(blocked_tool_token_ids blocks nothing)",
+             (Edit("model.py", "        if self.generation_tools is None:\n            return self.tool_token_ids[:0]",
+                   "        if True:\n            return self.tool_token_ids[:0]"),),
+             ("tests/test_main_sequential.py",)),
+    Breakage("run-directory-unlocked", "two runs may write one run directory at once (no lock taken)",
+             (Edit("experiment.py", "        if self._fd is not None or not is_main_process():",
+                   "        if True:"),),
+             ("tests/test_reliability.py::test_two_runs_started_a_second_apart_into_one_directory_one_runs_one_is_"
+              "refused",)),
+    Breakage("resume-data-unchecked", "--resume goes on with data files changed since the run started",
+             (Edit("experiment.py", "        if changes:\n            more =", "        if False:\n            more ="),),
+             ("tests/test_reliability.py::test_main_sequential_bad_input[resume-train-file-changed]",)),
 )
 
 

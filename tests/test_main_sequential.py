@@ -83,3 +83,46 @@ def test_two_tiny_rounds_write_the_run_directory(tiny_model_dir, tmp_path, capsy
     meta = json.loads((out / "checkpoints" / "round_2" / "tool_memory.json").read_text())
     assert sorted(meta["generation_tools"]) == sorted(meta["tool_names"]), "after round 2 all tools are offered"
     assert not list(out.rglob("*.tmp"))
+
+
+class LaterRowsOutscoreLearnedOnes(TrainingRecorder):
+    """Trains round 1, then makes round 2's untrained rows ten times round 1's learned ones (their logits ten times
+    theirs), and stops the run at round 2: round 1's evaluation decodes with rows that would win wherever a learned
+    tool is likely, unless decoding keeps them out."""
+
+    def __call__(self, model, loader, settings, active, train_lora, description):
+        import torch
+
+        stats = super().__call__(model, loader, settings, active, train_lora, description)
+        with torch.no_grad():
+            rows = model.memory.input_rows
+            rows[~active] = 10 * rows[active]
+        return stats
+
+
+@pytest.mark.parametrize("offer_all", [False, True], ids=["learned-only", "offer-all-tools"])
+def test_after_round_one_decoding_offers_only_the_tools_learned_so_far(offer_all, tiny_model_dir, two_round_data,
+                                                                       tmp_path, monkeypatch):
+    import sequential
+
+    predicted: list[list[str]] = []
+    real_evaluate = sequential.evaluate
+
+    def recording_evaluate(model, loader, *args, **kwargs):
+        metrics, predictions = real_evaluate(model, loader, *args, **kwargs)
+        predicted.extend(p["predicted_tools"] for p in predictions)
+        return metrics, predictions
+
+    monkeypatch.setattr(sequential, "evaluate", recording_evaluate)
+    args = ["--model_name", str(tiny_model_dir), "--training_rounds", "1-3:2,4-6:1", "--data_dir", str(two_round_data),
+            "--output_dir", str(tmp_path / "run"), "--batch_size", "4", "--max_new_tokens", "6", "--device", "cpu",
+            "--seed", "5", "--eval_after_each_round"] + (["--offer_all_tools"] if offer_all else [])
+    assert run_in_process(main_sequential.main, args, LaterRowsOutscoreLearnedOnes(stop_at="round 4-6")) is None
+    round_one, round_two = {"get_weather", "convert_currency", "search_flights"}, {"calculate_bmi", "book_table",
+                                                                                   "translate_text"}
+    emitted = {tool for tools in predicted for tool in tools}
+    assert predicted and emitted, "round 1's evaluation predicted no tool at all"
+    if offer_all:  # the control: with every row offered, the inflated later rows are emitted
+        assert emitted & round_two
+    else:
+        assert emitted <= round_one, f"after round 1 decoding emitted unlearned tools {sorted(emitted - round_one)}"
