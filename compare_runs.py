@@ -78,7 +78,8 @@ def run_labels(paths: Sequence[Path], summaries: Sequence[dict]) -> list[str]:
     method, its whole path where two such directories share a name, and `#k` (k-th time given) where a run is given
     more than once."""
     counts = Counter(s["method"] for s in summaries)
-    labels = [s["method"] if counts[s["method"]] == 1 else f"{s['method']} ({p.name})" for p, s in zip(paths, summaries)]
+    labels = [s["method"] if counts[s["method"]] == 1 else f"{s['method']} ({p.name})"
+              for p, s in zip(paths, summaries)]
     counts = Counter(labels)
     labels = [label if counts[label] == 1 else f"{s['method']} ({p})" for label, p, s in zip(labels, paths, summaries)]
     counts, seen = Counter(labels), Counter()

@@ -232,7 +232,10 @@ class RunLock:
     def _lock(path: Path, run_dir: Path) -> int:
         """Open and flock the lock file; retried when the file was removed by its holder in between."""
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise UserError(f"--output_dir {run_dir}: cannot create {path} ({err.strerror or err})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -392,7 +395,8 @@ class RunDirectory:
                                 f"of round {last + 1}, {self.checkpoint_path(last)}, is missing")
         metrics_path = self.path / "metrics.jsonl"
         if metrics_path.is_file():
-            self.records = [r for r in read_metrics(metrics_path, len(self.rounds)) if r["round"] < self.completed_rounds]
+            records = read_metrics(metrics_path, len(self.rounds))
+            self.records = [r for r in records if r["round"] < self.completed_rounds]
         elif self.completed_rounds:
             raise UserError(f"--resume: {metrics_path} is missing, though {state_path} records "
                             f"{self.completed_rounds} finished round(s) whose scores it held; start the run again")

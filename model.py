@@ -360,7 +360,8 @@ def read_lora_adapter(peft_model, checkpoint: Path) -> dict[str, torch.Tensor]:
     if not adapter.is_file():
         raise UserError(f"checkpoint {checkpoint} has no LoRA adapter but this model uses LoRA")
     state = read_safetensors(adapter, "checkpoint file")
-    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
+    own = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    expected = {k: tuple(v.shape) for k, v in own.items()}
     check_tensor_shapes(adapter, state, expected, required=set(expected))
     return state
 

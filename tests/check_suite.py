@@ -198,7 +198,8 @@ BREAKAGES = (
              ("tests/test_reliability.py::test_two_runs_started_a_second_apart_into_one_directory_one_runs_one_is_"
               "refused",)),
     Breakage("resume-data-unchecked", "--resume goes on with data files changed since the run started",
-             (Edit("experiment.py", "        if changes:\n            more =", "        if False:\n            more ="),),
+             (Edit("experiment.py", "        if changes:\n            more =",
+                   "        if False:\n            more ="),),
              ("tests/test_reliability.py::test_main_sequential_bad_input[resume-train-file-changed]",)),
 )
 
