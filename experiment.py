@@ -166,6 +166,7 @@ def library_versions() -> dict[str, str]:
 
 
 DEFAULT_RUNS_ROOT = Path("runs")
+PREDICTIONS_DIR = "predictions"
 
 
 def claim_default_run_dir(method: str, root: Path = DEFAULT_RUNS_ROOT) -> Path:
@@ -296,7 +297,10 @@ class RunDirectory:
     def wall_seconds(self) -> float:
         return self.elapsed_before + time.time() - self.started
 
-    def add_metrics(self, round_index: int, test_round: int, metrics: dict, mode: str) -> None:
+    def add_metrics(self, round_index: int, test_round: int, metrics: dict, mode: str,
+                    predictions: str | None = None) -> None:
+        """Record one evaluation: `mode` predicted, ground_truth_tools or validation; `predictions` the file of its
+        predictions (relative to the run directory)."""
         self.records.append({
             "round": round_index,
             "round_name": self.rounds[round_index].name,
@@ -304,7 +308,24 @@ class RunDirectory:
             "test_name": self.rounds[test_round].name,
             "mode": mode,
             "metrics": metrics,
+            **({"predictions": predictions} if predictions else {}),
         })
+
+    def predictions_path(self, round_index: int, test_round: int, mode: str) -> Path:
+        """Where the predictions of one evaluation go: `predictions/round_R_test_C.jsonl` (R after which round, C the
+        test set's name), `_ground_truth_tools` or `validation` in place of `test` for those modes."""
+        kind = "validation" if mode == "validation" else "test"
+        suffix = "_ground_truth_tools" if mode == "ground_truth_tools" else ""
+        name = f"round_{round_index + 1}_{kind}_{self.rounds[test_round].name}{suffix}.jsonl"
+        return self.path / PREDICTIONS_DIR / name
+
+    def write_predictions(self, round_index: int, test_round: int, mode: str, predictions: Sequence[dict]) -> str:
+        """Write one evaluation's predictions (one JSON object per sample, atomically); the path relative to the
+        run directory, which its metrics record names."""
+        path = self.predictions_path(round_index, test_round, mode)
+        if self.writer:
+            atomic_write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+        return path.relative_to(self.path).as_posix()
 
     def finish_round(self, round_index: int, stats: dict) -> None:
         """Write metrics and the resume point: the round counts as done only once this returns."""

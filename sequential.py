@@ -315,7 +315,8 @@ def evaluate_round(settings: RunSettings, model, round_data: RoundData, round_in
         label = f"after {run.rounds[round_index].name} on {round_data.spec.name}"
         metrics, predictions = evaluate(model, loader, forced, settings.model.max_new_tokens, f"eval {label}",
                                         decoding.ground_truth_style)
-        run.add_metrics(round_index, test_index, metrics, mode)
+        run.add_metrics(round_index, test_index, metrics, mode,
+                        run.write_predictions(round_index, test_index, mode, predictions))
         logger.info("%s (%s): tool F1 %.3f, call F1 %.3f, exact %.3f", label, mode, metrics["avg_tool_f1_score"],
                     metrics["avg_f1_score"], metrics["exact_accuracy"])
         if settings.evaluation.demo:
