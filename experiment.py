@@ -3,6 +3,7 @@ forgetting matrix, summary, plot, resume state)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import itertools
 import json
@@ -155,6 +156,23 @@ def load_round_data(data_dir: str | Path, spec: RoundSpec, train_calls: int, tes
     return RoundData(spec, train, test, tools, provenance)
 
 
+def weights_sha256(model_name: str) -> str | None:
+    """One SHA-256 over a local model directory's safetensors weights (in name order); None for a hub id or a
+    directory without safetensors files."""
+    path = Path(model_name)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    if len(files) == 1:
+        return round_files.file_sha256(files[0])
+    return hashlib.sha256("".join(round_files.file_sha256(f) for f in files).encode()).hexdigest()
+
+
+def backbone_record(model_name: str) -> dict:
+    """What config.json records of the backbone a run used: its resolved name and the sha256 of its weights."""
+    return {"model_name": str(model_name), "weights_sha256": weights_sha256(model_name)}
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "tokenizers", "safetensors", "numpy"):
@@ -282,11 +300,14 @@ class RunDirectory:
             raise UserError(f"--resume: {self.path} was run with another prompt (first test sample, from character "
                             f"{at}: was {stored[at:at + 60]!r}, now {prompt[at:at + 60]!r})")
 
-    def record_inputs(self, data: Sequence["RoundData"], prompt: str) -> None:
+    def record_inputs(self, data: Sequence["RoundData"], prompt: str, model_name: str | None = None) -> None:
         """Keep in config.json where each round's files came from (their manifest's settings, and whether the files
-        still match) and the exact prompt text of the first test sample (checked first, see check_prompt)."""
+        still match), the backbone (`backbone_record`) and the exact prompt text of the first test sample (checked
+        first, see check_prompt)."""
         self.check_prompt(prompt)
         self.config["data"] = {d.spec.name: d.provenance for d in data}
+        if model_name is not None:
+            self.config.setdefault("backbone", backbone_record(model_name))
         self.config.setdefault("prompt_sample", prompt)
         if self.writer:
             atomic_write_json(self.path / "config.json", self.config)

@@ -164,7 +164,7 @@ def start_run(plan: RunPlan, model) -> RunDirectory:
         path = Path(output_dir) if output_dir else distributed.from_main(lambda: claim_default_run_dir(plan.method))
         run = RunDirectory(path, plan.method, settings.flags, plan.rounds, resume=False,
                            checkpoint_dir=settings.output.checkpoint_dir)
-    run.record_inputs(plan.data, prompt)
+    run.record_inputs(plan.data, prompt, plan.model_name)
     run.started = plan.started
     distributed.setup_process_logging(settings.output.log_file or run.path / "train.log")
     if run.completed_rounds:

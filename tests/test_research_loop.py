@@ -4,13 +4,19 @@ predict.py answering from the run directory, the training curve, the validation 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import eval as scoring
 import main_sequential
-from conftest import TrainingRecorder, kept_logging, run_in_process, write_round_files
+import predict
+from common import UserError
+from conftest import REPO_ROOT, TrainingRecorder, kept_logging, run_in_process, write_round_files
 
 ROUND_1 = ["get_weather", "convert_currency", "search_flights"]
 ROUND_2 = ["calculate_bmi", "book_table", "translate_text"]
@@ -58,3 +64,51 @@ def test_every_evaluation_keeps_its_predictions_and_eval_rescores_them(finished_
         Path(str(path) + ".scores").unlink()
     assert (finished_run / "predictions" / "round_2_test_1-3.jsonl").is_file()
     assert "paper_avg_f1_score" in capsys.readouterr().out
+
+
+def run_predict(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "predict.py"), *args], input=stdin, capture_output=True,
+                          text=True, timeout=120, cwd=REPO_ROOT)
+
+
+@pytest.mark.slow
+def test_predict_answers_from_a_run_directory_as_the_run_decoded(finished_run):
+    test_set = json.loads(next((finished_run.parent / "data" / "test").glob("*4-6*")).read_text())
+    queries = [sample["user_input"] for sample in test_set[:2]]
+    result = run_predict([str(finished_run), *queries, "--batch_size", "1"])
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["query"] for line in lines] == queries
+    # the last round's checkpoint decodes as the run's own evaluation did (same prompts, rules and memory)
+    kept = [json.loads(line) for line in (finished_run / "predictions" / "round_2_test_4-6.jsonl").read_text()
+            .splitlines()]
+    by_query = {p["user_input"]: p for p in kept}
+    for line in lines:
+        assert line["text"] == by_query[line["query"]]["generated_text"]
+        assert [c["name"] for c in line["calls"]] == by_query[line["query"]]["predicted_tools"]
+    # --round 1 offers round 1's tools only; --tools narrows further; stdin gives the queries
+    result = run_predict([str(finished_run), "--round", "1", "--tools", "get_weather"], stdin=queries[0] + "\n")
+    assert result.returncode == 0, result.stderr
+    assert {c["name"] for c in json.loads(result.stdout)["calls"]} <= {"get_weather"}
+
+
+@pytest.mark.slow
+def test_predict_refusals_are_one_line(finished_run, tmp_path):
+    icl = tmp_path / "icl"
+    icl.mkdir()
+    (icl / "config.json").write_text(json.dumps({"method": "icl", "args": {}}))
+    other = tmp_path / "other_backbone"
+    shutil.copytree(json.loads((finished_run / "config.json").read_text())["backbone"]["model_name"], other)
+    weights = other / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b" ")
+    for args, message in [
+        ([str(icl), "q"], "is a icl run; predict.py answers with a TokMem or LoRA-baseline run"),
+        ([str(finished_run), "q", "--round", "3"], "finished 2 round(s)"),
+        ([str(finished_run), "q", "--model_name", str(other)], "is not the one the run trained on"),
+        ([str(finished_run), "q", "--tools", "nope"], "--tools: nope: not among the run's tools"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            predict.main(args)
+    shutil.rmtree(finished_run / "checkpoints" / "round_1")
+    with pytest.raises(UserError, match=r"checkpoint .*round_1 is missing"):
+        predict.main([str(finished_run), "q", "--round", "1"])
