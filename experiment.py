@@ -42,7 +42,12 @@ MAX_EPOCHS = 100
 # Flags whose values are paths: `data/` and `data` name the same place.
 PATH_FLAGS = {"data_dir", "model_name"}
 # Flags that may differ between a run and its --resume without changing its numbers.
-RESUME_FREE_FLAGS = {"resume", "output_dir", "log_file", "demo", "checkpoint_dir", "eval_batch_size", "shard_backbone"}
+RESUME_FREE_FLAGS = {"resume", "output_dir", "log_file", "demo", "checkpoint_dir", "eval_batch_size", "shard_backbone",
+                     "report_to"}
+CURVE_FILE = "training_curve.jsonl"
+REPORT_TO = ("none", "tensorboard")
+# (key of a curve point, panel title) of training_curve.png and the TensorBoard scalars under train/
+CURVE_PANELS = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm (before clipping)"))
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,8 @@ class RunDirectory:
         self.elapsed_before = 0.0
         self.started = time.time()
         self.round_stats: list[dict] = []
+        self.curve: list[dict] = []
+        self.tensorboard = None
         if resume:
             self._load_for_resume()
         elif self.writer:
@@ -291,6 +298,11 @@ class RunDirectory:
             lines = metrics_path.read_text(encoding="utf-8").splitlines()
             self.records = [json.loads(line) for line in lines if line.strip()]
             self.records = [r for r in self.records if r["round"] < self.completed_rounds]
+        curve_path = self.path / CURVE_FILE
+        if curve_path.is_file():
+            lines = curve_path.read_text(encoding="utf-8").splitlines()
+            self.curve = [p for p in (json.loads(line) for line in lines if line.strip())
+                          if p["round"] < self.completed_rounds]
 
     def check_prompt(self, prompt: str) -> None:
         """A resumed run must build the prompt its config.json recorded for the first test sample."""
@@ -332,6 +344,24 @@ class RunDirectory:
             **({"predictions": predictions} if predictions else {}),
         })
 
+    def report_to(self, target: str) -> None:
+        """Also write TensorBoard event files (`tensorboard/` in the run directory) with `target` tensorboard."""
+        if target == "tensorboard" and self.writer:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(self.path / "tensorboard"), purge_step=len(self.curve) + 1)
+
+    def log_step(self, round_index: int, point: dict) -> None:
+        """Keep one optimizer step's curve point (training.curve_point) of round `round_index`, numbered over the
+        run (`global_step`); written with the round (finish_round), and at once to TensorBoard when on."""
+        record = {"round": round_index, "round_name": self.rounds[round_index].name,
+                  "global_step": len(self.curve) + 1, **point}
+        self.curve.append(record)
+        if self.tensorboard is not None:
+            for key in ("loss", "data_loss", "prototype_loss", "lr", "grad_norm"):
+                if record[key] is not None:
+                    self.tensorboard.add_scalar(f"train/{key}", record[key], record["global_step"])
+
     def predictions_path(self, round_index: int, test_round: int, mode: str) -> Path:
         """Where the predictions of one evaluation go: `predictions/round_R_test_C.jsonl` (R after which round, C the
         test set's name), `_ground_truth_tools` or `validation` in place of `test` for those modes."""
@@ -355,6 +385,16 @@ class RunDirectory:
         if not self.writer:
             return
         atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+        atomic_write_text(self.path / CURVE_FILE, "".join(json.dumps(p) + "\n" for p in self.curve))
+        if self.curve:
+            plot_curve(self.curve, self.path / "training_curve.png")
+        if self.tensorboard is not None:
+            for record in self.records:
+                if record["round"] == round_index and record["mode"] == "predicted":
+                    for metric, _ in SUMMARY_TABLES[:3]:
+                        self.tensorboard.add_scalar(f"test_{record['test_name']}/{metric}",
+                                                    record["metrics"][metric], round_index + 1)
+            self.tensorboard.flush()
         atomic_write_json(self.path / "state.json", {
             "completed_rounds": self.completed_rounds,
             "wall_seconds": self.wall_seconds(),
@@ -435,6 +475,39 @@ def plot_matrix(summary: dict, path: Path) -> None:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
 
     atomic_write_with(path, save)
+    plt.close(fig)
+
+
+def plot_curve(curve: Sequence[dict], path: Path) -> None:
+    """training_curve.png: loss (data and prototype parts), learning rate and gradient norm per optimizer step,
+    over the whole run, with each round's start marked and named."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [p["global_step"] for p in curve]
+    fig, axes = plt.subplots(len(CURVE_PANELS), 1, figsize=(9, 2.4 * len(CURVE_PANELS)), sharex=True,
+                             layout="constrained")
+    for ax, (key, title) in zip(axes, CURVE_PANELS):
+        ax.plot(steps, [p[key] for p in curve], linewidth=1, label="data + prototype" if key == "loss" else None)
+        if key == "loss" and any(p["prototype_loss"] is not None for p in curve):
+            ax.plot(steps, [p["data_loss"] for p in curve], linewidth=1, label="data")
+            ax.plot(steps, [p["prototype_loss"] for p in curve], linewidth=1, label="prototype (unweighted)")
+            ax.legend(fontsize="small", loc="upper right")
+        ax.set_ylabel(title)
+        if key == "loss":
+            ax.set_yscale("log")
+    starts = [p for i, p in enumerate(curve) if i == 0 or p["round"] != curve[i - 1]["round"]]
+    for start in starts:
+        for ax in axes:
+            ax.axvline(start["global_step"] - 0.5, color="grey", linewidth=0.6, linestyle=":")
+    top = axes[0].secondary_xaxis("top")
+    top.set_xticks([p["global_step"] for p in starts], [p["round_name"] for p in starts],
+                   rotation=45 if len(starts) > 5 else 0, fontsize="small", ha="left")
+    axes[0].set_title("training curve (rounds start at the dotted lines)")
+    axes[-1].set_xlabel("optimizer step")
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 

@@ -79,6 +79,12 @@ def check_output_flags(output: OutputSettings) -> None:
         check_writable(output.log_file, "--log_file", "file")
     if output.checkpoint_dir:
         check_writable(output.checkpoint_dir, "--checkpoint_dir")
+    if output.report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise UserError("--report_to tensorboard needs the tensorboard package: pip install -r "
+                            "requirements-optional.txt (or pip install tensorboard)") from None
 
 
 def resolve_model_settings(settings: RunSettings) -> RunSettings:
@@ -165,6 +171,7 @@ def start_run(plan: RunPlan, model) -> RunDirectory:
         run = RunDirectory(path, plan.method, settings.flags, plan.rounds, resume=False,
                            checkpoint_dir=settings.output.checkpoint_dir)
     run.record_inputs(plan.data, prompt, plan.model_name)
+    run.report_to(settings.output.report_to)
     run.started = plan.started
     distributed.setup_process_logging(settings.output.log_file or run.path / "train.log")
     if run.completed_rounds:
@@ -237,7 +244,7 @@ def run_rounds(
         train_lora = train_lora_for(index)
         model.set_lora_trainable(train_lora)
         stats = train_round(model, loader, settings.train.for_round(index, spec.epochs), active, train_lora,
-                            f"round {spec.name}")
+                            f"round {spec.name}", on_step=lambda point, i=index: run.log_step(i, point))
         logger.info("round %s: %d steps, mean loss %.4f, final loss %.4f, tool loss %.4f%s",
                     spec.name, stats.steps, stats.mean_loss, stats.final_loss, stats.mean_tool_loss,
                     "" if math.isnan(stats.mean_prototype_loss) else f", prototype loss {stats.mean_prototype_loss:.4f}")

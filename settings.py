@@ -13,6 +13,7 @@ from typing import Any, Mapping, TypeVar
 
 from common import CliParser, UserError, non_negative_float, non_negative_int, positive_float, positive_int
 from dataset import PROMPT_FORMATS
+from experiment import REPORT_TO
 from model import DTYPES, LoraSettings
 from training import TrainSettings
 
@@ -79,6 +80,7 @@ class OutputSettings:
     log_file: str | None = None
     checkpoint_dir: str | None = None
     save_checkpoints: bool = False
+    report_to: str = "none"  # tensorboard: also TensorBoard event files (needs the optional tensorboard package)
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,10 @@ def add_output_flags(parser: CliParser) -> None:
                         help="run directory (default: runs/<method>_<timestamp>, a new one per run)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output_dir after its last finished round (same configuration)")
+    parser.add_argument("--report_to", default=OutputSettings.report_to, choices=REPORT_TO,
+                        help="also log the training curve and test scores as TensorBoard event files in "
+                             "<output_dir>/tensorboard (needs `pip install tensorboard`); training_curve.jsonl and "
+                             ".png are always written")
 
 
 def add_sequential_flags(parser: CliParser) -> None:

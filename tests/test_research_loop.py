@@ -33,7 +33,7 @@ def finished_run(tiny_model_dir, tmp_path_factory) -> Path:
     args = ["--model_name", str(tiny_model_dir), "--training_rounds", "1-3:2,4-6:1", "--data_dir", str(data),
             "--output_dir", str(out), "--batch_size", "4", "--eval_all_previous", "--max_new_tokens", "12",
             "--use_ground_truth_tools", "--prototype_weight", "0.5", "--prototype_samples", "8",
-            "--save_checkpoints", "--device", "cpu"]
+            "--save_checkpoints", "--report_to", "tensorboard", "--device", "cpu"]
     run_in_process(main_sequential.main, args, TrainingRecorder())
     return out
 
@@ -90,6 +90,40 @@ def test_predict_answers_from_a_run_directory_as_the_run_decoded(finished_run):
     result = run_predict([str(finished_run), "--round", "1", "--tools", "get_weather"], stdin=queries[0] + "\n")
     assert result.returncode == 0, result.stderr
     assert {c["name"] for c in json.loads(result.stdout)["calls"]} <= {"get_weather"}
+
+
+@pytest.mark.slow
+def test_training_curve_per_optimizer_step_and_tensorboard(finished_run):
+    curve = [json.loads(line) for line in (finished_run / "training_curve.jsonl").read_text().splitlines()]
+    stats = json.loads((finished_run / "summary.json").read_text())["round_stats"]
+    assert [sum(p["round"] == r for p in curve) for r in (0, 1)] == [s["steps"] for s in stats]
+    assert [p["global_step"] for p in curve] == list(range(1, len(curve) + 1))
+    for point in curve:
+        assert point["grad_norm"] > 0 and point["lr"] > 0
+        weight = 0.5 if point["round"] == 1 else 0.0
+        assert point["loss"] == pytest.approx(point["data_loss"] + weight * (point["prototype_loss"] or 0.0))
+    # the prototype loss is on from round 2 only; a round's last steps give its reported final loss
+    assert all(p["prototype_loss"] is None for p in curve if p["round"] == 0)
+    assert all(p["prototype_loss"] > 0 for p in curve if p["round"] == 1)
+    assert curve[-1]["lr"] < curve[0]["lr"] or curve[-1]["round"] != curve[0]["round"]
+    assert (finished_run / "training_curve.png").stat().st_size > 10_000
+    events = list((finished_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, "--report_to tensorboard writes event files"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    losses = [event.value for event in accumulator.Scalars("train/loss")]
+    assert losses == pytest.approx([p["loss"] for p in curve], rel=1e-6)
+
+
+def test_report_to_tensorboard_without_the_package_is_one_line(monkeypatch, tmp_path):
+    from sequential import check_output_flags
+    from settings import OutputSettings
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(UserError, match="--report_to tensorboard needs the tensorboard package"):
+        check_output_flags(OutputSettings(output_dir=str(tmp_path / "run"), report_to="tensorboard"))
 
 
 @pytest.mark.slow
