@@ -10,9 +10,10 @@ import json
 import logging
 import os
 import platform
+import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -132,6 +133,23 @@ class RoundData:
     test: list[dict]
     tools: list[str]
     provenance: dict | None = None  # round_files.read_provenance: the settings that made the files
+    validation: list[dict] = field(default_factory=list)  # held out of `train` by --validation_split
+
+
+def hold_out_validation(round_data: RoundData, share: float, seed: int, round_index: int) -> RoundData:
+    """Round data with round(share x training samples) of its training samples (at least one) moved to
+    `validation`, drawn from a generator seeded by the seed and the round alone; the test samples are never touched.
+    Share 0 leaves the round as it is (the original's behaviour)."""
+    if not share:
+        return round_data
+    train = round_data.train
+    count = max(1, round(share * len(train)))
+    if count >= len(train):
+        raise UserError(f"--validation_split {share}: round {round_data.spec.name} has {len(train)} training "
+                        f"sample(s), so holding out {count} leaves none to train on")
+    held = set(random.Random(f"validation-{seed}-{round_index}").sample(range(len(train)), count))
+    return replace(round_data, train=[s for i, s in enumerate(train) if i not in held],
+                   validation=[s for i, s in enumerate(train) if i in held])
 
 
 def load_round_data(data_dir: str | Path, spec: RoundSpec, train_calls: int, test_calls: int) -> RoundData:
@@ -331,9 +349,9 @@ class RunDirectory:
         return self.elapsed_before + time.time() - self.started
 
     def add_metrics(self, round_index: int, test_round: int, metrics: dict, mode: str,
-                    predictions: str | None = None) -> None:
+                    predictions: str | None = None, loss: float | None = None) -> None:
         """Record one evaluation: `mode` predicted, ground_truth_tools or validation; `predictions` the file of its
-        predictions (relative to the run directory)."""
+        predictions (relative to the run directory); `loss` the validation loss."""
         self.records.append({
             "round": round_index,
             "round_name": self.rounds[round_index].name,
@@ -342,6 +360,7 @@ class RunDirectory:
             "mode": mode,
             "metrics": metrics,
             **({"predictions": predictions} if predictions else {}),
+            **({"loss": loss} if loss is not None else {}),
         })
 
     def report_to(self, target: str) -> None:
@@ -406,7 +425,8 @@ class RunDirectory:
         grid: list[list[float | None]] = [[None] * n for _ in range(n)]
         for record in self.records:
             if record["mode"] == mode:
-                grid[record["round"]][record["test_round"]] = record["metrics"].get(metric)
+                value = record.get("loss") if metric == "loss" else record["metrics"].get(metric)
+                grid[record["round"]][record["test_round"]] = value
         return grid
 
     def summary(self, extra: dict | None = None) -> dict:
@@ -420,6 +440,11 @@ class RunDirectory:
             "wall_seconds": round(self.wall_seconds(), 1),
             "round_stats": self.round_stats,
         }
+        if any(r["mode"] == "validation" for r in self.records):
+            grids = {m: self.matrix(m, "validation") for m in ("loss",) + SUMMARY_METRICS}
+            summary["validation"] = {"matrix": grids,
+                                     "average_after_last": {m: average_after_last(g) for m, g in grids.items()},
+                                     "backward_transfer": {m: backward_transfer(g) for m, g in grids.items()}}
         gt = [r for r in self.records if r["mode"] == "ground_truth_tools"]
         if gt:
             summary["ground_truth_tools_matrix"] = {m: self.matrix(m, "ground_truth_tools") for m in SUMMARY_METRICS}
@@ -527,6 +552,12 @@ def format_summary_table(summary: dict) -> str:
         avg, bwt = summary["average_after_last"].get(metric), summary["backward_transfer"].get(metric)
         lines.append(f"  average after last round: {_fmt(avg)}   backward transfer: {_fmt(bwt)}")
         lines.append("")
+    validation = summary.get("validation")
+    if validation:
+        averages = validation["average_after_last"]
+        lines.append("validation (training samples held out by --validation_split), average after the last round: "
+                     f"loss {_fmt(averages['loss'])}, tool F1 {_fmt(averages['avg_tool_f1_score'])}, call F1 "
+                     f"{_fmt(averages['avg_f1_score'])}, exact {_fmt(averages['exact_accuracy'])}")
     lines.append(f"wall time: {summary['wall_seconds']:.1f} s")
     return "\n".join(lines)
 

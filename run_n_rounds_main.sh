@@ -45,6 +45,7 @@ QUERY_CUT=${QUERY_CUT:-head}                           # head: long queries lose
 EVAL_ALL_PREVIOUS=${EVAL_ALL_PREVIOUS:-true}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-16}
 SAVE_CHECKPOINTS=${SAVE_CHECKPOINTS:-false}
+VALIDATION_SPLIT=${VALIDATION_SPLIT:-0}                # share of each round's training samples held out and scored
 OUTPUT_DIR=${OUTPUT_DIR:-}                             # empty: runs/tokmem_<timestamp>
 # ---- model, device (the data's variables: data_rounds.sh) ------------------------------------------------------
 MODEL=${MODEL:-}                                       # empty: the embedded tiny backbone (built on first use)
@@ -57,7 +58,7 @@ SEED=${SEED:-42}
 RNG=${RNG:-toolkit}                                    # toolkit: draws seeded per round | original: the original's order
 
 int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH RENORM_FROM_ROUND LORA_R LORA_ALPHA NPROC
-number_var LR LORA_LR MAX_GRAD_NORM PROTOTYPE_WEIGHT LORA_DROPOUT
+number_var LR LORA_LR MAX_GRAD_NORM PROTOTYPE_WEIGHT LORA_DROPOUT VALIDATION_SPLIT
 bool_var CURRICULUM_LEARNING RENORM_ACTIVE_TOOLS DECOUPLE_EMBEDDINGS USE_LORA FREEZE_LORA_AFTER_FIRST OFFER_ALL_TOOLS \
     UNCONSTRAINED_DECODING USE_GROUND_TRUTH_TOOLS EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS SHARD_BACKBONE
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-${GPU:-$(seq -s, 0 $((NPROC - 1)))}}
@@ -76,6 +77,7 @@ args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "
       --ground_truth_style "$GROUND_TRUTH_STYLE" --prototype_weight "$PROTOTYPE_WEIGHT"
       --stop_tokens "$STOP_TOKENS" --query_cut "$QUERY_CUT" --rng "$RNG")
 [[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")
+args+=(--validation_split "$VALIDATION_SPLIT")
 [[ -n "$OUTPUT_DIR" ]] && args+=(--output_dir "$OUTPUT_DIR")
 [[ "$EVAL_ALL_PREVIOUS" == true ]] && args+=(--eval_all_previous)
 [[ "$CURRICULUM_LEARNING" == true ]] && args+=(--curriculum_learning)

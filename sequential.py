@@ -23,12 +23,13 @@ from torch.utils.data import DataLoader
 import distributed
 from common import UserError, atomic_write_with, check_writable, read_json, set_seed
 from dataset import (NativeFunctionCallingDataset, build_prompt_text, check_prompt_format, curriculum_order,
-                     discover_available_tools, encode_sample, make_dataloader)
-from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, claim_default_run_dir, load_round_data,
-                        parse_training_rounds, per_round_values, refuse_existing_run)
+                     discover_available_tools, encode_sample, left_pad_collate, make_dataloader)
+from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, claim_default_run_dir,
+                        hold_out_validation, load_round_data, parse_training_rounds, per_round_values,
+                        refuse_existing_run)
 from model import model_positions, resolve_device, resolve_dtype
 from settings import DataSettings, EvalSettings, OutputSettings, RunSettings, resolve_model_name
-from training import evaluate, format_demo, record_prototypes, train_round
+from training import evaluate, format_demo, mean_loss, record_prototypes, train_round
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ def prepare_run(settings: RunSettings, method: str) -> RunPlan:
                                checkpoint_dir=settings.output.checkpoint_dir)
     set_seed(settings.seed)
     tool_names = discover_available_tools([d.train for d in data])
+    share = settings.data.validation_split
+    data = [hold_out_validation(d, share, settings.seed, index) for index, d in enumerate(data)]
     return RunPlan(method, settings, rounds, data, tool_names, model_name, positions, resumed)
 
 
@@ -257,6 +260,8 @@ def run_rounds(
             model.save(run.checkpoint_path(index))
         for test_index in evaluation_plan(index, len(data), settings.evaluation):
             evaluate_round(settings, model, data[test_index], index, test_index, run)
+            if data[test_index].validation:
+                evaluate_validation(settings, model, data[test_index], index, test_index, run)
         if original_rng and run.writer:  # after evaluation: each test loader's iterator draws a seed, as the original's
             save_rng_state(run.checkpoint_path(index))
         record = {"steps": stats.steps, "mean_loss": stats.mean_loss, "final_loss": stats.final_loss,
@@ -328,3 +333,24 @@ def evaluate_round(settings: RunSettings, model, round_data: RoundData, round_in
                     metrics["avg_f1_score"], metrics["exact_accuracy"])
         if settings.evaluation.demo:
             logger.info("examples %s:\n%s", label, format_demo(predictions, settings.evaluation.demo))
+
+
+def evaluate_validation(settings: RunSettings, model, round_data: RoundData, round_index: int, test_index: int,
+                        run: RunDirectory) -> None:
+    """Score one round's held-out training samples after one round, and their loss; in fixed batches, drawing
+    nothing from any generator (a DataLoader's iterator would, and --rng original counts every draw)."""
+    data = settings.data
+
+    def batches(mode: str, size: int) -> list[dict]:
+        items = NativeFunctionCallingDataset(round_data.validation, model.tokenizer, model.encode_tool,
+                                             data.max_length, mode, prompt_format=data.prompt_format).items
+        return [left_pad_collate(items[i:i + size], model.tokenizer.pad_token_id) for i in range(0, len(items), size)]
+
+    label = f"after {run.rounds[round_index].name} on {round_data.spec.name}'s validation samples"
+    metrics, predictions = evaluate(model, batches("eval", settings.evaluation.eval_batch_size), False,
+                                    settings.model.max_new_tokens, f"eval {label}")
+    loss = mean_loss(model, batches("train", settings.train.batch_size))
+    run.add_metrics(round_index, test_index, metrics, "validation",
+                    run.write_predictions(round_index, test_index, "validation", predictions), loss)
+    logger.info("%s: loss %.4f, tool F1 %.3f, call F1 %.3f, exact %.3f", label, loss, metrics["avg_tool_f1_score"],
+                metrics["avg_f1_score"], metrics["exact_accuracy"])

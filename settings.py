@@ -11,7 +11,8 @@ import argparse
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, TypeVar
 
-from common import CliParser, UserError, non_negative_float, non_negative_int, positive_float, positive_int
+from common import (CliParser, UserError, non_negative_float, non_negative_int, positive_float, positive_int,
+                    unit_interval)
 from dataset import PROMPT_FORMATS
 from experiment import REPORT_TO
 from model import DTYPES, LoraSettings
@@ -47,6 +48,7 @@ class DataSettings:
     max_length: int = 512
     prompt_format: str = "chat"
     query_cut: str = "head"  # none: queries are never cut to max_length (the original's way)
+    validation_split: float = 0.0  # share of each round's training samples held out for validation
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,10 @@ def add_data_flags(parser: CliParser) -> None:
     parser.add_argument("--prompt_format", default=DataSettings.prompt_format, choices=PROMPT_FORMATS,
                         help="chat: the tokenizer's chat template with a fixed date; original: the original toolkit's "
                              "hand-written Llama-3 turns (no system turn, nothing after the assistant header)")
+    parser.add_argument("--validation_split", type=unit_interval, default=DataSettings.validation_split,
+                        help="share of each round's training samples held out (seeded by --seed and the round) and "
+                             "scored after each round beside its test set, with their loss; 0: none, the original's "
+                             "way (the test files are never used)")
     parser.add_argument("--query_cut", default=DataSettings.query_cut, choices=QUERY_CUTS,
                         help="head: a sample over --max_length loses the head of its query; none: queries are never "
                              "cut, only the model's positions bound a sample (the original's way)")

@@ -373,6 +373,20 @@ def evaluate(
     return score_predictions(predictions), predictions
 
 
+@torch.no_grad()
+def mean_loss(model, batches: Iterable[dict]) -> float:
+    """The data loss over labelled batches (training mode), weighted by their labelled tokens, without gradient."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        labels = batch["labels"].to(model.device)
+        out = model(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), labels=labels)
+        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        total += out.loss.item() * tokens
+        count += tokens
+    return total / count if count else float("nan")
+
+
 def format_demo(predictions: Sequence[dict], count: int = 3) -> str:
     """A few examples: query, gold calls and predicted calls."""
     lines = []

@@ -33,7 +33,7 @@ def finished_run(tiny_model_dir, tmp_path_factory) -> Path:
     args = ["--model_name", str(tiny_model_dir), "--training_rounds", "1-3:2,4-6:1", "--data_dir", str(data),
             "--output_dir", str(out), "--batch_size", "4", "--eval_all_previous", "--max_new_tokens", "12",
             "--use_ground_truth_tools", "--prototype_weight", "0.5", "--prototype_samples", "8",
-            "--save_checkpoints", "--report_to", "tensorboard", "--device", "cpu"]
+            "--validation_split", "0.25", "--save_checkpoints", "--report_to", "tensorboard", "--device", "cpu"]
     run_in_process(main_sequential.main, args, TrainingRecorder())
     return out
 
@@ -146,3 +146,25 @@ def test_predict_refusals_are_one_line(finished_run, tmp_path):
     shutil.rmtree(finished_run / "checkpoints" / "round_1")
     with pytest.raises(UserError, match=r"checkpoint .*round_1 is missing"):
         predict.main([str(finished_run), "q", "--round", "1"])
+
+
+@pytest.mark.slow
+def test_validation_split_holds_out_training_samples_and_scores_them(finished_run):
+    data = finished_run.parent / "data"
+    records = [r for r in records_of(finished_run) if r["mode"] == "validation"]
+    assert sorted((r["round"], r["test_round"]) for r in records) == [(0, 0), (1, 0), (1, 1)]
+    for record in records:
+        held = [json.loads(line)["user_input"] for line in (finished_run / record["predictions"]).read_text()
+                .splitlines()]
+        train = json.loads(next((data / "training").glob(f"*{record['test_name']}*")).read_text())
+        test = json.loads(next((data / "test").glob(f"*{record['test_name']}*")).read_text())
+        assert len(held) == 4 and set(held) <= {s["user_input"] for s in train}  # 0.25 x 16
+        assert not set(held) & {s["user_input"] for s in test}
+        assert record["loss"] > 0
+    summary = json.loads((finished_run / "summary.json").read_text())
+    validation = summary["validation"]
+    assert validation["matrix"]["loss"][1][0] == next(r["loss"] for r in records if r["round"] == 1
+                                                      and r["test_round"] == 0)
+    assert validation["matrix"]["avg_f1_score"][0][1] is None
+    # the held-out samples are never trained on: 12 of 16 per round, batch 4, 2 epochs then 1
+    assert [s["steps"] for s in summary["round_stats"]] == [6, 3]
