@@ -48,8 +48,10 @@ GPU=${GPU:-}                                       # CUDA_VISIBLE_DEVICES when n
 NPROC=${NPROC:-1}                                  # processes: one per GPU, or per core on CPU; more than 1 runs under torchrun
 SHARD_BACKBONE=${SHARD_BACKBONE:-false}            # with NPROC > 1: shard the frozen backbone over them (FSDP2)
 SEED=${SEED:-42}
+SEEDS=${SEEDS:-}                                    # 42,1,2: one run per seed, one after another, into OUTPUT_DIR/seed_S
 
 int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH LORA_R LORA_ALPHA REPLAY_BUFFER_SIZE NPROC
+seeds_var
 number_var MAX_GRAD_NORM LORA_DROPOUT REPLAY_RATIO VALIDATION_SPLIT
 [[ -z "$LR" ]] || number_var LR
 bool_var REINIT_LORA USE_REPLAY_BUFFER EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS SHARD_BACKBONE
@@ -90,4 +92,4 @@ args+=(--validation_split "$VALIDATION_SPLIT")
 [[ "${DRY_RUN:-false}" == true ]] ||
     echo "Running the LoRA baseline, rounds $TRAINING_ROUNDS (replay: $USE_REPLAY_BUFFER, reinit: $REINIT_LORA)"
 python_cli lora_sequential.py
-run_step "${CLI[@]}" "${args[@]}" "$@"
+run_seeds "$([[ $USE_REPLAY_BUFFER == true ]] && echo lora_replay || echo lora)" "${args[@]}" "$@"

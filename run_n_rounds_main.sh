@@ -55,9 +55,11 @@ GPU=${GPU:-}                                           # CUDA_VISIBLE_DEVICES wh
 NPROC=${NPROC:-1}                                      # processes: one per GPU, or per core on CPU; more than 1 runs under torchrun
 SHARD_BACKBONE=${SHARD_BACKBONE:-false}                # with NPROC > 1: shard the frozen backbone over them (FSDP2)
 SEED=${SEED:-42}
+SEEDS=${SEEDS:-}                                        # 42,1,2: one run per seed, one after another, into OUTPUT_DIR/seed_S
 RNG=${RNG:-toolkit}                                    # toolkit: draws seeded per round | original: the original's order
 
 int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH RENORM_FROM_ROUND LORA_R LORA_ALPHA NPROC
+seeds_var
 number_var LR LORA_LR MAX_GRAD_NORM PROTOTYPE_WEIGHT LORA_DROPOUT VALIDATION_SPLIT
 bool_var CURRICULUM_LEARNING RENORM_ACTIVE_TOOLS DECOUPLE_EMBEDDINGS USE_LORA FREEZE_LORA_AFTER_FIRST OFFER_ALL_TOOLS \
     UNCONSTRAINED_DECODING USE_GROUND_TRUTH_TOOLS EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS SHARD_BACKBONE
@@ -95,4 +97,4 @@ args+=(--validation_split "$VALIDATION_SPLIT")
 
 [[ "${DRY_RUN:-false}" == true ]] || echo "Running TokMem rounds $TRAINING_ROUNDS"
 python_cli main_sequential.py
-run_step "${CLI[@]}" "${args[@]}" "$@"
+run_seeds tokmem "${args[@]}" "$@"

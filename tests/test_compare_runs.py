@@ -124,3 +124,27 @@ def test_bad_run_directories_are_one_line_errors(tmp_path, capsys, content, mess
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_runs_differing_only_in_seed_are_pooled(tmp_path, capsys):
+    rounds = ["1-20", "21-40"]
+    runs = []
+    for seed, last in ((42, 0.4), (1, 0.5), (2, 0.6)):
+        run = write_summary(tmp_path / f"seed_{seed}", "tokmem", rounds, [[0.9, None], [0.8, last]])
+        (run / "config.json").write_text(json.dumps({"method": "tokmem", "args": {
+            "seed": seed, "lr": 0.01, "output_dir": str(run), "log_file": None}}))
+        runs.append(run)
+    other = write_summary(tmp_path / "other_lr", "tokmem", rounds, [[0.9, None], [0.7, 0.3]])
+    (other / "config.json").write_text(json.dumps({"method": "tokmem", "args": {"seed": 42, "lr": 0.1}}))
+    output = tmp_path / "cmp.png"
+    assert compare_runs.main([*map(str, runs), str(other), "--output", str(output)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    pooled = table_block(lines, "tokmem (seed_42) n=3")
+    assert pooled["tool F1"] == ["0.800±0.000", "0.500±0.100", "0.650±0.050", "-0.100±0.000", "100", "12.5"]
+    assert table_block(lines, "tokmem (other_lr)")["tool F1"] == ["0.700", "0.300", "0.500", "-0.200", "100", "12.5"]
+    first = json.loads(output.with_suffix(".json").read_text())["runs"][0]
+    assert first["n"] == 3 and len(first["summaries"]) == 3
+    tool_f1 = first["metrics"]["avg_tool_f1_score"]
+    assert tool_f1["after_last"]["21-40"] == pytest.approx(0.5)
+    assert tool_f1["std"]["after_last"]["21-40"] == pytest.approx(0.1)
+    assert tool_f1["n"]["average"] == 3 and tool_f1["std"]["backward_transfer"] == pytest.approx(0.0)
