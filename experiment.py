@@ -196,6 +196,26 @@ def backbone_record(model_name: str) -> dict:
     return {"model_name": str(model_name), "weights_sha256": weights_sha256(model_name)}
 
 
+def load_single_split(train_data: str | None, test_data: str | None, epochs: int) -> RoundData:
+    """The original's single split as one round: the training file's tools in order of first appearance (the round
+    `1-N`), its test file naming only those; the files default to the original's names in the working directory."""
+    paths = (Path(train_data or round_files.SINGLE_TRAIN_FILE), Path(test_data or round_files.SINGLE_TEST_FILE))
+    for flag, path in zip(("--train_data", "--test_data"), paths):
+        if not path.is_file():
+            raise UserError(f"{flag} {path} not found (give --train_data and --test_data, or --training_rounds with "
+                            "per-round files in --data_dir)")
+    if epochs > MAX_EPOCHS:
+        raise UserError(f"--epochs {epochs}: at most {MAX_EPOCHS} are accepted")
+    train = load_samples(paths[0])
+    tools = list(dict.fromkeys(t for s in train for t in s["tools"]))
+    test = load_samples(paths[1])
+    untrained = sorted({t for s in test for t in s["tools"]} - set(tools))
+    if untrained:
+        raise UserError(f"--test_data {paths[1]} names tool(s) with no training sample in {paths[0]}: "
+                        f"{', '.join(untrained[:5])}")
+    return RoundData(RoundSpec(1, len(tools), epochs), train, test, tools)
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "tokenizers", "safetensors", "numpy"):

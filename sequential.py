@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 import distributed
 from common import UserError, atomic_write_with, check_writable, read_json, set_seed
 from dataset import (NativeFunctionCallingDataset, build_prompt_text, check_prompt_format, curriculum_order,
-                     discover_available_tools, encode_sample, left_pad_collate, make_dataloader)
+                     encode_sample, left_pad_collate, make_dataloader)
 from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, claim_default_run_dir,
-                        hold_out_validation, load_round_data, parse_training_rounds, per_round_values,
+                        hold_out_validation, load_round_data, load_single_split, parse_training_rounds, per_round_values,
                         refuse_existing_run)
 from model import model_positions, resolve_device, resolve_dtype
 from settings import DataSettings, EvalSettings, OutputSettings, RunSettings, resolve_model_name
@@ -38,7 +38,14 @@ LoaderFactory = Callable[[int, NativeFunctionCallingDataset, bool, int], DataLoa
 
 
 def load_rounds(data: DataSettings) -> tuple[list[RoundSpec], list[RoundData]]:
-    """Parse the rounds and caps, then read and validate every round's files up front."""
+    """Parse the rounds and caps, then read and validate every round's files up front; without --training_rounds,
+    the single split's one round (experiment.load_single_split)."""
+    if data.training_rounds is None:
+        single = load_single_split(data.train_data, data.test_data, data.epochs)
+        return [single.spec], [single]
+    if data.train_data or data.test_data:
+        raise UserError("--train_data/--test_data (one split) and --training_rounds (per-round files) exclude each "
+                        "other; give one of them")
     rounds = parse_training_rounds(data.training_rounds)
     n = len(rounds)
     train_caps = per_round_values("--train_max_function_calls_per_round", data.train_max_function_calls_per_round,
@@ -125,7 +132,7 @@ def prepare_run(settings: RunSettings, method: str) -> RunPlan:
         resumed = RunDirectory(Path(settings.output.output_dir), method, settings.flags, rounds, resume=True,
                                checkpoint_dir=settings.output.checkpoint_dir)
     set_seed(settings.seed)
-    tool_names = discover_available_tools([d.train for d in data])
+    tool_names = list(dict.fromkeys(t for d in data for t in d.tools))  # round by round, in each round's order
     share = settings.data.validation_split
     data = [hold_out_validation(d, share, settings.seed, index) for index, d in enumerate(data)]
     return RunPlan(method, settings, rounds, data, tool_names, model_name, positions, resumed)

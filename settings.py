@@ -13,6 +13,7 @@ from typing import Any, Mapping, TypeVar
 
 from common import (CliParser, UserError, non_negative_float, non_negative_int, positive_float, positive_int,
                     unit_interval)
+import round_files
 from dataset import PROMPT_FORMATS
 from experiment import REPORT_TO
 from model import DTYPES, LoraSettings
@@ -39,7 +40,10 @@ class ModelSettings:
 class DataSettings:
     """The rounds, their files, and how a sample becomes tokens."""
 
-    training_rounds: str
+    training_rounds: str | None = None  # None: the single split (train_data / test_data)
+    train_data: str | None = None
+    test_data: str | None = None
+    epochs: int = 1  # of the single split's one round
     data_dir: str = "data"
     train_max_function_calls: int = 4
     train_max_function_calls_per_round: str | None = None
@@ -147,9 +151,19 @@ def add_model_flags(parser: CliParser) -> None:
 
 
 def add_data_flags(parser: CliParser) -> None:
-    parser.add_argument("--training_rounds", required=True,
+    parser.add_argument("--training_rounds", default=None,
                         help="rounds as START-END:EPOCHS, comma-separated, e.g. 1-50:1,51-100:3 (tool ranks, "
-                             "1-based inclusive; at most 100 epochs); required, no default")
+                             "1-based inclusive; at most 100 epochs), read from --data_dir's per-round files "
+                             "(default: the single split of --train_data and --test_data)")
+    parser.add_argument("--train_data", default=None,
+                        help="single split: one training file, one round over the tools it names in order of first "
+                             f"appearance, instead of --training_rounds (default: {round_files.SINGLE_TRAIN_FILE} in "
+                             "the working directory when --training_rounds is not given)")
+    parser.add_argument("--test_data", default=None,
+                        help=f"single split: its test file (default: {round_files.SINGLE_TEST_FILE} in the working "
+                             "directory)")
+    parser.add_argument("--epochs", type=positive_int, default=DataSettings.epochs,
+                        help="epochs of the single split's round (with --training_rounds each round names its own)")
     parser.add_argument("--data_dir", default=DataSettings.data_dir,
                         help="where the per-round training/, test/ and descriptions are")
     parser.add_argument("--train_max_function_calls", type=positive_int,

@@ -168,3 +168,33 @@ def test_validation_split_holds_out_training_samples_and_scores_them(finished_ru
     assert validation["matrix"]["avg_f1_score"][0][1] is None
     # the held-out samples are never trained on: 12 of 16 per round, batch 4, 2 epochs then 1
     assert [s["steps"] for s in summary["round_stats"]] == [6, 3]
+
+
+@pytest.mark.slow
+def test_single_split_in_the_working_directory_and_predict_with_the_lora_baseline(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    import lora_sequential
+
+    write_round_files(tmp_path, 1, 3, ["search_flights", "get_weather", "convert_currency"], n_train=6, n_test=2)
+    (tmp_path / "function_calling_train.json").write_text(next((tmp_path / "training").glob("*.json")).read_text())
+    (tmp_path / "function_calling_test.json").write_text(next((tmp_path / "test").glob("*.json")).read_text())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "lora_run"
+    args = ["--model_name", str(tiny_model_dir), "--output_dir", str(out), "--batch_size", "3", "--epochs", "2",
+            "--max_new_tokens", "8", "--device", "cpu"]
+    summary = run_in_process(lora_sequential.main, args, TrainingRecorder())
+    assert summary["rounds"] == ["1-3"] and summary["round_stats"][0]["steps"] == 4  # 6 samples / 3 x 2 epochs
+    markers = json.loads((out / "checkpoints" / "round_1" / "markers.json").read_text())
+    assert markers["tool_names"] == ["search_flights", "get_weather", "convert_currency"]  # first appearance
+    kept = json.loads((out / "predictions" / "round_1_test_1-3.jsonl").read_text().splitlines()[0])
+    capsys.readouterr()
+    with kept_logging():
+        assert predict.main([str(out), kept["user_input"]]) == 0
+    answered = json.loads(capsys.readouterr().out)
+    assert answered["text"] == kept["generated_text"]
+    assert [c["name"] for c in answered["calls"]] == kept["predicted_tools"]
+    (tmp_path / "function_calling_test.json").unlink()
+    with pytest.raises(UserError, match="--test_data function_calling_test.json not found"):
+        lora_sequential.main(args[:2] + ["--output_dir", str(tmp_path / "again")])
+    with pytest.raises(UserError, match="exclude each other"):
+        lora_sequential.main(["--training_rounds", "1-3:1", "--train_data", "x.json"])
