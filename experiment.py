@@ -501,23 +501,28 @@ def plot_matrix(summary: dict, path: Path) -> None:
 
     names = summary["rounds"]
     metrics = [("avg_tool_f1_score", "tool F1"), ("avg_f1_score", "call F1"), ("exact_accuracy", "exact match")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
+    n = len(names)
+    side = max(3.6, 0.45 * n + 1.5)  # each cell stays big enough for its number with 10 rounds and more
+    small = "small" if n > 5 else None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(1.15 * side * len(metrics), side), sharey=True,
+                             layout="constrained")
     for ax, (metric, title) in zip(axes, metrics):
         grid = [[float("nan") if v is None else v for v in row] for row in summary["matrix"][metric]]
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
         for r, row in enumerate(grid):
             for c, value in enumerate(row):
                 if value == value:
-                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
-        ax.set_xticks(range(len(names)), names, rotation=45)
-        ax.set_yticks(range(len(names)), names)
+                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize="x-small" if n > 5 else None,
+                            color="white" if value < 0.6 else "black")
+        ax.set_xticks(range(n), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=small)
+        ax.set_yticks(range(n), names, fontsize=small)
         ax.set_xlabel("test set of round")
-        ax.set_ylabel("after training round")
         ax.set_title(f"{summary['method']}: {title}")
+    axes[0].set_ylabel("after training round")  # the panels share their rows: one label, left of the first
     fig.colorbar(image, ax=axes, shrink=0.8)
 
     def save(tmp: str) -> None:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=110, format="png")
 
     atomic_write_with(path, save)
     plt.close(fig)
