@@ -41,9 +41,6 @@ class DataSettings:
     """The rounds, their files, and how a sample becomes tokens."""
 
     training_rounds: str | None = None  # None: the single split (train_data / test_data)
-    train_data: str | None = None
-    test_data: str | None = None
-    epochs: int = 1  # of the single split's one round
     data_dir: str = "data"
     train_max_function_calls: int = 4
     train_max_function_calls_per_round: str | None = None
@@ -53,6 +50,9 @@ class DataSettings:
     prompt_format: str = "chat"
     query_cut: str = "head"  # none: queries are never cut to max_length (the original's way)
     validation_split: float = 0.0  # share of each round's training samples held out for validation
+    train_data: str | None = None  # the single split's files (round_files.SINGLE_*_FILE when None)
+    test_data: str | None = None
+    epochs: int = 1  # of the single split's one round
 
 
 @dataclass(frozen=True)
