@@ -170,5 +170,6 @@ run_seeds() {
     for seed in ${SEEDS//,/ }; do
         run_step "${CLI[@]}" "$@" --seed "$seed" --output_dir "$parent/seed_$seed"
     done
-    [[ "${DRY_RUN:-false}" == true ]] || echo "runs of seeds $SEEDS in $parent; pool them: python3 compare_runs.py $parent/seed_*"
+    [[ "${DRY_RUN:-false}" == true ]] ||
+        echo "runs of seeds $SEEDS in $parent; pool them: python3 compare_runs.py $parent/seed_*"
 }

@@ -48,7 +48,7 @@ GPU=${GPU:-}                                       # CUDA_VISIBLE_DEVICES when n
 NPROC=${NPROC:-1}                                  # processes: one per GPU, or per core on CPU; more than 1 runs under torchrun
 SHARD_BACKBONE=${SHARD_BACKBONE:-false}            # with NPROC > 1: shard the frozen backbone over them (FSDP2)
 SEED=${SEED:-42}
-SEEDS=${SEEDS:-}                                    # 42,1,2: one run per seed, one after another, into OUTPUT_DIR/seed_S
+SEEDS=${SEEDS:-}                                    # 42,1,2: one run per seed in turn, into OUTPUT_DIR/seed_S
 
 int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH LORA_R LORA_ALPHA REPLAY_BUFFER_SIZE NPROC
 seeds_var

@@ -25,8 +25,8 @@ from common import UserError, atomic_write_with, check_writable, read_json, set_
 from dataset import (NativeFunctionCallingDataset, build_prompt_text, check_prompt_format, curriculum_order,
                      encode_sample, left_pad_collate, make_dataloader)
 from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, claim_default_run_dir,
-                        hold_out_validation, load_round_data, load_single_split, parse_training_rounds, per_round_values,
-                        refuse_existing_run)
+                        hold_out_validation, load_round_data, load_single_split, parse_training_rounds,
+                        per_round_values, refuse_existing_run)
 from model import model_positions, resolve_device, resolve_dtype
 from settings import DataSettings, EvalSettings, OutputSettings, RunSettings, resolve_model_name
 from training import evaluate, format_demo, mean_loss, record_prototypes, train_round
