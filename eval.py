@@ -9,9 +9,10 @@ Beside these, `score_predictions` reports the original toolkit's way of scoring 
 `paper_` (README, "Scores" and the departures table): sets instead of multisets, calls compared as argument JSON without the tool and
 without number canonicalisation, parse errors counted over samples. Those are the numbers the paper's tables hold.
 
-Run as a script to score a JSON list of predictions:
+Run as a script to score a JSON list of predictions, or a run's prediction file (JSON Lines, one sample a line:
+`predictions/round_R_test_C.jsonl` in a run directory), to the numbers the run reported:
 
-    python eval.py --predictions preds.json [--output metrics.json]
+    python eval.py --predictions runs/tokmem_X/predictions/round_2_test_1-10.jsonl [--output metrics.json]
 """
 
 from __future__ import annotations
@@ -578,18 +579,40 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
 def build_parser() -> CliParser:
     parser = CliParser(description="Score generated function calls against gold calls (metrics of docs/DESIGN.md).")
     parser.add_argument("--predictions", required=True, help="JSON list of {predicted_tools, function_calls, "
-                        "gold_tools, gold_calls} (required, no default)")
+                        "gold_tools, gold_calls}, or a .jsonl file of them (a run's predictions/ files) (required, "
+                        "no default)")
     parser.add_argument("--output", help="where to write the metrics JSON (default: none, the table is printed only)")
     return parser
 
 
+def read_predictions(path: str) -> list:
+    """A predictions file: a JSON list, or JSON Lines (a `.jsonl` name: one prediction object per line, as a run's
+    predictions/ folder holds them); anything else is a UserError naming the file (and line)."""
+    if not path.endswith(".jsonl"):
+        predictions = read_json(path, what="predictions file")
+        if not isinstance(predictions, list):
+            raise UserError(f"predictions file {path} must hold a JSON list, got {type(predictions).__name__}")
+        return predictions
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"predictions file {path} cannot be read ({getattr(err, 'strerror', None) or err})") from None
+    predictions = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                predictions.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"predictions file {path}, line {number}: not valid JSON ({err.msg})") from None
+    return predictions
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Score a JSON list of predictions; print the table and optionally write the metrics as JSON."""
+    """Score a JSON list (or JSON Lines file) of predictions; print the table and optionally write the metrics."""
     args = build_parser().parse_args(argv)
     setup_logging()
-    predictions = read_json(args.predictions, what="predictions file")
-    if not isinstance(predictions, list):
-        raise UserError(f"predictions file {args.predictions} must hold a JSON list, got {type(predictions).__name__}")
+    predictions = read_predictions(args.predictions)
     try:
         metrics = score_predictions(predictions, strict=True)
     except UserError as err:

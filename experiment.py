@@ -11,10 +11,11 @@ import logging
 import math
 import os
 import platform
+import random
 import re
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -45,10 +46,15 @@ MAX_EPOCHS = 100
 PATH_FLAGS = {"data_dir", "model_name"}
 # Flags that may differ between a run and its --resume without changing its numbers.
 RESUME_FREE_FLAGS = {"resume", "output_dir", "log_file", "demo", "checkpoint_dir", "eval_batch_size", "shard_backbone",
-                     "preflight"}
+                     "preflight", "report_to"}
 LOCK_FILE = "run.lock"
 # Backbone files up to this size are fingerprinted by their SHA-256, larger ones (weight shards) by their size alone.
 HASHED_BACKBONE_BYTES = 64 << 20
+CURVE_FILE = "training_curve.jsonl"
+CURVE_POINT_FIELDS = {"round": int, "global_step": int}
+REPORT_TO = ("none", "tensorboard")
+# (key of a curve point, panel title) of training_curve.png and the TensorBoard scalars under train/
+CURVE_PANELS = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm (before clipping)"))
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,23 @@ class RoundData:
     test: list[dict]
     tools: list[str]
     provenance: dict | None = None  # round_files.read_provenance: the settings that made the files
+    validation: list[dict] = field(default_factory=list)  # held out of `train` by --validation_split
+
+
+def hold_out_validation(round_data: RoundData, share: float, seed: int, round_index: int) -> RoundData:
+    """Round data with round(share x training samples) of its training samples (at least one) moved to
+    `validation`, drawn from a generator seeded by the seed and the round alone; the test samples are never touched.
+    Share 0 leaves the round as it is (the original's behaviour)."""
+    if not share:
+        return round_data
+    train = round_data.train
+    count = max(1, round(share * len(train)))
+    if count >= len(train):
+        raise UserError(f"--validation_split {share}: round {round_data.spec.name} has {len(train)} training "
+                        f"sample(s), so holding out {count} leaves none to train on")
+    held = set(random.Random(f"validation-{seed}-{round_index}").sample(range(len(train)), count))
+    return replace(round_data, train=[s for i, s in enumerate(train) if i not in held],
+                   validation=[s for i, s in enumerate(train) if i in held])
 
 
 def load_round_data(data_dir: str | Path, spec: RoundSpec, train_calls: int, test_calls: int) -> RoundData:
@@ -162,6 +185,26 @@ def load_round_data(data_dir: str | Path, spec: RoundSpec, train_calls: int, tes
     return RoundData(spec, train, test, tools, provenance)
 
 
+def load_single_split(train_data: str | None, test_data: str | None, epochs: int) -> RoundData:
+    """The original's single split as one round: the training file's tools in order of first appearance (the round
+    `1-N`), its test file naming only those; the files default to the original's names in the working directory."""
+    paths = (Path(train_data or round_files.SINGLE_TRAIN_FILE), Path(test_data or round_files.SINGLE_TEST_FILE))
+    for flag, path in zip(("--train_data", "--test_data"), paths):
+        if not path.is_file():
+            raise UserError(f"{flag} {path} not found (give --train_data and --test_data, or --training_rounds with "
+                            "per-round files in --data_dir)")
+    if epochs > MAX_EPOCHS:
+        raise UserError(f"--epochs {epochs}: at most {MAX_EPOCHS} are accepted")
+    train = load_samples(paths[0])
+    tools = list(dict.fromkeys(t for s in train for t in s["tools"]))
+    test = load_samples(paths[1])
+    untrained = sorted({t for s in test for t in s["tools"]} - set(tools))
+    if untrained:
+        raise UserError(f"--test_data {paths[1]} names tool(s) with no training sample in {paths[0]}: "
+                        f"{', '.join(untrained[:5])}")
+    return RoundData(RoundSpec(1, len(tools), epochs), train, test, tools)
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "tokenizers", "safetensors", "numpy"):
@@ -173,6 +216,7 @@ def library_versions() -> dict[str, str]:
 
 
 DEFAULT_RUNS_ROOT = Path("runs")
+PREDICTIONS_DIR = "predictions"
 
 
 def claim_default_run_dir(method: str, root: Path = DEFAULT_RUNS_ROOT) -> Path:
@@ -354,6 +398,8 @@ class RunDirectory:
         self.started = time.time()
         self.round_stats: list[dict] = []
         self.stored_config: dict = {}  # config.json as a resumed run recorded it
+        self.curve: list[dict] = []
+        self.tensorboard = None
         if resume:
             self._load_for_resume()
         elif self.writer:
@@ -400,6 +446,10 @@ class RunDirectory:
         elif self.completed_rounds:
             raise UserError(f"--resume: {metrics_path} is missing, though {state_path} records "
                             f"{self.completed_rounds} finished round(s) whose scores it held; start the run again")
+        curve_path = self.path / CURVE_FILE
+        if curve_path.is_file():
+            points = read_json_lines(curve_path, "training curve", CURVE_POINT_FIELDS)
+            self.curve = [p for _, p in points if p["round"] < self.completed_rounds]
 
     def _read_state(self, path: Path) -> None:
         state = read_json(path, "run state")
@@ -464,7 +514,10 @@ class RunDirectory:
     def wall_seconds(self) -> float:
         return self.elapsed_before + time.time() - self.started
 
-    def add_metrics(self, round_index: int, test_round: int, metrics: dict, mode: str) -> None:
+    def add_metrics(self, round_index: int, test_round: int, metrics: dict, mode: str,
+                    predictions: str | None = None, loss: float | None = None) -> None:
+        """Record one evaluation: `mode` predicted, ground_truth_tools or validation; `predictions` the file of its
+        predictions (relative to the run directory); `loss` the validation loss."""
         self.records.append({
             "round": round_index,
             "round_name": self.rounds[round_index].name,
@@ -472,7 +525,43 @@ class RunDirectory:
             "test_name": self.rounds[test_round].name,
             "mode": mode,
             "metrics": metrics,
+            **({"predictions": predictions} if predictions else {}),
+            **({"loss": loss} if loss is not None else {}),
         })
+
+    def report_to(self, target: str) -> None:
+        """Also write TensorBoard event files (`tensorboard/` in the run directory) with `target` tensorboard."""
+        if target == "tensorboard" and self.writer:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(self.path / "tensorboard"), purge_step=len(self.curve) + 1)
+
+    def log_step(self, round_index: int, point: dict) -> None:
+        """Keep one optimizer step's curve point (training.curve_point) of round `round_index`, numbered over the
+        run (`global_step`); written with the round (finish_round), and at once to TensorBoard when on."""
+        record = {"round": round_index, "round_name": self.rounds[round_index].name,
+                  "global_step": len(self.curve) + 1, **point}
+        self.curve.append(record)
+        if self.tensorboard is not None:
+            for key in ("loss", "data_loss", "prototype_loss", "lr", "grad_norm"):
+                if record[key] is not None:
+                    self.tensorboard.add_scalar(f"train/{key}", record[key], record["global_step"])
+
+    def predictions_path(self, round_index: int, test_round: int, mode: str) -> Path:
+        """Where the predictions of one evaluation go: `predictions/round_R_test_C.jsonl` (R after which round, C the
+        test set's name), `_ground_truth_tools` or `validation` in place of `test` for those modes."""
+        kind = "validation" if mode == "validation" else "test"
+        suffix = "_ground_truth_tools" if mode == "ground_truth_tools" else ""
+        name = f"round_{round_index + 1}_{kind}_{self.rounds[test_round].name}{suffix}.jsonl"
+        return self.path / PREDICTIONS_DIR / name
+
+    def write_predictions(self, round_index: int, test_round: int, mode: str, predictions: Sequence[dict]) -> str:
+        """Write one evaluation's predictions (one JSON object per sample, atomically); the path relative to the
+        run directory, which its metrics record names."""
+        path = self.predictions_path(round_index, test_round, mode)
+        if self.writer:
+            atomic_write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+        return path.relative_to(self.path).as_posix()
 
     def finish_round(self, round_index: int, stats: dict) -> None:
         """Write metrics and the resume point: the round counts as done only once this returns."""
@@ -481,6 +570,16 @@ class RunDirectory:
         if not self.writer:
             return
         atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+        atomic_write_text(self.path / CURVE_FILE, "".join(json.dumps(p) + "\n" for p in self.curve))
+        if self.curve:
+            plot_curve(self.curve, self.path / "training_curve.png")
+        if self.tensorboard is not None:
+            for record in self.records:
+                if record["round"] == round_index and record["mode"] == "predicted":
+                    for metric, _ in SUMMARY_TABLES[:3]:
+                        self.tensorboard.add_scalar(f"test_{record['test_name']}/{metric}",
+                                                    record["metrics"][metric], round_index + 1)
+            self.tensorboard.flush()
         atomic_write_json(self.path / "state.json", {
             "completed_rounds": self.completed_rounds,
             "wall_seconds": self.wall_seconds(),
@@ -492,7 +591,8 @@ class RunDirectory:
         grid: list[list[float | None]] = [[None] * n for _ in range(n)]
         for record in self.records:
             if record["mode"] == mode:
-                grid[record["round"]][record["test_round"]] = record["metrics"].get(metric)
+                value = record.get("loss") if metric == "loss" else record["metrics"].get(metric)
+                grid[record["round"]][record["test_round"]] = value
         return grid
 
     def summary(self, extra: dict | None = None) -> dict:
@@ -506,6 +606,11 @@ class RunDirectory:
             "wall_seconds": round(self.wall_seconds(), 1),
             "round_stats": self.round_stats,
         }
+        if any(r["mode"] == "validation" for r in self.records):
+            grids = {m: self.matrix(m, "validation") for m in ("loss",) + SUMMARY_METRICS}
+            summary["validation"] = {"matrix": grids,
+                                     "average_after_last": {m: average_after_last(g) for m, g in grids.items()},
+                                     "backward_transfer": {m: backward_transfer(g) for m, g in grids.items()}}
         gt = [r for r in self.records if r["mode"] == "ground_truth_tools"]
         if gt:
             summary["ground_truth_tools_matrix"] = {m: self.matrix(m, "ground_truth_tools") for m in SUMMARY_METRICS}
@@ -523,30 +628,38 @@ class RunDirectory:
 METRIC_RECORD_FIELDS = {"round": int, "test_round": int, "mode": str, "metrics": dict}
 
 
-def read_metrics(path: Path, num_rounds: int) -> list[dict]:
-    """The records of metrics.jsonl, each line checked: a JSON object with round and test_round within the run's
-    rounds, a mode and its metrics; a damaged line is a UserError naming the file and line."""
-    records = []
+def read_json_lines(path: Path, what: str, fields: Mapping[str, type]) -> list[tuple[int, dict]]:
+    """(line number, object) of each line of a JSON Lines file the run wrote, each an object with `fields` of their
+    types; a damaged line is a UserError naming the file and line."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"run metrics {path} cannot be read ({err})") from None
+        raise UserError(f"{what} {path} cannot be read ({err})") from None
+    records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"run metrics {path} line {number} is not valid JSON ({err.msg}; a line cut short?); "
+            raise UserError(f"{what} {path} line {number} is not valid JSON ({err.msg}; a line cut short?); "
                             "restore the file or start the run again") from None
-        bad = [k for k, kind in METRIC_RECORD_FIELDS.items()
-               if not isinstance(record, dict) or not isinstance(record.get(k), kind)]
-        if not bad and not (0 <= record["test_round"] <= record["round"] < num_rounds):
-            bad = ["round", "test_round"]
+        bad = [k for k, kind in fields.items() if not isinstance(record, dict) or not isinstance(record.get(k), kind)]
         if bad:
-            raise UserError(f"run metrics {path} line {number}: expected an object with {', '.join(bad)} "
-                            f"({', '.join(f'{k}: {v.__name__}' for k, v in METRIC_RECORD_FIELDS.items())}, rounds "
-                            f"below {num_rounds})")
+            raise UserError(f"{what} {path} line {number}: expected an object with {', '.join(bad)} "
+                            f"({', '.join(f'{k}: {v.__name__}' for k, v in fields.items())})")
+        records.append((number, record))
+    return records
+
+
+def read_metrics(path: Path, num_rounds: int) -> list[dict]:
+    """The records of metrics.jsonl, each line checked (read_json_lines), round and test_round within the run's
+    rounds."""
+    records = []
+    for number, record in read_json_lines(path, "run metrics", METRIC_RECORD_FIELDS):
+        if not 0 <= record["test_round"] <= record["round"] < num_rounds:
+            raise UserError(f"run metrics {path} line {number}: expected round and test_round with 0 <= test_round "
+                            f"<= round < {num_rounds}")
         records.append(record)
     return records
 
@@ -573,25 +686,63 @@ def plot_matrix(summary: dict, path: Path) -> None:
 
     names = summary["rounds"]
     metrics = [("avg_tool_f1_score", "tool F1"), ("avg_f1_score", "call F1"), ("exact_accuracy", "exact match")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
+    n = len(names)
+    side = max(3.6, 0.45 * n + 1.5)  # each cell stays big enough for its number with 10 rounds and more
+    small = "small" if n > 5 else None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(1.15 * side * len(metrics), side), sharey=True,
+                             layout="constrained")
     for ax, (metric, title) in zip(axes, metrics):
         grid = [[float("nan") if v is None else v for v in row] for row in summary["matrix"][metric]]
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
         for r, row in enumerate(grid):
             for c, value in enumerate(row):
                 if value == value:
-                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
-        ax.set_xticks(range(len(names)), names, rotation=45)
-        ax.set_yticks(range(len(names)), names)
+                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize="x-small" if n > 5 else None,
+                            color="white" if value < 0.6 else "black")
+        ax.set_xticks(range(n), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=small)
+        ax.set_yticks(range(n), names, fontsize=small)
         ax.set_xlabel("test set of round")
-        ax.set_ylabel("after training round")
         ax.set_title(f"{summary['method']}: {title}")
+    axes[0].set_ylabel("after training round")  # the panels share their rows: one label, left of the first
     fig.colorbar(image, ax=axes, shrink=0.8)
 
     def save(tmp: str) -> None:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=110, format="png")
 
     atomic_write_with(path, save)
+    plt.close(fig)
+
+
+def plot_curve(curve: Sequence[dict], path: Path) -> None:
+    """training_curve.png: loss (data and prototype parts), learning rate and gradient norm per optimizer step,
+    over the whole run, with each round's start marked and named."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [p["global_step"] for p in curve]
+    fig, axes = plt.subplots(len(CURVE_PANELS), 1, figsize=(9, 2.4 * len(CURVE_PANELS)), sharex=True,
+                             layout="constrained")
+    for ax, (key, title) in zip(axes, CURVE_PANELS):
+        ax.plot(steps, [p[key] for p in curve], linewidth=1, label="data + prototype" if key == "loss" else None)
+        if key == "loss" and any(p["prototype_loss"] is not None for p in curve):
+            ax.plot(steps, [p["data_loss"] for p in curve], linewidth=1, label="data")
+            ax.plot(steps, [p["prototype_loss"] for p in curve], linewidth=1, label="prototype (unweighted)")
+            ax.legend(fontsize="small", loc="upper right")
+        ax.set_ylabel(title)
+        if key == "loss":
+            ax.set_yscale("log")
+    starts = [p for i, p in enumerate(curve) if i == 0 or p["round"] != curve[i - 1]["round"]]
+    for start in starts:
+        for ax in axes:
+            ax.axvline(start["global_step"] - 0.5, color="grey", linewidth=0.6, linestyle=":")
+    top = axes[0].secondary_xaxis("top")
+    top.set_xticks([p["global_step"] for p in starts], [p["round_name"] for p in starts],
+                   rotation=45 if len(starts) > 5 else 0, fontsize="small", ha="left")
+    axes[0].set_title("training curve (rounds start at the dotted lines)")
+    axes[-1].set_xlabel("optimizer step")
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -611,6 +762,12 @@ def format_summary_table(summary: dict) -> str:
         avg, bwt = summary["average_after_last"].get(metric), summary["backward_transfer"].get(metric)
         lines.append(f"  average after last round: {_fmt(avg)}   backward transfer: {_fmt(bwt)}")
         lines.append("")
+    validation = summary.get("validation")
+    if validation:
+        averages = validation["average_after_last"]
+        lines.append("validation (training samples held out by --validation_split), average after the last round: "
+                     f"loss {_fmt(averages['loss'])}, tool F1 {_fmt(averages['avg_tool_f1_score'])}, call F1 "
+                     f"{_fmt(averages['avg_f1_score'])}, exact {_fmt(averages['exact_accuracy'])}")
     lines.append(f"wall time: {summary['wall_seconds']:.1f} s")
     return "\n".join(lines)
 

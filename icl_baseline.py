@@ -82,7 +82,7 @@ class IclSettings:
     """An in-context run: its test files and their descriptions, the seeded subset, the prompt and how answers are
     read, the generation batch, and where the results go."""
 
-    test_data: list[str]
+    test_data: list[str] | None = None  # None: round_files.SINGLE_TEST_FILE
     tool_descriptions: list[str] | None = None
     max_samples: int | None = None
     batch_size: int = 8
@@ -584,9 +584,10 @@ def refuse_if_too_long(limit: int | None, prompts: Sequence[list[int]], max_new_
 
 def build_parser() -> CliParser:
     parser = CliParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--test_data", action="append", required=True,
+    parser.add_argument("--test_data", action="append", default=None,
                         help="test file(s); repeat the flag or give a comma list: each file is scored as its own set "
-                             "(named by its tool range, else its file stem), and all of them pooled (required)")
+                             "(named by its tool range, else its file stem), and all of them pooled (default: "
+                             f"{round_files.SINGLE_TEST_FILE} in the working directory, as the original's)")
     parser.add_argument("--tool_descriptions", action="append", default=None,
                         help="descriptions file(s), repeatable or a comma list (default: the one each round's test file "
                              "pairs with, in its data directory: round_files.descriptions_path)")
@@ -642,7 +643,7 @@ def output_place(output: str | None) -> Path | None:
 
 def read_inputs(icl: IclSettings) -> IclInputs:
     """The test files and their descriptions (given, or the ones each round's test file pairs with), checked."""
-    test_paths = split_paths(icl.test_data)
+    test_paths = split_paths(icl.test_data or [round_files.SINGLE_TEST_FILE])
     if not test_paths:
         raise UserError("--test_data names no file")
     for path in test_paths:

@@ -169,3 +169,29 @@ script_help() {
         fi
     done
 }
+
+# seeds_var: SEEDS, when set, must be comma-separated integers (SEEDS=42,1,2).
+seeds_var() {
+    if [[ -n "${SEEDS:-}" && ! "$SEEDS" =~ ^-?[0-9]+(,-?[0-9]+)*$ ]]; then
+        echo "error: SEEDS must be comma-separated integers (e.g. 42,1,2), got '$SEEDS'" >&2
+        exit 2
+    fi
+}
+
+# run_seeds NAME ARGS...: run the CLI ("${CLI[@]}" ARGS) once, or with SEEDS=42,1,2 once per seed, one after another,
+# each with --seed S into PARENT/seed_S (PARENT: OUTPUT_DIR, default runs/NAME_seeds_<timestamp>), so that
+# `compare_runs.py PARENT/seed_*` pools them (mean ± std over the seeds).
+run_seeds() {
+    local name=$1 seed parent
+    shift
+    if [[ -z "${SEEDS:-}" ]]; then
+        run_step "${CLI[@]}" "$@"
+        return
+    fi
+    parent=${OUTPUT_DIR:-runs/${name}_seeds_$(date +%Y%m%d_%H%M%S)}
+    for seed in ${SEEDS//,/ }; do
+        run_step "${CLI[@]}" "$@" --seed "$seed" --output_dir "$parent/seed_$seed"
+    done
+    [[ "${DRY_RUN:-false}" == true ]] ||
+        echo "runs of seeds $SEEDS in $parent; pool them: python3 compare_runs.py $parent/seed_*"
+}

@@ -42,6 +42,11 @@ class RoundPaths(NamedTuple):
     descriptions: Path
 
 
+# The original's single split: one pair of files in the working directory (--train_data / --test_data defaults).
+SINGLE_TRAIN_FILE = "function_calling_train.json"
+SINGLE_TEST_FILE = "function_calling_test.json"
+
+
 def range_name(start: int, end: int) -> str:
     return f"{start}-{end}"
 

@@ -38,6 +38,7 @@ PROMPT_FORMAT=${PROMPT_FORMAT:-chat}               # chat (fixed date) | origina
 EVAL_ALL_PREVIOUS=${EVAL_ALL_PREVIOUS:-true}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-16}
 SAVE_CHECKPOINTS=${SAVE_CHECKPOINTS:-false}
+VALIDATION_SPLIT=${VALIDATION_SPLIT:-0}                # share of each round's training samples held out and scored
 OUTPUT_DIR=${OUTPUT_DIR:-}                         # empty: runs/lora_<timestamp> or runs/lora_replay_<timestamp>
 # ---- model, device (the data's variables: data_rounds.sh) ------------------------------------------------------
 MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
@@ -47,9 +48,11 @@ GPU=${GPU:-}                                       # CUDA_VISIBLE_DEVICES when n
 NPROC=${NPROC:-1}                                  # processes: one per GPU, or per core on CPU; more than 1 runs under torchrun
 SHARD_BACKBONE=${SHARD_BACKBONE:-false}            # with NPROC > 1: shard the frozen backbone over them (FSDP2)
 SEED=${SEED:-42}
+SEEDS=${SEEDS:-}                                    # 42,1,2: one run per seed in turn, into OUTPUT_DIR/seed_S
 
 int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH LORA_R LORA_ALPHA REPLAY_BUFFER_SIZE NPROC
-number_var MAX_GRAD_NORM LORA_DROPOUT REPLAY_RATIO
+seeds_var
+number_var MAX_GRAD_NORM LORA_DROPOUT REPLAY_RATIO VALIDATION_SPLIT
 [[ -z "$LR" ]] || number_var LR
 bool_var REINIT_LORA USE_REPLAY_BUFFER EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS SHARD_BACKBONE
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-${GPU:-$(seq -s, 0 $((NPROC - 1)))}}
@@ -76,6 +79,7 @@ args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "
       --eval_after_each_round --eval_batch_size "$EVAL_BATCH_SIZE" --demo 2
       --train_max_function_calls_per_round "$TRAIN_CALLS_LIST" --test_max_function_calls_per_round "$TEST_CALLS_LIST")
 [[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")
+args+=(--validation_split "$VALIDATION_SPLIT")
 [[ -n "$OUTPUT_DIR" ]] && args+=(--output_dir "$OUTPUT_DIR")
 [[ "$EVAL_ALL_PREVIOUS" == true ]] && args+=(--eval_all_previous)
 [[ "$REINIT_LORA" == true ]] && args+=(--reinit_lora_after_each_round)
@@ -93,4 +97,4 @@ generate_round_data
 [[ "${DRY_RUN:-false}" == true ]] ||
     echo "Running the LoRA baseline, rounds $TRAINING_ROUNDS (replay: $USE_REPLAY_BUFFER, reinit: $REINIT_LORA)"
 python_cli lora_sequential.py
-run_step "${CLI[@]}" "${args[@]}" "$@"
+run_seeds "$([[ $USE_REPLAY_BUFFER == true ]] && echo lora_replay || echo lora)" "${args[@]}" "$@"

@@ -45,6 +45,7 @@ QUERY_CUT=${QUERY_CUT:-head}                           # head: long queries lose
 EVAL_ALL_PREVIOUS=${EVAL_ALL_PREVIOUS:-true}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-16}
 SAVE_CHECKPOINTS=${SAVE_CHECKPOINTS:-false}
+VALIDATION_SPLIT=${VALIDATION_SPLIT:-0}                # share of each round's training samples held out and scored
 OUTPUT_DIR=${OUTPUT_DIR:-}                             # empty: runs/tokmem_<timestamp>
 # ---- model, device (the data's variables: data_rounds.sh) ------------------------------------------------------
 MODEL=${MODEL:-}                                       # empty: the embedded tiny backbone (built on first use)
@@ -54,10 +55,12 @@ GPU=${GPU:-}                                           # CUDA_VISIBLE_DEVICES wh
 NPROC=${NPROC:-1}                                      # processes: one per GPU, or per core on CPU; more than 1 runs under torchrun
 SHARD_BACKBONE=${SHARD_BACKBONE:-false}                # with NPROC > 1: shard the frozen backbone over them (FSDP2)
 SEED=${SEED:-42}
+SEEDS=${SEEDS:-}                                        # 42,1,2: one run per seed in turn, into OUTPUT_DIR/seed_S
 RNG=${RNG:-toolkit}                                    # toolkit: draws seeded per round | original: the original's order
 
 int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH RENORM_FROM_ROUND LORA_R LORA_ALPHA NPROC
-number_var LR LORA_LR MAX_GRAD_NORM PROTOTYPE_WEIGHT LORA_DROPOUT
+seeds_var
+number_var LR LORA_LR MAX_GRAD_NORM PROTOTYPE_WEIGHT LORA_DROPOUT VALIDATION_SPLIT
 bool_var CURRICULUM_LEARNING RENORM_ACTIVE_TOOLS DECOUPLE_EMBEDDINGS USE_LORA FREEZE_LORA_AFTER_FIRST OFFER_ALL_TOOLS \
     UNCONSTRAINED_DECODING USE_GROUND_TRUTH_TOOLS EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS SHARD_BACKBONE
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-${GPU:-$(seq -s, 0 $((NPROC - 1)))}}
@@ -75,6 +78,7 @@ args=(--training_rounds "$TRAINING_ROUNDS" --data_dir "$DATA_DIR" --batch_size "
       --ground_truth_style "$GROUND_TRUTH_STYLE" --prototype_weight "$PROTOTYPE_WEIGHT"
       --stop_tokens "$STOP_TOKENS" --query_cut "$QUERY_CUT" --rng "$RNG")
 [[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")
+args+=(--validation_split "$VALIDATION_SPLIT")
 [[ -n "$OUTPUT_DIR" ]] && args+=(--output_dir "$OUTPUT_DIR")
 [[ "$EVAL_ALL_PREVIOUS" == true ]] && args+=(--eval_all_previous)
 [[ "$CURRICULUM_LEARNING" == true ]] && args+=(--curriculum_learning)
@@ -98,4 +102,4 @@ generate_round_data
 # Step 2: the rounds.
 [[ "${DRY_RUN:-false}" == true ]] || echo "Running TokMem rounds $TRAINING_ROUNDS"
 python_cli main_sequential.py
-run_step "${CLI[@]}" "${args[@]}" "$@"
+run_seeds tokmem "${args[@]}" "$@"

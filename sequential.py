@@ -24,13 +24,15 @@ import distributed
 from common import (UserError, WriteFailed, atomic_write_with, check_writable, read_json, read_safetensors, set_seed,
                     write_failure)
 from dataset import (NativeFunctionCallingDataset, build_prompt_text, check_prompt_format, curriculum_order,
-                     discover_available_tools, encode_sample, make_dataloader)
+                     encode_sample, left_pad_collate, make_dataloader)
 from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, RunLock, backbone_fingerprint,
-                        claim_default_run_dir, data_fingerprint, descriptions_file, load_round_data,
-                        parse_training_rounds, per_round_values, refuse_existing_run, test_file, train_file)
+                        claim_default_run_dir, data_fingerprint, descriptions_file, hold_out_validation,
+                        load_round_data, load_single_split, parse_training_rounds, per_round_values,
+                        refuse_existing_run, test_file, train_file)
 from model import check_backbone, model_positions, resolve_device, resolve_dtype
+from round_files import SINGLE_TEST_FILE, SINGLE_TRAIN_FILE
 from settings import DataSettings, EvalSettings, OutputSettings, RunSettings, resolve_model_name
-from training import evaluate, format_demo, record_prototypes, train_round
+from training import evaluate, format_demo, mean_loss, record_prototypes, train_round
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,14 @@ def round_caps(data: DataSettings, rounds: Sequence[RoundSpec]) -> tuple[list[in
 
 
 def load_rounds(data: DataSettings) -> tuple[list[RoundSpec], list[RoundData]]:
-    """Parse the rounds and caps, then read and validate every round's files up front."""
+    """Parse the rounds and caps, then read and validate every round's files up front; without --training_rounds,
+    the single split's one round (experiment.load_single_split)."""
+    if data.training_rounds is None:
+        single = load_single_split(data.train_data, data.test_data, data.epochs)
+        return [single.spec], [single]
+    if data.train_data or data.test_data:
+        raise UserError("--train_data/--test_data (one split) and --training_rounds (per-round files) exclude each "
+                        "other; give one of them")
     rounds = parse_training_rounds(data.training_rounds)
     train_caps, test_caps = round_caps(data, rounds)
     loaded = [load_round_data(data.data_dir, spec, tr, te) for spec, tr, te in zip(rounds, train_caps, test_caps)]
@@ -56,7 +65,10 @@ def load_rounds(data: DataSettings) -> tuple[list[RoundSpec], list[RoundData]]:
 
 
 def data_paths(data: DataSettings, rounds: Sequence[RoundSpec]) -> list[Path]:
-    """Every file the rounds read: train, test and (where present) descriptions, round by round."""
+    """Every file the rounds read: train, test and (where present) descriptions, round by round (the single split:
+    its two files)."""
+    if data.training_rounds is None:
+        return [Path(data.train_data or SINGLE_TRAIN_FILE), Path(data.test_data or SINGLE_TEST_FILE)]
     paths = []
     for spec, train_calls, test_calls in zip(rounds, *round_caps(data, rounds)):
         paths += [train_file(data.data_dir, spec, train_calls), test_file(data.data_dir, spec, test_calls),
@@ -97,6 +109,12 @@ def check_output_flags(output: OutputSettings) -> None:
         check_writable(output.log_file, "--log_file", "file")
     if output.checkpoint_dir:
         check_writable(output.checkpoint_dir, "--checkpoint_dir")
+    if output.report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise UserError("--report_to tensorboard needs the tensorboard package: pip install -r "
+                            "requirements-optional.txt (or pip install tensorboard)") from None
 
 
 def resolve_model_settings(settings: RunSettings) -> RunSettings:
@@ -117,7 +135,8 @@ def check_before_data(settings: RunSettings, tool_tokens: bool) -> tuple[RunSett
     `tool_tokens`, LoRA's target modules and layers), --rng and the device. Returns the settings with device and
     dtype resolved, the rounds, the model name and its positions. Under torchrun this joins the job."""
     check_output_flags(settings.output)
-    rounds = parse_training_rounds(settings.data.training_rounds)
+    single_split = settings.data.training_rounds is None  # its tools are known once its file is read
+    rounds = [] if single_split else parse_training_rounds(settings.data.training_rounds)
     round_caps(settings.data, rounds)
     model_name = resolve_model_name(settings.model.model_name)
     positions = model_positions(model_name)
@@ -125,7 +144,8 @@ def check_before_data(settings: RunSettings, tool_tokens: bool) -> tuple[RunSett
     if positions and max_length > positions:
         raise UserError(f"--max_length {max_length} is beyond the {positions} positions of --model_name "
                         f"{model_name}; use at most {positions}")
-    check_backbone(model_name, sum(r.end - r.start + 1 for r in rounds) if tool_tokens else None, settings.lora)
+    check_backbone(model_name, sum(r.end - r.start + 1 for r in rounds) if tool_tokens and not single_split else None,
+                   settings.lora)
     if settings.data.query_cut == "none":
         settings = replace(settings, data=replace(settings.data, max_length=positions or sys.maxsize))
     if settings.rng == "original" and distributed.env_world_size() > 1:
@@ -150,13 +170,13 @@ def prepare_run(settings: RunSettings, method: str, tool_tokens: bool = True) ->
             distributed.from_main(lambda: lock.acquire(Path(settings.output.output_dir)))
             if not settings.output.resume:  # again under the lock: a run may have ended there since the first check
                 refuse_existing_run(Path(settings.output.output_dir))
+        rounds, data = load_rounds(settings.data)
         resumed = None
         if settings.output.resume:
             resumed = RunDirectory(Path(settings.output.output_dir), method, settings.flags, rounds, resume=True,
                                    checkpoint_dir=settings.output.checkpoint_dir)
             check_recorded_scores(resumed, settings.evaluation, settings.decoding.use_ground_truth_tools)
-        rounds, data = load_rounds(settings.data)
-        inputs = {"data": data_fingerprint(data_paths(settings.data, rounds)),
+        inputs = {"model_name": model_name, "data": data_fingerprint(data_paths(settings.data, rounds)),
                   "backbone": backbone_fingerprint(model_name)}
         if resumed is not None:
             resumed.check_inputs(inputs)
@@ -164,7 +184,9 @@ def prepare_run(settings: RunSettings, method: str, tool_tokens: bool = True) ->
         lock.release()
         raise
     set_seed(settings.seed)
-    tool_names = discover_available_tools([d.train for d in data])
+    tool_names = list(dict.fromkeys(t for d in data for t in d.tools))  # round by round, in each round's order
+    share = settings.data.validation_split
+    data = [hold_out_validation(d, share, settings.seed, index) for index, d in enumerate(data)]
     return RunPlan(method, settings, rounds, data, tool_names, model_name, positions, resumed, inputs, lock)
 
 
@@ -236,6 +258,7 @@ def start_run(plan: RunPlan, model) -> RunDirectory:
     elif run.completed_rounds and not run.finished:
         load_checkpoint(model, run, settings.rng == "original")
     run.record_inputs(plan.data, prompt, plan.inputs)
+    run.report_to(settings.output.report_to)
     run.started = plan.started
     if run.finished:
         return run
@@ -317,7 +340,7 @@ def run_rounds(
         train_lora = train_lora_for(index)
         model.set_lora_trainable(train_lora)
         stats = train_round(model, loader, settings.train.for_round(index, spec.epochs), active, train_lora,
-                            f"round {spec.name}")
+                            f"round {spec.name}", on_step=lambda point, i=index: run.log_step(i, point))
         logger.info("round %s: %d steps, mean loss %.4f, final loss %.4f, tool loss %.4f%s",
                     spec.name, stats.steps, stats.mean_loss, stats.final_loss, stats.mean_tool_loss,
                     "" if math.isnan(stats.mean_prototype_loss) else f", prototype loss {stats.mean_prototype_loss:.4f}")
@@ -330,6 +353,8 @@ def run_rounds(
             write_checkpoint(model.save, run.checkpoint_path(index))
         for test_index in evaluation_plan(index, len(data), settings.evaluation):
             evaluate_round(settings, model, data[test_index], index, test_index, run)
+            if data[test_index].validation:
+                evaluate_validation(settings, model, data[test_index], index, test_index, run)
         if original_rng and run.writer:  # after evaluation: each test loader's iterator draws a seed, as the original's
             write_checkpoint(save_rng_state, run.checkpoint_path(index))
         record = {"steps": stats.steps, "mean_loss": stats.mean_loss, "final_loss": stats.final_loss,
@@ -412,8 +437,30 @@ def evaluate_round(settings: RunSettings, model, round_data: RoundData, round_in
         label = f"after {run.rounds[round_index].name} on {round_data.spec.name}"
         metrics, predictions = evaluate(model, loader, forced, settings.model.max_new_tokens, f"eval {label}",
                                         decoding.ground_truth_style)
-        run.add_metrics(round_index, test_index, metrics, mode)
+        run.add_metrics(round_index, test_index, metrics, mode,
+                        run.write_predictions(round_index, test_index, mode, predictions))
         logger.info("%s (%s): tool F1 %.3f, call F1 %.3f, exact %.3f", label, mode, metrics["avg_tool_f1_score"],
                     metrics["avg_f1_score"], metrics["exact_accuracy"])
         if settings.evaluation.demo:
             logger.info("examples %s:\n%s", label, format_demo(predictions, settings.evaluation.demo))
+
+
+def evaluate_validation(settings: RunSettings, model, round_data: RoundData, round_index: int, test_index: int,
+                        run: RunDirectory) -> None:
+    """Score one round's held-out training samples after one round, and their loss; in fixed batches, drawing
+    nothing from any generator (a DataLoader's iterator would, and --rng original counts every draw)."""
+    data = settings.data
+
+    def batches(mode: str, size: int) -> list[dict]:
+        items = NativeFunctionCallingDataset(round_data.validation, model.tokenizer, model.encode_tool,
+                                             data.max_length, mode, prompt_format=data.prompt_format).items
+        return [left_pad_collate(items[i:i + size], model.tokenizer.pad_token_id) for i in range(0, len(items), size)]
+
+    label = f"after {run.rounds[round_index].name} on {round_data.spec.name}'s validation samples"
+    metrics, predictions = evaluate(model, batches("eval", settings.evaluation.eval_batch_size), False,
+                                    settings.model.max_new_tokens, f"eval {label}")
+    loss = mean_loss(model, batches("train", settings.train.batch_size))
+    run.add_metrics(round_index, test_index, metrics, "validation",
+                    run.write_predictions(round_index, test_index, "validation", predictions), loss)
+    logger.info("%s: loss %.4f, tool F1 %.3f, call F1 %.3f, exact %.3f", label, loss, metrics["avg_tool_f1_score"],
+                metrics["avg_f1_score"], metrics["exact_accuracy"])

@@ -11,8 +11,11 @@ import argparse
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, TypeVar
 
-from common import CliParser, UserError, non_negative_float, non_negative_int, positive_float, positive_int
+from common import (CliParser, UserError, non_negative_float, non_negative_int, positive_float, positive_int,
+                    unit_interval)
+import round_files
 from dataset import PROMPT_FORMATS
+from experiment import REPORT_TO
 from model import DTYPES, LoraSettings
 from training import TrainSettings
 
@@ -37,7 +40,7 @@ class ModelSettings:
 class DataSettings:
     """The rounds, their files, and how a sample becomes tokens."""
 
-    training_rounds: str
+    training_rounds: str | None = None  # None: the single split (train_data / test_data)
     data_dir: str = "data"
     train_max_function_calls: int = 4
     train_max_function_calls_per_round: str | None = None
@@ -46,6 +49,10 @@ class DataSettings:
     max_length: int = 512
     prompt_format: str = "chat"
     query_cut: str = "head"  # none: queries are never cut to max_length (the original's way)
+    validation_split: float = 0.0  # share of each round's training samples held out for validation
+    train_data: str | None = None  # the single split's files (round_files.SINGLE_*_FILE when None)
+    test_data: str | None = None
+    epochs: int = 1  # of the single split's one round
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class OutputSettings:
     checkpoint_dir: str | None = None
     save_checkpoints: bool = False
     preflight: bool = False  # check what needs no data (flags, output place, backbone), then exit
+    report_to: str = "none"  # tensorboard: also TensorBoard event files (needs the optional tensorboard package)
 
 
 @dataclass(frozen=True)
@@ -144,9 +152,19 @@ def add_model_flags(parser: CliParser) -> None:
 
 
 def add_data_flags(parser: CliParser) -> None:
-    parser.add_argument("--training_rounds", required=True,
+    parser.add_argument("--training_rounds", default=None,
                         help="rounds as START-END:EPOCHS, comma-separated, e.g. 1-50:1,51-100:3 (tool ranks, "
-                             "1-based inclusive; at most 100 epochs); required, no default")
+                             "1-based inclusive; at most 100 epochs), read from --data_dir's per-round files "
+                             "(default: the single split of --train_data and --test_data)")
+    parser.add_argument("--train_data", default=None,
+                        help="single split: one training file, one round over the tools it names in order of first "
+                             f"appearance, instead of --training_rounds (default: {round_files.SINGLE_TRAIN_FILE} in "
+                             "the working directory when --training_rounds is not given)")
+    parser.add_argument("--test_data", default=None,
+                        help=f"single split: its test file (default: {round_files.SINGLE_TEST_FILE} in the working "
+                             "directory)")
+    parser.add_argument("--epochs", type=positive_int, default=DataSettings.epochs,
+                        help="epochs of the single split's round (with --training_rounds each round names its own)")
     parser.add_argument("--data_dir", default=DataSettings.data_dir,
                         help="where the per-round training/, test/ and descriptions are")
     parser.add_argument("--train_max_function_calls", type=positive_int,
@@ -166,6 +184,10 @@ def add_data_flags(parser: CliParser) -> None:
     parser.add_argument("--prompt_format", default=DataSettings.prompt_format, choices=PROMPT_FORMATS,
                         help="chat: the tokenizer's chat template with a fixed date; original: the original toolkit's "
                              "hand-written Llama-3 turns (no system turn, nothing after the assistant header)")
+    parser.add_argument("--validation_split", type=unit_interval, default=DataSettings.validation_split,
+                        help="share of each round's training samples held out (seeded by --seed and the round) and "
+                             "scored after each round beside its test set, with their loss; 0: none, the original's "
+                             "way (the test files are never used)")
     parser.add_argument("--query_cut", default=DataSettings.query_cut, choices=QUERY_CUTS,
                         help="head: a sample over --max_length loses the head of its query; none: queries are never "
                              "cut, only the model's positions bound a sample (the original's way)")
@@ -222,6 +244,10 @@ def add_output_flags(parser: CliParser) -> None:
     parser.add_argument("--preflight", action="store_true",
                         help="check what needs no data (the flags, the output place, the backbone's tool slots and "
                              "LoRA modules), write nothing and exit (the scripts run it before their data step)")
+    parser.add_argument("--report_to", default=OutputSettings.report_to, choices=REPORT_TO,
+                        help="also log the training curve and test scores as TensorBoard event files in "
+                             "<output_dir>/tensorboard (needs `pip install tensorboard`); training_curve.jsonl and "
+                             ".png are always written")
 
 
 def add_sequential_flags(parser: CliParser) -> None:

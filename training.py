@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -113,6 +113,48 @@ def _renormalize_active_rows(model, active: torch.Tensor, rows: str = "all") -> 
             tensor[active] = picked / picked.norm(dim=-1, keepdim=True).clamp(min=1e-12) * target
 
 
+# on_step(point): called after every optimizer step with its curve point (see curve_point)
+StepCallback = Callable[[dict], None]
+
+
+def curve_point(step: int, epoch: int, losses: Sequence[float], prototype_losses: Sequence[float], weight: float,
+                lr: float, grad_norm: float) -> dict:
+    """One optimizer step of the training curve: its batches' mean data loss, mean prototype loss (None when off),
+    the loss they make together, the learning rate of the first parameter group and the gradient norm (before
+    clipping, over the trainable parameters after the other tools' rows are masked)."""
+    data = sum(losses) / len(losses)
+    prototype = sum(prototype_losses) / len(prototype_losses) if prototype_losses else None
+    return {"step": step, "epoch": epoch, "loss": data + weight * (prototype or 0.0), "data_loss": data,
+            "prototype_loss": prototype, "lr": lr, "grad_norm": grad_norm}
+
+
+def _optimizer_step(model, optimizer, scheduler, settings: TrainSettings, active_tools: torch.Tensor | None,
+                    snapshots: Sequence[torch.Tensor]) -> float:
+    """One optimizer step on the accumulated gradients: summed over the processes, the other tools' rows masked,
+    clipped (unless --max_grad_norm 0), applied; the other rows restored and the round's renormalised. Returns the
+    gradient norm before clipping."""
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    grads = [p.grad for p in trainable if p.grad is not None]
+    if distributed.is_distributed():
+        distributed.all_reduce_(grads)
+    if active_tools is not None:
+        for rows in model.row_parameters():
+            if rows.grad is not None:
+                rows.grad[~active_tools] = 0
+    if settings.max_grad_norm:
+        norm = torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if active_tools is not None:
+        _restore_inactive_rows(model, active_tools, snapshots)
+        if settings.renorm_active_tools:
+            _renormalize_active_rows(model, active_tools, settings.renorm_rows)
+    return float(norm)
+
+
 def train_round(
     model,
     loader: DataLoader,
@@ -120,8 +162,10 @@ def train_round(
     active_tools: torch.Tensor | None = None,
     train_lora: bool = False,
     description: str = "train",
+    on_step: StepCallback | None = None,
 ) -> RoundStats:
-    """Train one round: only the memory's rows of the `active_tools` (a bool mask over tools) change.
+    """Train one round: only the memory's rows of the `active_tools` (a bool mask over tools) change; `on_step`
+    gets each optimizer step's `curve_point`.
 
     A NaN or infinite loss raises TrainingDiverged before the optimizer applies it.
     """
@@ -130,11 +174,10 @@ def train_round(
     # An epoch ends with a flush of its last, possibly partial, group: that is one optimizer step too.
     total_steps = max(1, math.ceil(len(loader) / accumulation) * settings.epochs)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
-    row_tensors = model.row_parameters()
+    snapshots: list[torch.Tensor] = []
     if active_tools is not None:
-        active_tools = active_tools.to(row_tensors[0].device)
-        snapshots = [rows.detach()[~active_tools].clone() for rows in row_tensors]
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+        active_tools = active_tools.to(model.row_parameters()[0].device)
+        snapshots = [rows.detach()[~active_tools].clone() for rows in model.row_parameters()]
 
     prototypes = _prototype_masks(model, active_tools) if settings.prototype_weight else None
     if prototypes is not None:
@@ -182,21 +225,12 @@ def train_round(
             last_of_epoch = batch_index + 1 == len(loader)
             if (batch_index + 1) % accumulation and not last_of_epoch:
                 continue
-            if several:
-                distributed.all_reduce_([p.grad for p in trainable if p.grad is not None])
-            if active_tools is not None:
-                for rows in row_tensors:
-                    if rows.grad is not None:
-                        rows.grad[~active_tools] = 0
-            if settings.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if active_tools is not None:
-                _restore_inactive_rows(model, active_tools, snapshots)
-                if settings.renorm_active_tools:
-                    _renormalize_active_rows(model, active_tools, settings.renorm_rows)
+            lr = optimizer.param_groups[0]["lr"]
+            grad_norm = _optimizer_step(model, optimizer, scheduler, settings, active_tools, snapshots)
+            if on_step is not None:
+                group = accumulation_group_size(batch_index, len(loader), accumulation)
+                on_step(curve_point(step + 1, epoch + 1, losses[-group:], prototype_losses[-group:],
+                                    settings.prototype_weight, lr, grad_norm))
             step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -337,6 +371,20 @@ def evaluate(
     """Generate and score a test loader: (metric dict of eval.score_predictions, predictions)."""
     predictions = predict(model, loader, use_ground_truth_tools, max_new_tokens, description, ground_truth_style)
     return score_predictions(predictions), predictions
+
+
+@torch.no_grad()
+def mean_loss(model, batches: Iterable[dict]) -> float:
+    """The data loss over labelled batches (training mode), weighted by their labelled tokens, without gradient."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        labels = batch["labels"].to(model.device)
+        out = model(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), labels=labels)
+        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        total += out.loss.item() * tokens
+        count += tokens
+    return total / count if count else float("nan")
 
 
 def format_demo(predictions: Sequence[dict], count: int = 3) -> str:

@@ -315,13 +315,14 @@ class TrainingRecorder:
     def descriptions(self) -> list[str]:
         return [record.description for record in self.records]
 
-    def __call__(self, model, loader, settings, active, train_lora, description):
+    def __call__(self, model, loader, settings, active, train_lora, description, **kwargs):
         if description == self.stop_at:
             raise Interrupted(description)
         rows_before = [rows.detach().clone() for rows in model.row_parameters()]
         lora_before = lora_state(model)
         batches: list[list[str]] = []
-        stats = self.real(model, RecordingLoader(loader, batches), settings, active, train_lora, description)
+        stats = self.real(model, RecordingLoader(loader, batches), settings, active, train_lora, description,
+                          **kwargs)
         self.records.append(RoundRecord(
             description, None if active is None else active.clone(), train_lora, stats.steps, rows_before,
             [rows.detach().clone() for rows in model.row_parameters()], lora_before, lora_state(model), batches))

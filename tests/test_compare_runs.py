@@ -126,11 +126,39 @@ def test_bad_run_directories_are_one_line_errors(tmp_path, capsys, content, mess
     assert len(err) == 1 and message in err[0]
 
 
-def test_runs_given_twice_or_sharing_a_name_get_labels_apart():
-    from compare_runs import run_labels
+def test_runs_given_twice_or_sharing_a_name_get_labels_apart(tmp_path):
+    from compare_runs import pool_runs, run_labels
+
+    run = write_summary(tmp_path / "seed_42", "tokmem", ["1-20"], [[0.9]])
+    assert pool_runs([run, run], [{"method": "tokmem"}] * 2) == [[0], [1]]  # a run is never pooled with itself
 
     tokmem, lora = {"method": "tokmem"}, {"method": "lora"}
     paths = [Path("runs/a/x"), Path("runs/a/x"), Path("runs/b/x"), Path("runs/c/y"), Path("runs/l")]
-    labels = run_labels(paths, [tokmem, tokmem, tokmem, tokmem, lora])
+    labels = run_labels(paths, [tokmem, tokmem, tokmem, tokmem, lora], [[i] for i in range(5)])
     assert labels == ["tokmem (runs/a/x) #1", "tokmem (runs/a/x) #2", "tokmem (runs/b/x)", "tokmem (y)", "lora"]
-    assert run_labels([Path("r1"), Path("r2")], [tokmem, lora]) == ["tokmem", "lora"]
+    assert run_labels([Path("r1"), Path("r2")], [tokmem, lora], [[0], [1]]) == ["tokmem", "lora"]
+    assert run_labels(paths[2:4], [tokmem, tokmem], [[0, 1]]) == ["tokmem n=2"]
+
+
+def test_runs_differing_only_in_seed_are_pooled(tmp_path, capsys):
+    rounds = ["1-20", "21-40"]
+    runs = []
+    for seed, last in ((42, 0.4), (1, 0.5), (2, 0.6)):
+        run = write_summary(tmp_path / f"seed_{seed}", "tokmem", rounds, [[0.9, None], [0.8, last]])
+        (run / "config.json").write_text(json.dumps({"method": "tokmem", "args": {
+            "seed": seed, "lr": 0.01, "output_dir": str(run), "log_file": None}}))
+        runs.append(run)
+    other = write_summary(tmp_path / "other_lr", "tokmem", rounds, [[0.9, None], [0.7, 0.3]])
+    (other / "config.json").write_text(json.dumps({"method": "tokmem", "args": {"seed": 42, "lr": 0.1}}))
+    output = tmp_path / "cmp.png"
+    assert compare_runs.main([*map(str, runs), str(other), "--output", str(output)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    pooled = table_block(lines, "tokmem (seed_42) n=3")
+    assert pooled["tool F1"] == ["0.800±0.000", "0.500±0.100", "0.650±0.050", "-0.100±0.000", "100", "12.5"]
+    assert table_block(lines, "tokmem (other_lr)")["tool F1"] == ["0.700", "0.300", "0.500", "-0.200", "100", "12.5"]
+    first = json.loads(output.with_suffix(".json").read_text())["runs"][0]
+    assert first["n"] == 3 and len(first["summaries"]) == 3
+    tool_f1 = first["metrics"]["avg_tool_f1_score"]
+    assert tool_f1["after_last"]["21-40"] == pytest.approx(0.5)
+    assert tool_f1["std"]["after_last"]["21-40"] == pytest.approx(0.1)
+    assert tool_f1["n"]["average"] == 3 and tool_f1["std"]["backward_transfer"] == pytest.approx(0.0)

@@ -153,7 +153,7 @@ def test_nan_loss_stops_the_round_and_keeps_the_last_good_checkpoint(tiny_model_
     real_train_round = training.train_round
     calls = []
 
-    def diverge_in_round_two(model, loader, settings, active, train_lora, description):
+    def diverge_in_round_two(model, loader, settings, active, train_lora, description, **kwargs):
         calls.append(description)
         if len(calls) == 2:
             with torch.no_grad():

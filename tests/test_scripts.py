@@ -108,6 +108,18 @@ def test_default_dry_run_is_the_embedded_default(tmp_path):
     assert {"--renorm_active_tools", "--eval_all_previous"} <= switches and "--offer_all_tools" not in switches
 
 
+@pytest.mark.parametrize("script, parent", [("run_n_rounds_main.sh", "out/many"),
+                                            ("run_n_rounds_lora.sh", "runs/lora_seeds_")])
+def test_seeds_run_one_after_another_into_one_parent_directory(tmp_path, script, parent):
+    env = {"OUTPUT_DIR": parent} if parent == "out/many" else {}
+    commands = dry_run(script, tmp_path, SEEDS="42,1,2", VALIDATION_SPLIT="0.1", **env)[-3:]
+    assert [flags["--seed"] for _, flags, _ in commands] == ["42", "1", "2"]
+    outputs = [flags["--output_dir"] for _, flags, _ in commands]
+    assert all(out.startswith(parent) for out in outputs) and len({str(Path(o).parent) for o in outputs}) == 1
+    assert [Path(o).name for o in outputs] == ["seed_42", "seed_1", "seed_2"]
+    assert all(flags["--validation_split"] == "0.1" for _, flags, _ in commands)
+
+
 @pytest.mark.parametrize("env, message", [
     ({"PRESET": "papers"}, "PRESET must be paper or empty, got 'papers'"),
     ({"USE_LORA": "maybe"}, "USE_LORA must be true or false"),
@@ -115,6 +127,7 @@ def test_default_dry_run_is_the_embedded_default(tmp_path):
     ({"EPOCHS_PER_ROUND": "1,2,3,4"}, "EPOCHS_PER_ROUND has 4 values for NUM_ROUNDS=3"),
     ({"PROTOTYPE_WEIGHT": "abc"}, "PROTOTYPE_WEIGHT must be a number >= 0, got 'abc'"),
     ({"LR": "-1e-2"}, "LR must be a number >= 0, got '-1e-2'"),
+    ({"SEEDS": "42,x"}, "SEEDS must be comma-separated integers (e.g. 42,1,2), got '42,x'"),
 ])
 def test_bad_script_variables_are_one_line_errors(tmp_path, env, message):
     result = run_script("run_n_rounds_main.sh", tmp_path, DRY_RUN="true", **env)
