@@ -1,9 +1,10 @@
 """FunctionCallingModel: a frozen causal LM, its tool memory (tool_memory.ToolMemory: one trainable row per tool)
 and optional LoRA.
 
-Every tool is one special token of the tokenizer (Llama-3's reserved special tokens, in id order; new special tokens
-when the tokenizer has none). The tool's rows replace that token's embedding on the input side and its logit on the
-output side (`logit = hidden . row`), both vectorized over all tools. The rows and the LoRA adapter are the whole
+Every tool is one special token of the tokenizer (Llama-3's reserved special tokens, in id order, then new special
+tokens for the tools past them or when the tokenizer has none; the embedding and LM head grow by those). The tool's
+rows replace that token's embedding on the input side and its logit on the output side (`logit = hidden . row`),
+both vectorized over all tools. The rows and the LoRA adapter are the whole
 trainable state, and a checkpoint holds exactly that (safetensors + JSON), never backbone weights.
 """
 
@@ -148,22 +149,20 @@ def reserved_token_ids(tokenizer) -> list[int]:
 
 
 def assign_tool_tokens(tokenizer, num_tools: int) -> tuple[list[int], bool]:
-    """Token ids for `num_tools` tools and whether tokens were added.
+    """Token ids for `num_tools` tools and whether tokens were added (the vocabulary then needs resizing).
 
-    A Llama-3 style tokenizer offers its reserved special tokens as the tool slots, and a tool count above them is an
-    error. A tokenizer without reserved tokens (GPT-2, Qwen) gets one new special token per tool.
+    A Llama-3 style tokenizer offers its reserved special tokens as the first tool slots, in id order; every tool
+    past them (and every tool of a tokenizer without reserved tokens, GPT-2 or Qwen) gets a new special token
+    `<|tool_memory_N|>`, N counting from 0 over the added ones. The same tokenizer and tool count give the same ids
+    in every process and every load, so a checkpoint's token ids stay valid.
     """
-    reserved = reserved_token_ids(tokenizer)
-    if reserved:
-        if num_tools > len(reserved):
-            raise UserError(
-                f"{num_tools} tools but the tokenizer has only {len(reserved)} reserved special tokens (tool slots); "
-                "train fewer tools in one run"
-            )
-        return reserved[:num_tools], False
-    new_tokens = [ADDED_TOOL_TOKEN.format(i) for i in range(num_tools)]
+    reserved = reserved_token_ids(tokenizer)[:num_tools]
+    extra = num_tools - len(reserved)
+    if extra == 0:
+        return reserved, False
+    new_tokens = [ADDED_TOOL_TOKEN.format(i) for i in range(extra)]
     tokenizer.add_tokens(new_tokens, special_tokens=True)
-    return [tokenizer.convert_tokens_to_ids(t) for t in new_tokens], True
+    return reserved + [tokenizer.convert_tokens_to_ids(t) for t in new_tokens], True
 
 
 @contextlib.contextmanager
@@ -203,6 +202,19 @@ def avoid_cudnn_attention(device: torch.device) -> None:
     """
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def grow_vocabulary(base, size: int) -> None:
+    """Grow the embedding and LM head (tied or untied) to hold `size` token ids, never shrinking them (a backbone may
+    carry more rows than its tokenizer has tokens); the backbone stays frozen.
+
+    The new rows are left as the resize makes them, without transformers' mean resizing: a tool token's embedding and
+    logit always come from its tool-memory rows, so these rows are never read, and skipping it spares a covariance over
+    the embeddings and a draw from the global generator."""
+    if size > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(size, mean_resizing=False)
+    for param in base.parameters():
+        param.requires_grad_(False)
 
 
 def attach_lora(base, settings: LoraSettings):
@@ -427,9 +439,7 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         token_ids, added = assign_tool_tokens(self.tokenizer, num_tools)
         base = load_base_model(self.model_name, self.device, self.dtype)
         if added:
-            base.resize_token_embeddings(len(self.tokenizer))
-            for param in base.parameters():
-                param.requires_grad_(False)
+            grow_vocabulary(base, len(self.tokenizer))
         self.base_model = attach_lora(base, lora_config) if lora_config else base
         self.end_id = end_of_turn_id(self.tokenizer)
         self.stop_ids = [self.end_id]
@@ -726,6 +736,9 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta["tool_names"] != self.tool_names:
             raise UserError(f"checkpoint {directory} holds different tools than this model")
+        if meta.get("tool_token_ids", self.tool_token_ids.tolist()) != self.tool_token_ids.tolist():
+            raise UserError(f"checkpoint {directory} maps its tools to other token ids than this model's tokenizer does "
+                            "(a different tokenizer or --model_name)")
         if bool(meta["decouple_embeddings"]) != self.decouple_embeddings:
             raise UserError(f"checkpoint {directory} differs in --decouple_embeddings")
         self.set_generation_tools(meta.get("generation_tools"))

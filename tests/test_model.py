@@ -596,10 +596,13 @@ def test_tokenizer_without_reserved_tokens_gets_added_tokens(tmp_path):
     assert torch.isfinite(out.loss) and model.memory.input_rows.grad[1].abs().sum() > 0
 
 
-def test_more_tools_than_reserved_slots_is_a_user_error(tiny_model_dir):
+def test_the_tool_past_the_reserved_slots_gets_an_added_token(tiny_model_dir):
     names = [f"tool_{i}" for i in range(249)]
-    with pytest.raises(UserError, match="248 reserved special tokens"):
-        FunctionCallingModel(str(tiny_model_dir), len(names), names, device="cpu")
+    model = FunctionCallingModel(str(tiny_model_dir), len(names), names, device="cpu")
+    reserved = reserved_token_ids(model.tokenizer)
+    assert len(reserved) == 248 and model.tool_token_ids[:248].tolist() == reserved
+    assert model.tokenizer.convert_ids_to_tokens(model.get_tool_token_id("tool_248")) == "<|tool_memory_0|>"
+    assert model.causal_lm.get_input_embeddings().weight.shape[0] == len(model.tokenizer)
 
 
 def test_missing_model_directory_is_a_user_error(tmp_path):
