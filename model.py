@@ -40,6 +40,7 @@ MEMORY_FILE = "tool_memory.safetensors"
 MEMORY_META_FILE = "tool_memory.json"
 LORA_DIR = "lora"
 STOP_TOKENS = ("eot", "generation_config")
+TRAINING_PASSES = ("auto", "split", "one")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -98,6 +99,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in DTYPES:
         raise UserError(f"--dtype: expected one of auto, {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def resolve_training_pass(training_pass: str, device: torch.device) -> str:
+    """How a training batch runs through the decoder (FunctionCallingModel.training_hidden): `split` (the prompt
+    without autograd, then the answer on its cache: two decoder calls) or `one` (one pass). `auto` is one pass on
+    CUDA, where the bench measured a split step at 1.36-1.54x a plain one on an H100 (two launch-bound decoder calls),
+    and split elsewhere, where it is 0.58-0.63x a plain step on CPU. The rule is a default to be measured on a GPU
+    (`bench/bench_tool_memory.py --training_pass one`): the one-pass ratio there has not been measured yet."""
+    if training_pass not in TRAINING_PASSES:
+        raise UserError(f"--training_pass: expected one of {', '.join(TRAINING_PASSES)}, got {training_pass!r}")
+    if training_pass == "auto":
+        return "one" if device.type == "cuda" else "split"
+    return training_pass
 
 
 def check_model_name(model_name: str) -> None:
@@ -457,7 +471,7 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         # Generation: tool tokens only at call boundaries (see CallBoundaryTracker), and only of the tools in
         # `generation_tools` (None: all); a sequential run offers only the tools learned so far.
         self.constrain_calls = True
-        self.split_prompt = True  # training_hidden: the prompt without autograd when nothing in it is trained
+        self.training_pass = resolve_training_pass("auto", self.device)  # training_hidden: split or one pass
         self.generation_tools: list[str] | None = None
         self._json_pieces: dict[int, str] | None = None
         self.eval()
@@ -620,9 +634,9 @@ class FunctionCallingModel(BackboneParts, nn.Module):
 
         With no trainable backbone parameter (LoRA off or frozen), nothing before the batch's first tool token
         depends on a trained value: that prefix runs without autograd, and the rest attends to its cached keys and
-        values, so backward neither stores nor walks the prompt's activations. With `split_prompt` off the batch
-        runs in one pass, as the original's does (`--rng original`: a frozen adapter's dropout then draws its masks
-        in the original's shapes and order).
+        values, so backward neither stores nor walks the prompt's activations. With `training_pass` `one` the batch
+        runs in one pass, as the original's does (`--rng original` forces it: a frozen adapter's dropout then draws
+        its masks in the original's shapes and order).
         """
         decoder = self.causal_lm.get_decoder()
         split = self.constant_prefix_length(input_ids) if torch.is_grad_enabled() else 0
@@ -640,8 +654,8 @@ class FunctionCallingModel(BackboneParts, nn.Module):
 
     def constant_prefix_length(self, input_ids: torch.Tensor) -> int:
         """How many leading positions hold no tool token in any row, when no backbone parameter is trained and
-        `split_prompt` is on (else 0)."""
-        if not self.split_prompt or any(p.requires_grad for p in self.base_model.parameters()):
+        `training_pass` is `split` (else 0)."""
+        if self.training_pass != "split" or any(p.requires_grad for p in self.base_model.parameters()):
             return 0
         has_tool = self.memory.is_tool(input_ids).any(dim=0).nonzero()
         return int(has_tool[0]) if len(has_tool) else input_ids.shape[1]

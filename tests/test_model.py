@@ -623,3 +623,28 @@ def test_loading_on_cuda_takes_cudnn_attention_out_of_sdpa(tiny_model_dir, monke
     monkeypatch.setattr(model_module, "avoid_cudnn_attention", seen.append)
     model_module.load_base_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     assert seen == [torch.device("cpu")], "every backbone load passes its device"
+
+
+def test_training_pass_auto_is_one_pass_on_cuda_and_split_elsewhere():
+    from model import resolve_training_pass
+
+    assert resolve_training_pass("auto", torch.device("cuda", 0)) == "one"
+    assert resolve_training_pass("auto", torch.device("cpu")) == "split"
+    assert resolve_training_pass("split", torch.device("cuda", 0)) == "split"
+    with pytest.raises(UserError, match="--training_pass: expected one of auto, split, one"):
+        resolve_training_pass("two", torch.device("cpu"))
+
+
+def test_one_pass_and_split_give_the_same_loss_and_row_gradients(tiny_model_dir):
+    model = build(tiny_model_dir)
+    batch = train_batch(model)
+    results = []
+    for training_pass in ("split", "one"):
+        model.training_pass = training_pass
+        model.zero_grad(set_to_none=True)
+        assert (model.constant_prefix_length(batch["input_ids"]) > 0) == (training_pass == "split")
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        out.loss.backward()
+        results.append((out.loss.detach(), model.memory.input_rows.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
