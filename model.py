@@ -522,9 +522,9 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         """Token ids of the tools that generation must not emit (outside `generation_tools`)."""
         if self.generation_tools is None:
             return self.tool_token_ids[:0]
-        offered = set(self.generation_tools)
-        blocked = [i for i, name in enumerate(self.tool_names) if name not in offered]
-        return self.tool_token_ids[torch.tensor(blocked, dtype=torch.long, device=self.device)]
+        offered = torch.zeros(self.num_tools, dtype=torch.bool, device=self.device)
+        offered[[self._name_to_index[name] for name in self.generation_tools]] = True
+        return self.tool_token_ids[~offered]
 
     def call_boundary_tracker(self, batch: int) -> CallBoundaryTracker:
         """A tracker of the call boundaries of `batch` answers; it masks tool tokens inside calls with
