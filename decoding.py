@@ -125,9 +125,8 @@ class OfferedTools(ScoreProcessor):
         self.blocked_ids = blocked_ids
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.clone()
-        scores[:, self.blocked_ids] = float("-inf")
-        return scores
+        """-inf in every blocked tool column, in place (one index_fill_ over all of them)."""
+        return scores.index_fill_(1, self.blocked_ids, float("-inf"))
 
 
 GROUND_TRUTH_STYLES = ("forced", "replace")

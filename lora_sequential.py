@@ -333,9 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, baseline = settings_from(build_parser().parse_args(argv))
     method = "lora_replay" if baseline.replay is not None else "lora"
     if settings.output.preflight:
-        preflight(settings, tool_tokens=False)
+        preflight(settings)
         return 0
-    plan = prepare_run(settings, method, tool_tokens=False)
+    plan = prepare_run(settings, method)
     with plan.lock:
         settings, data, tool_names = plan.settings, plan.data, plan.tool_names
         model = MarkerLoRAModel(plan.model_name, tool_names, settings.lora, device=settings.model.device,

@@ -16,7 +16,7 @@ import distributed
 from common import CliParser, UserError, non_negative_float, positive_float, positive_int
 from decoding import GROUND_TRUTH_STYLES
 from experiment import print_final_report
-from model import STOP_TOKENS, FunctionCallingModel
+from model import STOP_TOKENS, TRAINING_PASSES, FunctionCallingModel, resolve_training_pass
 from sequential import RunPlan, preflight, prepare_run, run_rounds, start_run
 from settings import (RNG_MODES, DecodingSettings, RunSettings, add_sequential_flags, from_flags, lora_settings,
                       run_settings, train_settings)
@@ -37,6 +37,7 @@ class MemorySettings:
     memory_dtype: str = "float32"
     use_lora: bool = False
     freeze_lora_after_first: bool = False
+    training_pass: str = "auto"  # model.resolve_training_pass; --rng original needs one pass
 
     def train_lora_in(self, round_index: int) -> bool:
         """LoRA trains in every round, or with --freeze_lora_after_first in the first only."""
@@ -53,6 +54,10 @@ def build_parser() -> CliParser:
                         help="train LoRA in the first round only (needs --use_lora)")
     parser.add_argument("--lora_layer_indices", default=None,
                         help="comma list of decoder layers to adapt, negative counts from the end (default: all)")
+    parser.add_argument("--training_pass", default=MemorySettings.training_pass, choices=TRAINING_PASSES,
+                        help="a training batch as one decoder pass, or split (the prompt without autograd, then the "
+                             "answer on its cache; only while no backbone parameter trains); auto: one on CUDA, "
+                             "split elsewhere (default; --rng original runs one pass)")
     parser.add_argument("--decouple_embeddings", action="store_true",
                         help="separate input and output rows per tool (default: one row for both)")
     parser.add_argument("--renorm_active_tools", action="store_true",
@@ -102,6 +107,9 @@ def build_parser() -> CliParser:
 def settings_from(args) -> tuple[RunSettings, MemorySettings]:
     """The parsed flags as the run's settings and the tool memory's."""
     memory = from_flags(MemorySettings, args)
+    if args.rng == "original" and memory.training_pass == "split":
+        raise UserError("--training_pass split: --rng original runs each batch in one pass, as the original does "
+                        "(its dropout masks have the one-pass shapes); use one or auto")
     if memory.freeze_lora_after_first and not memory.use_lora:
         raise UserError("--freeze_lora_after_first needs --use_lora (without it there is no LoRA to freeze)")
     train = train_settings(args, lora_lr=args.lora_lr, renorm_active_tools=args.renorm_active_tools,
@@ -129,9 +137,10 @@ def build_model(plan: RunPlan, memory: MemorySettings) -> FunctionCallingModel:
         # most Llama-3's 248 reserved tokens (its constant), from the global generator right after LoRA's draws.
         slots = min(max(spec.end for spec in plan.rounds), ORIGINAL_TOOL_SLOTS)
         model.initialize_rows(seed=None, norm=memory.tool_init_norm, drawn_rows=slots)
-        model.split_prompt = False
+        model.training_pass = "one"
     else:
         model.initialize_rows(seed=settings.seed, norm=memory.tool_init_norm)
+        model.training_pass = resolve_training_pass(memory.training_pass, model.device)
     model.constrain_calls = not settings.decoding.unconstrained_decoding
     model.set_stop_tokens(settings.decoding.stop_tokens)
     return model
@@ -140,7 +149,7 @@ def build_model(plan: RunPlan, memory: MemorySettings) -> FunctionCallingModel:
 def main(argv: Sequence[str] | None = None) -> int:
     settings, memory = settings_from(build_parser().parse_args(argv))
     if settings.output.preflight:
-        preflight(settings, tool_tokens=True)
+        preflight(settings)
         return 0
     plan = prepare_run(settings, "tokmem")
     with plan.lock:

@@ -1,9 +1,10 @@
 """FunctionCallingModel: a frozen causal LM, its tool memory (tool_memory.ToolMemory: one trainable row per tool)
 and optional LoRA.
 
-Every tool is one special token of the tokenizer (Llama-3's reserved special tokens, in id order; new special tokens
-when the tokenizer has none). The tool's rows replace that token's embedding on the input side and its logit on the
-output side (`logit = hidden . row`), both vectorized over all tools. The rows and the LoRA adapter are the whole
+Every tool is one special token of the tokenizer (Llama-3's reserved special tokens, in id order, then new special
+tokens for the tools past them or when the tokenizer has none; the embedding and LM head grow by those). The tool's
+rows replace that token's embedding on the input side and its logit on the output side (`logit = hidden . row`),
+both vectorized over all tools. The rows and the LoRA adapter are the whole
 trainable state, and a checkpoint holds exactly that (safetensors + JSON), never backbone weights.
 """
 
@@ -39,6 +40,7 @@ MEMORY_FILE = "tool_memory.safetensors"
 MEMORY_META_FILE = "tool_memory.json"
 LORA_DIR = "lora"
 STOP_TOKENS = ("eot", "generation_config")
+TRAINING_PASSES = ("auto", "split", "one")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -99,6 +101,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def resolve_training_pass(training_pass: str, device: torch.device) -> str:
+    """How a training batch runs through the decoder (FunctionCallingModel.training_hidden): `split` (the prompt
+    without autograd, then the answer on its cache: two decoder calls) or `one` (one pass). `auto` is one pass on
+    CUDA, where the bench measured a split step at 1.36-1.54x a plain one on an H100 (two launch-bound decoder calls),
+    and split elsewhere, where it is 0.58-0.63x a plain step on CPU. The rule is a default to be measured on a GPU
+    (`bench/bench_tool_memory.py --training_pass one`): the one-pass ratio there has not been measured yet."""
+    if training_pass not in TRAINING_PASSES:
+        raise UserError(f"--training_pass: expected one of {', '.join(TRAINING_PASSES)}, got {training_pass!r}")
+    if training_pass == "auto":
+        return "one" if device.type == "cuda" else "split"
+    return training_pass
+
+
 def check_model_name(model_name: str) -> None:
     """A --model_name that names a local place must be a model directory: a missing one is reported as missing (not
     as the hub's repo-id format error it would otherwise give). `org/name` with no such local directory is a hub id."""
@@ -148,34 +163,25 @@ def reserved_token_ids(tokenizer) -> list[int]:
 
 
 def assign_tool_tokens(tokenizer, num_tools: int) -> tuple[list[int], bool]:
-    """Token ids for `num_tools` tools and whether tokens were added.
+    """Token ids for `num_tools` tools and whether tokens were added (the vocabulary then needs resizing).
 
-    A Llama-3 style tokenizer offers its reserved special tokens as the tool slots, and a tool count above them is an
-    error. A tokenizer without reserved tokens (GPT-2, Qwen) gets one new special token per tool.
+    A Llama-3 style tokenizer offers its reserved special tokens as the first tool slots, in id order; every tool
+    past them (and every tool of a tokenizer without reserved tokens, GPT-2 or Qwen) gets a new special token
+    `<|tool_memory_N|>`, N counting from 0 over the added ones. The same tokenizer and tool count give the same ids
+    in every process and every load, so a checkpoint's token ids stay valid.
     """
-    reserved = reserved_token_ids(tokenizer)
-    if reserved:
-        if num_tools > len(reserved):
-            raise UserError(
-                f"{num_tools} tools but the tokenizer has only {len(reserved)} reserved special tokens (tool slots); "
-                "train fewer tools in one run"
-            )
-        return reserved[:num_tools], False
-    new_tokens = [ADDED_TOOL_TOKEN.format(i) for i in range(num_tools)]
+    reserved = reserved_token_ids(tokenizer)[:num_tools]
+    extra = num_tools - len(reserved)
+    if extra == 0:
+        return reserved, False
+    new_tokens = [ADDED_TOOL_TOKEN.format(i) for i in range(extra)]
     tokenizer.add_tokens(new_tokens, special_tokens=True)
-    return [tokenizer.convert_tokens_to_ids(t) for t in new_tokens], True
+    return reserved + [tokenizer.convert_tokens_to_ids(t) for t in new_tokens], True
 
 
-def check_backbone(model_name: str, num_tools: int | None, lora: LoraSettings | None) -> None:
-    """What can be known of the backbone before any data is read: `num_tools` tools fit the tokenizer's reserved
-    tool slots (None: the method needs no tool tokens), and LoRA's target modules and layers exist in the model
-    (built from its config on the meta device, no weights loaded)."""
-    if num_tools is not None:
-        reserved = reserved_token_ids(load_tokenizer(model_name))
-        if reserved and num_tools > len(reserved):
-            raise UserError(f"--training_rounds names {num_tools} tools but the tokenizer of --model_name "
-                            f"{model_name} has only {len(reserved)} reserved special tokens (tool slots); train fewer "
-                            "tools in one run")
+def check_backbone(model_name: str, lora: LoraSettings | None) -> None:
+    """What can be known of the backbone before any data is read: LoRA's target modules and layers exist in the
+    model (built from its config on the meta device, no weights loaded). Any number of tools fits (assign_tool_tokens)."""
     if lora is None:
         return
     try:
@@ -232,6 +238,19 @@ def avoid_cudnn_attention(device: torch.device) -> None:
     """
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def grow_vocabulary(base, size: int) -> None:
+    """Grow the embedding and LM head (tied or untied) to hold `size` token ids, never shrinking them (a backbone may
+    carry more rows than its tokenizer has tokens); the backbone stays frozen.
+
+    The new rows are left as the resize makes them, without transformers' mean resizing: a tool token's embedding and
+    logit always come from its tool-memory rows, so these rows are never read, and skipping it spares a covariance over
+    the embeddings and a draw from the global generator."""
+    if size > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(size, mean_resizing=False)
+    for param in base.parameters():
+        param.requires_grad_(False)
 
 
 def attach_lora(base, settings: LoraSettings):
@@ -487,9 +506,7 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         token_ids, added = assign_tool_tokens(self.tokenizer, num_tools)
         base = load_base_model(self.model_name, self.device, self.dtype)
         if added:
-            base.resize_token_embeddings(len(self.tokenizer))
-            for param in base.parameters():
-                param.requires_grad_(False)
+            grow_vocabulary(base, len(self.tokenizer))
         self.base_model = attach_lora(base, lora_config) if lora_config else base
         self.end_id = end_of_turn_id(self.tokenizer)
         self.stop_ids = [self.end_id]
@@ -507,7 +524,7 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         # Generation: tool tokens only at call boundaries (see CallBoundaryTracker), and only of the tools in
         # `generation_tools` (None: all); a sequential run offers only the tools learned so far.
         self.constrain_calls = True
-        self.split_prompt = True  # training_hidden: the prompt without autograd when nothing in it is trained
+        self.training_pass = resolve_training_pass("auto", self.device)  # training_hidden: split or one pass
         self.generation_tools: list[str] | None = None
         self._json_pieces: dict[int, str] | None = None
         self.eval()
@@ -558,9 +575,9 @@ class FunctionCallingModel(BackboneParts, nn.Module):
         """Token ids of the tools that generation must not emit (outside `generation_tools`)."""
         if self.generation_tools is None:
             return self.tool_token_ids[:0]
-        offered = set(self.generation_tools)
-        blocked = [i for i, name in enumerate(self.tool_names) if name not in offered]
-        return self.tool_token_ids[torch.tensor(blocked, dtype=torch.long, device=self.device)]
+        offered = torch.zeros(self.num_tools, dtype=torch.bool, device=self.device)
+        offered[[self._name_to_index[name] for name in self.generation_tools]] = True
+        return self.tool_token_ids[~offered]
 
     def call_boundary_tracker(self, batch: int) -> CallBoundaryTracker:
         """A tracker of the call boundaries of `batch` answers; it masks tool tokens inside calls with
@@ -670,9 +687,9 @@ class FunctionCallingModel(BackboneParts, nn.Module):
 
         With no trainable backbone parameter (LoRA off or frozen), nothing before the batch's first tool token
         depends on a trained value: that prefix runs without autograd, and the rest attends to its cached keys and
-        values, so backward neither stores nor walks the prompt's activations. With `split_prompt` off the batch
-        runs in one pass, as the original's does (`--rng original`: a frozen adapter's dropout then draws its masks
-        in the original's shapes and order).
+        values, so backward neither stores nor walks the prompt's activations. With `training_pass` `one` the batch
+        runs in one pass, as the original's does (`--rng original` forces it: a frozen adapter's dropout then draws
+        its masks in the original's shapes and order).
         """
         decoder = self.causal_lm.get_decoder()
         split = self.constant_prefix_length(input_ids) if torch.is_grad_enabled() else 0
@@ -690,8 +707,8 @@ class FunctionCallingModel(BackboneParts, nn.Module):
 
     def constant_prefix_length(self, input_ids: torch.Tensor) -> int:
         """How many leading positions hold no tool token in any row, when no backbone parameter is trained and
-        `split_prompt` is on (else 0)."""
-        if not self.split_prompt or any(p.requires_grad for p in self.base_model.parameters()):
+        `training_pass` is `split` (else 0)."""
+        if self.training_pass != "split" or any(p.requires_grad for p in self.base_model.parameters()):
             return 0
         has_tool = self.memory.is_tool(input_ids).any(dim=0).nonzero()
         return int(has_tool[0]) if len(has_tool) else input_ids.shape[1]
@@ -791,6 +808,9 @@ class FunctionCallingModel(BackboneParts, nn.Module):
                             "decouple_embeddings (true or false) and generation_tools")
         if meta["tool_names"] != self.tool_names:
             raise UserError(f"checkpoint {directory} holds different tools than this model")
+        if meta.get("tool_token_ids", self.tool_token_ids.tolist()) != self.tool_token_ids.tolist():
+            raise UserError(f"checkpoint {directory} maps its tools to other token ids than this model's tokenizer does "
+                            "(a different tokenizer or --model_name)")
         if meta["decouple_embeddings"] != self.decouple_embeddings:
             raise UserError(f"checkpoint {directory} differs in --decouple_embeddings")
         unknown = sorted(set(meta.get("generation_tools") or []) - set(self.tool_names))

@@ -128,14 +128,13 @@ def resolve_model_settings(settings: RunSettings) -> RunSettings:
     return replace(settings, model=model, flags=flags)
 
 
-def check_before_data(settings: RunSettings, tool_tokens: bool) -> tuple[RunSettings, list[RoundSpec], str,
-                                                                        int | None]:
+def check_before_data(settings: RunSettings) -> tuple[RunSettings, list[RoundSpec], str, int | None]:
     """What needs no data file, checked first and writing nothing: the output places, the rounds, the model
-    directory and --max_length against its positions, the backbone (its tool slots for the rounds' tools when
-    `tool_tokens`, LoRA's target modules and layers), --rng and the device. Returns the settings with device and
+    directory and --max_length against its positions, the backbone (LoRA's target modules and layers), --rng and
+    the device. Returns the settings with device and
     dtype resolved, the rounds, the model name and its positions. Under torchrun this joins the job."""
     check_output_flags(settings.output)
-    single_split = settings.data.training_rounds is None  # its tools are known once its file is read
+    single_split = settings.data.training_rounds is None  # its one round is known once its files are read
     rounds = [] if single_split else parse_training_rounds(settings.data.training_rounds)
     round_caps(settings.data, rounds)
     model_name = resolve_model_name(settings.model.model_name)
@@ -144,8 +143,7 @@ def check_before_data(settings: RunSettings, tool_tokens: bool) -> tuple[RunSett
     if positions and max_length > positions:
         raise UserError(f"--max_length {max_length} is beyond the {positions} positions of --model_name "
                         f"{model_name}; use at most {positions}")
-    check_backbone(model_name, sum(r.end - r.start + 1 for r in rounds) if tool_tokens and not single_split else None,
-                   settings.lora)
+    check_backbone(model_name, settings.lora)
     if settings.data.query_cut == "none":
         settings = replace(settings, data=replace(settings.data, max_length=positions or sys.maxsize))
     if settings.rng == "original" and distributed.env_world_size() > 1:
@@ -154,7 +152,7 @@ def check_before_data(settings: RunSettings, tool_tokens: bool) -> tuple[RunSett
     return resolve_model_settings(settings), rounds, model_name, positions
 
 
-def prepare_run(settings: RunSettings, method: str, tool_tokens: bool = True) -> RunPlan:
+def prepare_run(settings: RunSettings, method: str) -> RunPlan:
     """Check what can be checked before the model is built, and write nothing but the run directory's lock: first
     what needs no data (check_before_data), then the lock on --output_dir (another run holding it is refused), with
     --resume the run to continue (its config, state and metrics), every round's data, and with --resume that the
@@ -163,7 +161,7 @@ def prepare_run(settings: RunSettings, method: str, tool_tokens: bool = True) ->
     progress there). Under torchrun every process checks the same and joins the job here, before the model is
     built. The caller holds the plan's lock for the run (`with plan.lock`); a refusal here releases it."""
     distributed.setup_process_logging()
-    settings, rounds, model_name, positions = check_before_data(settings, tool_tokens)
+    settings, rounds, model_name, positions = check_before_data(settings)
     lock = RunLock()
     try:
         if settings.output.output_dir:
@@ -190,10 +188,10 @@ def prepare_run(settings: RunSettings, method: str, tool_tokens: bool = True) ->
     return RunPlan(method, settings, rounds, data, tool_names, model_name, positions, resumed, inputs, lock)
 
 
-def preflight(settings: RunSettings, tool_tokens: bool) -> None:
+def preflight(settings: RunSettings) -> None:
     """--preflight: check_before_data alone, so a script refuses a bad flag or backbone before its data step."""
     distributed.setup_process_logging()
-    check_before_data(settings, tool_tokens)
+    check_before_data(settings)
     logger.info("preflight: the flags, output place and backbone pass (no data read, nothing written)")
 
 

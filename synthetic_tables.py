@@ -985,6 +985,28 @@ DOMAIN_OBJECTS: tuple[DomainObject, ...] = (
          "username social_platform", None, "check"),
 )
 
+
+@dataclass(frozen=True)
+class Scope:
+    """A name suffix of the catalog's extension (ranks past 400): where the tool acts, said in its query and its
+    description, so a scoped tool's query differs from its unscoped one's."""
+
+    phrase: str
+    describe: str
+
+
+# The extension scopes (synthetic_xlam: one tool per domain object and scope, ranked after the first 400).
+SCOPES: dict[str, Scope] = {
+    "team": Scope(" for the team workspace", " in a team workspace"),
+    "staging": Scope(" in the staging environment", " in the staging environment"),
+    "archive": Scope(" from the archive", " from the archive"),
+    "business": Scope(" for the business account", " for a business account"),
+    "mobile": Scope(" on the mobile app", " through the mobile app"),
+    "sandbox": Scope(" in the sandbox", " in a sandbox"),
+    "partner": Scope(" through the partner network", " through the partner network"),
+    "eu": Scope(" in the EU region", " in the EU region"),
+}
+
 SEARCH_OBJECT = _obj("web", "the web", "the web", "query", {"limit": 10, "safe_search": True}, "search")
 SEARCH_DESCRIPTION = "Searches the web and returns the most relevant pages."
 SEARCH_ACTIONS = ("search the web", "look up on the web", "run a web search")

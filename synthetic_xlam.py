@@ -31,9 +31,9 @@ from synthetic_tables import (
     AIRLINE_CODES, CITIES, COMPANY_PREFIXES, COMPANY_SUFFIXES, DATE_SPANS, DISTRACTOR_CHOICES, DOMAIN_OBJECTS,
     DOMAIN_WORDS, EMAIL_DOMAINS, EXPRESSION_FORMS, FIRST_DAY, FIRST_NAMES, FIRST_PERSON_OPENERS, KEYWORDS,
     LAST_NAMES, MULTI_CALL_LINKS, NUM_DAYS, OPENERS, ORDERED_PAIRS, PARAMS, PLACE_WORDS, PLAYLIST_MOODS,
-    QUALIFIERS, QUARTER_HOURS, ROW_CONNECTORS, SEARCH_ACTIONS, SEARCH_DESCRIPTION, SEARCH_OBJECT, STREET_SUFFIXES,
-    STREETS, TEAM_MASCOTS, TEXTS, TITLE_ADJECTIVES, TITLE_NOUNS, TLDS, UPPER, VERBS, VIN_CHARS, DomainObject,
-    ParamSpec, Qualifier,
+    QUALIFIERS, QUARTER_HOURS, ROW_CONNECTORS, SCOPES, SEARCH_ACTIONS, SEARCH_DESCRIPTION, SEARCH_OBJECT,
+    STREET_SUFFIXES, STREETS, TEAM_MASCOTS, TEXTS, TITLE_ADJECTIVES, TITLE_NOUNS, TLDS, UPPER, VERBS, VIN_CHARS,
+    DomainObject, ParamSpec, Qualifier,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ MULTI_SIZES = (2, 2, 3)  # calls of a same-tool row, tools of a multi-tool row
 TEMPLATES_PER_TOOL = 6
 MAX_RESAMPLES = 200
 CATALOG_SEED = 0
+BASE_NUM_TOOLS = 400  # the default corpus; a larger one adds extension blocks after its rows, which stay as they are
+EXTENSION_BLOCK = 100  # tools per extension block (ranks 401-500, 501-600, ...)
+EXTENSION_ROWS_PER_TOOL = MIN_SINGLE_TOOL_ROWS  # single-tool rows of an extension tool, below rank 400's 65
 
 ANSWER_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
@@ -221,8 +224,9 @@ def _merge_params(
     return tuple(required), tuple(optional)
 
 
-def _compose(obj: DomainObject, verb_name: str, qualifier_name: str | None) -> ToolSpec:
-    """Compose verb x object x qualifier into one tool (name, description, parameters, action phrases)."""
+def _compose(obj: DomainObject, verb_name: str, qualifier_name: str | None, scope_name: str | None = None) -> ToolSpec:
+    """Compose verb x object x qualifier (x scope, for the extension) into one tool (name, description, parameters,
+    action phrases)."""
     verb = VERBS[verb_name]
     qualifier = QUALIFIERS[qualifier_name] if qualifier_name else Qualifier("", "", frozenset())
     required, optional = _merge_params(
@@ -233,6 +237,10 @@ def _compose(obj: DomainObject, verb_name: str, qualifier_name: str | None) -> T
     name = f"{verb_name}_{obj.key}" + (f"_{qualifier_name}" if qualifier_name else "")
     phrase = obj.phrase + qualifier.phrase
     description = f"{verb.describe} {obj.describe}{qualifier.describe}."
+    if scope_name:
+        scope = SCOPES[scope_name]
+        name, phrase = f"{name}_{scope_name}", phrase + scope.phrase
+        description = f"{description[:-1]}{scope.describe}."
     return ToolSpec(name, description, required, optional, tuple(a.format(o=phrase) for a in verb.actions),
                     domain_object=obj.key)
 
@@ -253,7 +261,28 @@ def _all_candidates() -> list[ToolSpec]:
 
 
 CANDIDATES: tuple[ToolSpec, ...] = tuple(_all_candidates())
-MAX_NUM_TOOLS = len(CANDIDATES)
+
+
+def _extension_catalog(seed: int) -> list[ToolSpec]:
+    """The tools ranked after the first BASE_NUM_TOOLS, in rank order: one per domain object and scope (SCOPES), its
+    verb and qualifier drawn from those the object takes; pairs in a shuffled order, whole blocks only. No name is a
+    base candidate's (the scope is a suffix), so no extension tool is one the embedded backbone was pretrained on."""
+    rng = random.Random(f"catalog-extension:{seed}")
+    pairs = [(obj, scope) for obj in DOMAIN_OBJECTS for scope in SCOPES]
+    rng.shuffle(pairs)
+    tools = []
+    for obj, scope in pairs:
+        forms = [(verb, None) for verb in obj.verbs]
+        forms += [(verb, q) for verb in obj.verbs for q in obj.qualifiers if verb in QUALIFIERS[q].verbs]
+        verb, qualifier = forms[rng.randrange(len(forms))]
+        tools.append(_compose(obj, verb, qualifier, scope))
+    names = {tool.name for tool in tools} | {tool.name for tool in CANDIDATES}
+    if len(names) != len(tools) + len(CANDIDATES):
+        raise AssertionError("the extension grammar produced a duplicate name")
+    return tools[: len(tools) // EXTENSION_BLOCK * EXTENSION_BLOCK]
+
+
+MAX_NUM_TOOLS = BASE_NUM_TOOLS + len(_extension_catalog(CATALOG_SEED))
 
 
 def _clause_order(params: Sequence[str], rng: random.Random) -> tuple[str, ...]:
@@ -298,10 +327,26 @@ def _search_tool() -> ToolSpec:
     return ToolSpec(SEARCH_TOOL, SEARCH_DESCRIPTION, tool.required, tool.optional, SEARCH_ACTIONS)
 
 
-def _select_tools(seed: int, num_tools: int) -> list[ToolSpec]:
-    """`search` first, then `num_tools` catalog tools in the order of intended use (most used first)."""
+def check_num_tools(num_tools: int) -> None:
+    """A corpus holds 1..BASE_NUM_TOOLS tools, or BASE_NUM_TOOLS plus whole extension blocks up to MAX_NUM_TOOLS."""
     if not 1 <= num_tools <= MAX_NUM_TOOLS:
         raise ValueError(f"num_tools must be between 1 and {MAX_NUM_TOOLS}, got {num_tools}")
+    if num_tools > BASE_NUM_TOOLS and (num_tools - BASE_NUM_TOOLS) % EXTENSION_BLOCK:
+        raise ValueError(f"num_tools above {BASE_NUM_TOOLS} grows in blocks of {EXTENSION_BLOCK}, got {num_tools}")
+
+
+def corpus_size_for(last_rank: int) -> int:
+    """The smallest valid corpus size that ranks `last_rank` tools: the default, or whole extension blocks past it."""
+    blocks = -(-(last_rank - BASE_NUM_TOOLS) // EXTENSION_BLOCK)
+    return BASE_NUM_TOOLS + EXTENSION_BLOCK * max(0, blocks)
+
+
+def _select_tools(seed: int, num_tools: int) -> list[ToolSpec]:
+    """`search` first, then `num_tools` catalog tools in the order of intended use (most used first)."""
+    check_num_tools(num_tools)
+    if num_tools > BASE_NUM_TOOLS:
+        extension = [_with_templates(tool, seed) for tool in _extension_catalog(seed)[: num_tools - BASE_NUM_TOOLS]]
+        return _select_tools(seed, BASE_NUM_TOOLS) + extension
     rng = random.Random(f"catalog:{seed}")
     chosen = rng.sample(CANDIDATES, num_tools)
     # One tool per domain object comes before any second tool of an object, so the most used tools (the default
@@ -336,7 +381,23 @@ class PlannedRow:
 def _row_plan(num_tools: int, rng: random.Random) -> list[PlannedRow]:
     """Single-call, same-tool multi-call and multi-tool rows, in a shuffled order. Index 0 is `search`."""
     counts = single_tool_counts(num_tools)
-    counts = [round(SEARCH_SHARE_OF_TOP * counts[0]), *counts]
+    return _plan_counts([round(SEARCH_SHARE_OF_TOP * counts[0]), *counts], rng)
+
+
+def _block_plan(size: int, rng: random.Random) -> list[PlannedRow]:
+    """The shuffled rows of an extension block of `size` tools, EXTENSION_ROWS_PER_TOOL single-tool rows each, with
+    indices renumbered in the order of each tool's first single-tool row: the tools tie on use, and xlam_datasets
+    breaks ties by that order, so index i is the block's i-th rank whatever the row seed."""
+    plan = _plan_counts([EXTENSION_ROWS_PER_TOOL] * size, rng)
+    order: dict[int, int] = {}
+    for planned in plan:
+        if len(planned.tools) == 1 and planned.tools[0] not in order:
+            order[planned.tools[0]] = len(order)
+    return [replace(planned, tools=tuple(order[index] for index in planned.tools)) for planned in plan]
+
+
+def _plan_counts(counts: Sequence[int], rng: random.Random) -> list[PlannedRow]:
+    """`counts[i]` single-tool rows of tool i (some with several calls) and multi-tool rows, shuffled."""
     plan: list[PlannedRow] = []
     for index, count in enumerate(counts):
         multi_call = round(MULTI_CALL_SHARE * count)
@@ -458,18 +519,28 @@ def generate_rows(
 ) -> list[dict]:
     """xLAM rows for `search` plus `num_tools` tools; `num_rows` keeps that many of them (a deterministic subset).
 
+    Past BASE_NUM_TOOLS, each extension block of EXTENSION_BLOCK tools adds its own rows after the default corpus's,
+    from its own generator (`rows-extension:{seed}:{first rank - 1}`), offering distractors from its own tools: the
+    default corpus's rows stay byte for byte what a 400-tool corpus has, and a block's rows do not depend on later
+    blocks.
+
     `seed` drives the values, the row mix and the order; the catalog (names, ranks, query templates) comes from
     `catalog_seed`, so rank r names the same tool whatever `seed` is and disjoint rank ranges stay disjoint
     between corpora generated with different seeds.
     """
     tools = _select_tools(catalog_seed, num_tools)
+    base = min(num_tools, BASE_NUM_TOOLS)
     rng = random.Random(f"rows:{seed}")
-    plan = _row_plan(num_tools, rng)
+    parts = [(RowWriter(tools[: base + 1], rng), _row_plan(base, rng))]
+    for first in range(base + 1, len(tools), EXTENSION_BLOCK):
+        block_rng = random.Random(f"rows-extension:{seed}:{first - 1}")
+        parts.append((RowWriter(tools[first:first + EXTENSION_BLOCK], block_rng),
+                      _block_plan(EXTENSION_BLOCK, block_rng)))
+    planned_rows = [(writer, planned) for writer, plan in parts for planned in plan]
     if num_rows is not None:
-        plan = plan[:num_rows]
-    writer = RowWriter(tools, rng)
-    progress = tqdm(plan, desc="generating rows", unit="row", disable=None, leave=False)
-    return [writer.row(row_id, planned) for row_id, planned in enumerate(progress)]
+        planned_rows = planned_rows[:num_rows]
+    progress = tqdm(planned_rows, desc="generating rows", unit="row", disable=None, leave=False)
+    return [writer.row(row_id, planned) for row_id, (writer, planned) in enumerate(progress)]
 
 
 def spare_tools(num_tools: int = 400, catalog_seed: int = CATALOG_SEED) -> list[ToolSpec]:
@@ -497,11 +568,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the rows; the tool catalog is the same for every seed (default 0)")
     parser.add_argument("--num_tools", type=positive_int, default=400,
-                        help=f"tools besides `search` (at most {MAX_NUM_TOOLS}; default 400)")
+                        help=f"tools besides `search` (at most {MAX_NUM_TOOLS}, above 400 in blocks of "
+                             f"{EXTENSION_BLOCK}; default 400)")
     args = parser.parse_args(argv)
     setup_logging()
     if args.num_tools > MAX_NUM_TOOLS:
         raise UserError(f"--num_tools: at most {MAX_NUM_TOOLS} tools can be composed, got {args.num_tools}")
+    if args.num_tools > BASE_NUM_TOOLS and (args.num_tools - BASE_NUM_TOOLS) % EXTENSION_BLOCK:
+        raise UserError(f"--num_tools: above {BASE_NUM_TOOLS} the corpus grows in blocks of {EXTENSION_BLOCK} tools, "
+                        f"got {args.num_tools}")
     rows = generate_rows(seed=args.seed, num_tools=args.num_tools)
     atomic_write_json(args.output, rows, indent=None)
     logger.info("wrote %d rows for %d tools to %s", len(rows), args.num_tools + 1, args.output)

@@ -239,12 +239,14 @@ def resolve_source(source: str, xlam_path: str | None) -> Path | None:
     raise UserError(f"--source must be 'synthetic' or 'xlam', got {source!r}")
 
 
-def rows_from(path: Path | None, seed: int, skip_bad_answers: bool = False) -> list[dict]:
-    """The rows of an xLAM file (`read_xlam_file`), or synthetic rows from `seed` when `path` is None."""
+def rows_from(path: Path | None, seed: int, skip_bad_answers: bool = False, last_rank: int = 0) -> list[dict]:
+    """The rows of an xLAM file (`read_xlam_file`), or synthetic rows from `seed` when `path` is None: the default
+    400-tool corpus, grown by whole extension blocks when `last_rank` lies past it (its rows stay the same)."""
     if path is None:
         import synthetic_xlam
 
-        return synthetic_xlam.generate_rows(seed=seed)
+        size = min(synthetic_xlam.corpus_size_for(last_rank), synthetic_xlam.MAX_NUM_TOOLS)
+        return synthetic_xlam.generate_rows(seed=seed, num_tools=size)
     return read_xlam_file(path, skip_bad_answers)
 
 
@@ -953,7 +955,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         todo = _stale_ranges(args.output_dir, cut, settings) if args.reuse_if_unchanged else list(settings)
         rounds = []
         if todo:
-            rows = rows_from(source_path, args.seed, skip_bad_answers=args.recut == "original")
+            rows = rows_from(source_path, args.seed, skip_bad_answers=args.recut == "original",
+                             last_rank=max(end for _, end in todo))
             ranked = rank_tools(rows)
             for start, end in todo:
                 check_range(start, end, ranked)

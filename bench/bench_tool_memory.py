@@ -14,9 +14,11 @@ layers. Weights are random: the figures are about cost, never quality. Per shape
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import logging
+import math
 import os
 import platform
 import random
@@ -45,20 +47,23 @@ from common import (  # noqa: E402
     CliParser,
     UserError,
     atomic_write_json,
+    atomic_write_with,
     positive_int,
     run_cli,
     set_seed,
     setup_logging,
 )
 from dataset import IGNORE_INDEX, left_pad_collate  # noqa: E402
-from decoding import left_pad_positions  # noqa: E402
+from decoding import left_pad, left_pad_positions  # noqa: E402
 from model import (  # noqa: E402
     CallingOutput,
     FunctionCallingModel,
     avoid_cudnn_attention,
     labelled_positions,
+    TRAINING_PASSES,
     resolve_device,
     resolve_dtype,
+    resolve_training_pass,
 )
 from tiny_backbone import (  # noqa: E402
     BOS_TOKEN,
@@ -285,7 +290,8 @@ def build_backbone(shape: ShapeSpec, directory: Path, dtype: torch.dtype, seed: 
 
 
 def load_shape_model(
-    shape: ShapeSpec, device: torch.device, dtype: torch.dtype, seed: int, decouple_embeddings: bool = False
+    shape: ShapeSpec, device: torch.device, dtype: torch.dtype, seed: int, decouple_embeddings: bool = False,
+    training_pass: str = "auto",
 ) -> FunctionCallingModel:
     """FunctionCallingModel over a freshly saved random backbone of `shape` (the temporary directory is removed)."""
     names = [f"tool_{i:03d}" for i in range(shape.num_tools)]
@@ -296,6 +302,7 @@ def load_shape_model(
             decouple_embeddings=decouple_embeddings,
         )
     model.initialize_rows(seed=seed)
+    model.training_pass = resolve_training_pass(training_pass, device)
     return model
 
 
@@ -359,13 +366,15 @@ class LoopedToolModel(FunctionCallingModel):
 # Workloads
 
 
-def make_train_batch(model: FunctionCallingModel, batch_size: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
-    """Random ordinary ids; the second half is the answer (labelled): a tool every 16 positions, end-of-turn last."""
+def make_train_batch(model: FunctionCallingModel, batch_size: int, seq_len: int, seed: int,
+                     answer_len: int | None = None) -> dict[str, torch.Tensor]:
+    """Random ordinary ids; the last `answer_len` (default: half) are the answer (labelled): a tool every 16
+    positions, end-of-turn last."""
     if seq_len < 8:
         raise UserError(f"--seq_len must be at least 8, got {seq_len}")
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, ordinary_id_limit(model.tokenizer), (batch_size, seq_len), generator=generator)
-    prompt = seq_len // 2
+    prompt = seq_len // 2 if answer_len is None else seq_len - answer_len
     positions = torch.arange(prompt, seq_len - 1, TOOL_EVERY)
     slots = torch.randint(0, model.num_tools, (batch_size, len(positions)), generator=generator)
     input_ids[:, positions] = model.tool_token_ids.cpu()[slots]
@@ -636,7 +645,8 @@ def ratios(train_rows: Sequence[dict], eval_rows: Sequence[dict]) -> dict[str, f
 
 
 def bench_shape(
-    shape: ShapeSpec, device: torch.device, dtype: torch.dtype, seed: int, decouple_embeddings: bool = False
+    shape: ShapeSpec, device: torch.device, dtype: torch.dtype, seed: int, decouple_embeddings: bool = False,
+    training_pass: str = "auto",
 ) -> dict:
     """Every measurement on one shape; returns its figures.
 
@@ -644,7 +654,7 @@ def bench_shape(
     tools everywhere, which would end ground-truth decoding after a few tokens instead of a realistic answer length.
     """
     start = time.perf_counter()
-    model = load_shape_model(shape, device, dtype, seed, decouple_embeddings)
+    model = load_shape_model(shape, device, dtype, seed, decouple_embeddings, training_pass)
     params = model.parameter_breakdown()
     model_vocab = model.causal_lm.config.vocab_size
     logger.info("%s: %s, %.1fM backbone parameters, %d tools, built in %.1f s", shape.name, shape.describe(),
@@ -697,6 +707,162 @@ def bench_shape(
         "eval_same_ids": same_ids,
         "ratios": ratios(train_rows, eval_rows),
     }
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scale: cost curves against the number of tools, the answer's length and the offered tools
+
+SCALE_TOOLS = (10, 100, 1000, 10000)
+SCALE_ANSWERS = (16, 64, 256)
+SCALE_OFFERED = (10, 100, 1000)
+SCALE_FIXED_TOOLS = 100  # tools of the answer-length curve
+QUICK_SCALE = {"tools": (10, 100, 1000), "answers": (16, 64), "offered": (10, 100)}
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    """The points of the three curves, on one shape."""
+
+    tools: Sequence[int] = SCALE_TOOLS
+    answers: Sequence[int] = SCALE_ANSWERS
+    offered: Sequence[int] = SCALE_OFFERED
+    prompt_len: int = 64  # the training prompt before the answer (answer curve) or half of seq_len (tools curve)
+
+
+def fitted_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Least-squares slope of log y over log x (None with fewer than two positive points)."""
+    points = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y is not None and y > 0]
+    if len(points) < 2:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else None
+
+
+def step_point(model: FunctionCallingModel, shape: ShapeSpec, batch: dict, device: torch.device) -> dict:
+    """Median step time and peak memory of the plain backbone and of TokMem on one batch, interleaved."""
+    variants = [v for v in train_variants(model) if v.label in (PLAIN, ROWS)]
+    model.train()
+    plain, rows = time_interleaved([lambda v=v: train_step(v, batch) for v in variants], device, shape.warmup,
+                                   shape.repeats)
+    model.eval()
+    model.initialize_rows(seed=0)
+    return {"plain_s": plain.median, "tokmem_s": rows.median, "ratio": rows.median / plain.median,
+            "extra_s": rows.median - plain.median, "plain_peak_mb": plain.peak_mb, "tokmem_peak_mb": rows.peak_mb,
+            "vocab_size": model.causal_lm.get_input_embeddings().weight.shape[0]}
+
+
+def decode_point(model: FunctionCallingModel, shape: ShapeSpec, offered: int, device: torch.device) -> dict:
+    """Greedy decoding (the model picks its tools) of `shape.eval_examples` prompts with `offered` tools offered:
+    median time per decoding step (a random model stops at different steps under different offers)."""
+    prompts, _ = make_eval_prompts(model, shape.eval_examples, shape.prompt_len, seed=0)
+    input_ids, attention_mask = left_pad(prompts, model.tokenizer.pad_token_id)
+    model.set_generation_tools(model.tool_names[:offered])
+    steps: list[int] = []
+
+    def run() -> None:
+        ids = model.generate_ids(input_ids, attention_mask, shape.new_tokens)
+        steps.append(max(len(row) for row in ids))
+
+    (timing,) = time_interleaved([run], device, 1, shape.eval_repeats)
+    model.set_generation_tools(None)
+    return {"offered": offered, "decode_s": timing.median, "steps": steps[-1],
+            "per_step_s": timing.median / max(1, steps[-1]), "peak_mb": timing.peak_mb}
+
+
+def bench_scale(shape: ShapeSpec, scale: ScaleSettings, device: torch.device, dtype: torch.dtype, seed: int,
+                training_pass: str = "auto") -> dict:
+    """The three curves on `shape`: step time and peak memory against the number of tools (the same batch, half
+    prompt, half answer) and against the answer's length (SCALE_FIXED_TOOLS tools, a fixed prompt), and greedy
+    decoding time per step against the offered tools (of a memory holding the most); each with its fitted slopes.
+
+    The plain backbone is the same backbone with the same vocabulary: tools past the tokenizer's reserved tokens grow
+    the embedding and head of both, so the TokMem step's extra cost (`extra_s`) is what the rows add."""
+    tools_points, answer_points, decode_points = [], [], []
+    memory_sizes = sorted(set(scale.tools) | {max(scale.offered), SCALE_FIXED_TOOLS})
+    for num_tools in memory_sizes:
+        model = load_shape_model(dataclasses.replace(shape, num_tools=num_tools), device, dtype, seed,
+                                 training_pass=training_pass)
+        if num_tools in scale.tools:
+            batch = make_train_batch(model, shape.batch_size, shape.seq_len, seed)
+            tools_points.append({"tools": num_tools, **step_point(model, shape, batch, device)})
+            logger.info("scale: %d tools: %s", num_tools, tools_points[-1])
+        if num_tools == SCALE_FIXED_TOOLS:
+            for answer in scale.answers:
+                batch = make_train_batch(model, shape.batch_size, scale.prompt_len + answer, seed, answer_len=answer)
+                answer_points.append({"answer_len": answer, **step_point(model, shape, batch, device)})
+                logger.info("scale: answer %d: %s", answer, answer_points[-1])
+        if num_tools == max(scale.offered):
+            decode_points = [decode_point(model, shape, offered, device) for offered in scale.offered]
+            logger.info("scale: decoding: %s", decode_points)
+        del model
+        gc.collect()
+    slopes = {
+        "tools": {key: fitted_slope([p["tools"] for p in tools_points], [p[key] for p in tools_points])
+                  for key in ("plain_s", "tokmem_s", "extra_s", "plain_peak_mb", "tokmem_peak_mb")},
+        "answer_len": {key: fitted_slope([p["answer_len"] for p in answer_points], [p[key] for p in answer_points])
+                       for key in ("plain_s", "tokmem_s", "extra_s", "plain_peak_mb", "tokmem_peak_mb")},
+        "offered": {"per_step_s": fitted_slope([p["offered"] for p in decode_points],
+                                               [p["per_step_s"] for p in decode_points])},
+    }
+    return {"shape": dataclasses.asdict(shape), "training_pass": resolve_training_pass(training_pass, device),
+            "tools": tools_points, "answer_len": answer_points, "offered": decode_points, "slope": slopes}
+
+
+def format_scale(scale: dict) -> str:
+    """The three curves as tables, each with its fitted log-log slopes."""
+    def peak(value: float | None) -> str:
+        return f"{value:.0f}" if value is not None else "-"
+
+    def slope(value: float | None) -> str:
+        return f"{value:.2f}" if value is not None else "-"
+
+    lines = [f"scale on {scale['shape']['name']} ({scale['training_pass']} pass; batch {scale['shape']['batch_size']})"]
+    for key, label in (("tools", "tools"), ("answer_len", "answer")):
+        lines.append(f"{label:>8} {'vocab':>7} {'plain':>10} {'TokMem':>10} {'ratio':>6} {'plain MB':>9} {'TokMem MB':>10}")
+        for point in scale[key]:
+            lines.append(f"{point[key]:>8} {point['vocab_size']:>7} {format_seconds(point['plain_s']):>10} "
+                         f"{format_seconds(point['tokmem_s']):>10} {point['ratio']:>6.2f} "
+                         f"{peak(point['plain_peak_mb']):>9} {peak(point['tokmem_peak_mb']):>10}")
+        fitted = scale["slope"][key]
+        lines.append("  log-log slopes: " + ", ".join(f"{name} {slope(value)}" for name, value in fitted.items()))
+    lines.append(f"{'offered':>8} {'steps':>6} {'decode':>10} {'per step':>10}")
+    for point in scale["offered"]:
+        lines.append(f"{point['offered']:>8} {point['steps']:>6} {format_seconds(point['decode_s']):>10} "
+                     f"{format_seconds(point['per_step_s']):>10}")
+    lines.append(f"  log-log slope of the time per step: {slope(scale['slope']['offered']['per_step_s'])}")
+    return "\n".join(lines)
+
+
+def plot_scale(scale: dict, path: str | Path) -> None:
+    """Three log-log panels (step time against tools and answer length, decoding time per step against offered
+    tools), each series labelled with its fitted slope; written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for axis, key, title in ((axes[0], "tools", "step time vs tools"), (axes[1], "answer_len", "step vs answer")):
+        xs = [p[key] for p in scale[key]]
+        for series, label in (("plain_s", "plain"), ("tokmem_s", "TokMem")):
+            axis.loglog(xs, [p[series] for p in scale[key]], marker="o",
+                        label=f"{label} (slope {scale['slope'][key][series] or 0:.2f})")
+        axis.set_title(title)
+        axis.set_xlabel(key)
+        axis.set_ylabel("seconds")
+        axis.legend()
+    xs = [p["offered"] for p in scale["offered"]]
+    axes[2].loglog(xs, [p["per_step_s"] for p in scale["offered"]], marker="o",
+                   label=f"greedy (slope {scale['slope']['offered']['per_step_s'] or 0:.2f})")
+    axes[2].set_title("decoding per step vs offered tools")
+    axes[2].set_xlabel("offered tools")
+    axes[2].legend()
+    figure.tight_layout()
+    atomic_write_with(Path(path), lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -776,10 +942,38 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", help="write the figures to this JSON file (atomically)")
+    parser.add_argument("--training_pass", default="auto", choices=TRAINING_PASSES,
+                        help="TokMem's training pass (model.resolve_training_pass; auto: one on CUDA, split on CPU)")
+    parser.add_argument("--scale", action="store_true",
+                        help="cost curves on the first of --shapes (default tiny): step time and peak memory against "
+                             f"tools {SCALE_TOOLS} and answer length {SCALE_ANSWERS}, greedy decoding against offered "
+                             f"tools {SCALE_OFFERED}; tables, log-log slopes, and a plot beside --json")
+    parser.add_argument("--scale_tools", type=_int_list, help="tool counts of --scale (comma list)")
+    parser.add_argument("--scale_answers", type=_int_list, help="answer lengths of --scale (comma list)")
+    parser.add_argument("--scale_offered", type=_int_list, help="offered tools of --scale (comma list)")
+    parser.add_argument("--plot", help="PNG of the --scale curves (default: --json's path with .png)")
     args = parser.parse_args(argv)
     if args.warmup is not None and args.warmup < 0:
         parser.error("--warmup: expected an integer >= 0")
     return args
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """A comma list of positive integers (argparse type)."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    return values
+
+
+def scale_settings(args) -> ScaleSettings:
+    """The --scale points: the defaults (fewer with --quick), then the explicit lists."""
+    base = ScaleSettings(**QUICK_SCALE) if args.quick else ScaleSettings()
+    given = {"tools": args.scale_tools, "answers": args.scale_answers, "offered": args.scale_offered}
+    return dataclasses.replace(base, **{key: value for key, value in given.items() if value})
 
 
 def selected_shapes(args, device: torch.device) -> list[ShapeSpec]:
@@ -845,11 +1039,18 @@ def run_benchmark(args) -> dict:
         "decouple_embeddings": args.decouple_embeddings,
         "load_average_start": load_average(),
     }
+    settings["training_pass"] = resolve_training_pass(args.training_pass, device)
+    if args.scale:
+        set_seed(args.seed)
+        shape = selected_shapes(args, device)[0]
+        scale = bench_scale(shape, scale_settings(args), device, dtype, args.seed, args.training_pass)
+        settings["load_average_end"] = load_average()
+        return {"settings": settings, "scale": scale}
     results = []
     for shape in selected_shapes(args, device):
         set_seed(args.seed)
         results.append(
-            bench_shape(shape, device, dtype, args.seed, args.decouple_embeddings)
+            bench_shape(shape, device, dtype, args.seed, args.decouple_embeddings, args.training_pass)
         )
     settings["load_average_end"] = load_average()
     return {"settings": settings, "results": results}
@@ -862,10 +1063,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     figures = run_benchmark(args)
     figures["settings"]["wall_seconds"] = round(time.perf_counter() - start, 1)
-    print(format_table(figures))
+    print(format_scale(figures["scale"]) if args.scale else format_table(figures))
     if args.json_path:
         atomic_write_json(args.json_path, figures)
         logger.info("figures written to %s", args.json_path)
+    plot = args.plot or (str(Path(args.json_path).with_suffix(".png")) if args.json_path else None)
+    if args.scale and plot:
+        plot_scale(figures["scale"], plot)
+        logger.info("plot written to %s", plot)
     logger.info("done in %.0f s", figures["settings"]["wall_seconds"])
     return 0
 

@@ -157,3 +157,26 @@ def test_cli_at_toy_sizes_prints_the_table_and_writes_json(tmp_path, capsys):
         "bank_peak_vs_plain": train[bench.ROWS]["peak_mb"] / train[bench.PLAIN]["peak_mb"],
     }
     assert result["ratios"] == pytest.approx(expected)
+
+
+def test_scale_curves_smoke_measure_every_point_and_fit_slopes(tmp_path):
+    shape = dataclasses.replace(TOY, warmup=0, repeats=1, eval_examples=2, new_tokens=3)
+    scale = bench.ScaleSettings(tools=(4, 300), answers=(8, 16), offered=(2, 300), prompt_len=8)
+    result = bench.bench_scale(shape, scale, CPU, torch.float32, seed=0, training_pass="auto")
+    assert [p["tools"] for p in result["tools"]] == [4, 300]
+    assert [p["answer_len"] for p in result["answer_len"]] == [8, 16]
+    assert [p["offered"] for p in result["offered"]] == [2, 300]
+    assert result["training_pass"] == "split"
+    # 300 tools pass the tokenizer's 248 reserved tokens: the vocabulary grew by the 52 added ones.
+    assert result["tools"][1]["vocab_size"] == result["tools"][0]["vocab_size"] + 52
+    assert set(result["slope"]) == {"tools", "answer_len", "offered"}
+    assert all(p["tokmem_s"] > 0 and p["plain_s"] > 0 for p in result["tools"] + result["answer_len"])
+    bench.plot_scale(result, tmp_path / "scale.png")
+    assert (tmp_path / "scale.png").read_bytes().startswith(b"\x89PNG")
+    assert "log-log slope" in bench.format_scale(result)
+
+
+def test_fitted_slope_is_the_log_log_least_squares_slope():
+    assert bench.fitted_slope([10, 100, 1000], [2.0, 20.0, 200.0]) == pytest.approx(1.0)
+    assert bench.fitted_slope([10, 100], [5.0, 5.0]) == pytest.approx(0.0)
+    assert bench.fitted_slope([10, 100], [-1.0, 3.0]) is None

@@ -596,10 +596,13 @@ def test_tokenizer_without_reserved_tokens_gets_added_tokens(tmp_path):
     assert torch.isfinite(out.loss) and model.memory.input_rows.grad[1].abs().sum() > 0
 
 
-def test_more_tools_than_reserved_slots_is_a_user_error(tiny_model_dir):
+def test_the_tool_past_the_reserved_slots_gets_an_added_token(tiny_model_dir):
     names = [f"tool_{i}" for i in range(249)]
-    with pytest.raises(UserError, match="248 reserved special tokens"):
-        FunctionCallingModel(str(tiny_model_dir), len(names), names, device="cpu")
+    model = FunctionCallingModel(str(tiny_model_dir), len(names), names, device="cpu")
+    reserved = reserved_token_ids(model.tokenizer)
+    assert len(reserved) == 248 and model.tool_token_ids[:248].tolist() == reserved
+    assert model.tokenizer.convert_ids_to_tokens(model.get_tool_token_id("tool_248")) == "<|tool_memory_0|>"
+    assert model.causal_lm.get_input_embeddings().weight.shape[0] == len(model.tokenizer)
 
 
 def test_missing_model_directory_is_a_user_error(tmp_path):
@@ -620,3 +623,28 @@ def test_loading_on_cuda_takes_cudnn_attention_out_of_sdpa(tiny_model_dir, monke
     monkeypatch.setattr(model_module, "avoid_cudnn_attention", seen.append)
     model_module.load_base_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     assert seen == [torch.device("cpu")], "every backbone load passes its device"
+
+
+def test_training_pass_auto_is_one_pass_on_cuda_and_split_elsewhere():
+    from model import resolve_training_pass
+
+    assert resolve_training_pass("auto", torch.device("cuda", 0)) == "one"
+    assert resolve_training_pass("auto", torch.device("cpu")) == "split"
+    assert resolve_training_pass("split", torch.device("cuda", 0)) == "split"
+    with pytest.raises(UserError, match="--training_pass: expected one of auto, split, one"):
+        resolve_training_pass("two", torch.device("cpu"))
+
+
+def test_one_pass_and_split_give_the_same_loss_and_row_gradients(tiny_model_dir):
+    model = build(tiny_model_dir)
+    batch = train_batch(model)
+    results = []
+    for training_pass in ("split", "one"):
+        model.training_pass = training_pass
+        model.zero_grad(set_to_none=True)
+        assert (model.constant_prefix_length(batch["input_ids"]) > 0) == (training_pass == "split")
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        out.loss.backward()
+        results.append((out.loss.detach(), model.memory.input_rows.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)

@@ -107,3 +107,15 @@ def test_original_rng_refuses_several_processes(tiny_model_dir, two_round_data, 
         "error: --rng original draws every random number in one process's program order, so it cannot run under "
         "several processes (WORLD_SIZE > 1); use --rng toolkit")
     assert not out.exists()
+
+
+def test_original_rng_refuses_a_split_training_pass(tiny_model_dir, two_round_data, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "main_sequential.py"),
+                             *original_args(tiny_model_dir, two_round_data, out), "--training_pass", "split"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "error: --training_pass split: --rng original runs each batch in one pass, as the original does (its dropout "
+        "masks have the one-pass shapes); use one or auto")
+    assert not out.exists()

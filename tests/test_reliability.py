@@ -191,12 +191,6 @@ def remove(relative: str) -> Setup:
     return apply
 
 
-def many_tools(ctx: Context) -> None:
-    """One round of 249 tools: one more than the Llama-3 style tokenizer's 248 reserved tokens."""
-    tools = [f"tool_{i:03d}" for i in range(249)]
-    write_round_files(ctx.data, 1, 249, tools, n_train=249, n_test=2)
-
-
 def empty_model_dir(ctx: Context) -> None:
     (ctx.tmp / "empty_model").mkdir()
 
@@ -399,8 +393,6 @@ SEQUENTIAL_CASES = [
 MAIN_BASE = ["--model_name", "{model}", "--training_rounds", "1-3:1,4-6:1", "--data_dir", "{data}", "--output_dir",
              "{out}", "--device", "cpu", "--batch_size", "4", "--eval_batch_size", "4", "--max_new_tokens", "4"]
 MAIN_CASES = SEQUENTIAL_CASES + [
-    case("more-tools-than-token-slots", ["--training_rounds", "1-249:1"],
-         ["249 tools", "only 248 reserved special tokens"], many_tools),
     case("lora-lr-zero", ["--lora_lr", "0"], "argument --lora_lr: expected a positive number"),
     case("lora-dropout-one", ["--use_lora", "--lora_dropout", "1"], "--lora_dropout: expected a number in [0, 1)"),
     case("lora-target-unknown", ["--use_lora", "--lora_target_modules", "no_such_proj"],
@@ -451,7 +443,6 @@ MAIN_CASES = SEQUENTIAL_CASES + [
          earlier_run(ONE_ROUND + ["--use_lora"]), unfinish, run_file(ADAPTER, half)),
     case("new-run-over-an-unfinished-one", ONE_ROUND, "--output_dir {out} already holds a run; pass --resume",
          earlier_run(ONE_ROUND), lambda ctx: (ctx.out / "state.json").unlink()),
-    case("tool-slots-before-data", ["--training_rounds", "1-249:1"], ["249 tools", "only 248 reserved special tokens"]),
     case("lora-target-before-data", ["--training_rounds", "7-9:1", "--use_lora", "--lora_target_modules", "nope"],
          "--lora_target_modules: nope not found in --model_name {model}"),
 ]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import synthetic_tables
 import synthetic_xlam
 import xlam_datasets
 from conftest import digest, digest_in_fresh_interpreter
@@ -209,7 +210,7 @@ def test_spare_tools_are_the_grammars_tools_no_corpus_calls():
     spare = synthetic_xlam.spare_tools()
     corpus = {tool["name"] for tool in tool_catalog()}
     names = [tool.name for tool in spare]
-    assert len(names) == synthetic_xlam.MAX_NUM_TOOLS - 400 and names == sorted(names)
+    assert len(names) == len(synthetic_xlam.CANDIDATES) - 400 and names == sorted(names)
     assert not corpus & set(names)
     assert all(tool.templates for tool in spare), "each has the query templates rows are written from"
 
@@ -228,3 +229,37 @@ def test_rows_for_spare_tools_are_single_tool_rows_of_the_grammar():
         (name,) = set(_names(row))
         offered = {tool["name"] for tool in json.loads(row["tools"])}
         assert name in offered and offered <= {tool.name for tool in tools}
+
+
+# The default corpus of seed 0 (400 tools, 125817 rows) as the generator wrote it before the catalog grew past 400.
+DEFAULT_CORPUS_DIGEST = "9d2b2b5cc41cc7f08185e1d149143c2e420bb52794d5d8a31616e7c063d46e6a"
+DEFAULT_CORPUS_ROWS = 125817
+
+
+def test_the_catalog_grows_past_1400_tools_in_blocks_none_of_them_a_grammar_or_backbone_tool():
+    assert synthetic_xlam.MAX_NUM_TOOLS >= 1400
+    tools = synthetic_xlam._select_tools(0, 1400)[1:]
+    base, extension = tools[:400], tools[400:]
+    assert [t.name for t in base] == [t.name for t in synthetic_xlam._select_tools(0, 400)[1:]]
+    assert len({t.name for t in tools}) == 1400
+    assert not {t.name for t in extension} & {t.name for t in synthetic_xlam.CANDIDATES}
+    pairs = [(t.domain_object, t.name.rsplit("_", 1)[-1]) for t in extension]
+    assert len(set(pairs)) == len(pairs), "one extension tool per domain object and scope"
+    scoped = extension[0]
+    assert any(synthetic_tables.SCOPES[scoped.name.rsplit("_", 1)[-1]].phrase in a for a in scoped.actions)
+    for bad in (401, 450, synthetic_xlam.MAX_NUM_TOOLS + 100):
+        with pytest.raises(ValueError, match="num_tools"):
+            synthetic_xlam.check_num_tools(bad)
+    assert [synthetic_xlam.corpus_size_for(r) for r in (50, 400, 401, 1400, 1401)] == [400, 400, 500, 1400, 1500]
+
+
+@pytest.mark.slow
+def test_a_grown_corpus_keeps_the_default_rows_byte_for_byte_and_ranks_its_blocks_in_catalog_order():
+    rows = synthetic_xlam.generate_rows(seed=0, num_tools=600)
+    assert digest(rows[:DEFAULT_CORPUS_ROWS]) == DEFAULT_CORPUS_DIGEST
+    assert [row["id"] for row in rows] == list(range(len(rows)))
+    ranked = xlam_datasets.rank_tools(rows)
+    assert ranked == [t.name for t in synthetic_xlam._select_tools(0, 600)[1:]]
+    # A block's rows do not depend on later blocks.
+    block = (len(rows) - DEFAULT_CORPUS_ROWS) // 2
+    assert synthetic_xlam.generate_rows(seed=0, num_tools=500) == rows[: DEFAULT_CORPUS_ROWS + block]
