@@ -50,6 +50,7 @@ DEFAULT_BACKBONE_DIR = REPO_ROOT / "models" / "tiny-llama-fc"
 DEFAULT_MODEL_NAME = str(DEFAULT_BACKBONE_DIR)
 
 REPORT_FILE = "backbone_report.json"
+MODEL_CARD = "README.md"  # the backbone's documentation, kept across rebuilds
 FINISHED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", REPORT_FILE)
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -986,6 +987,8 @@ def ensure_backbone(
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
         try:
             build_backbone(staging, settings)
+            if (target / MODEL_CARD).is_file():
+                shutil.copy2(target / MODEL_CARD, staging / MODEL_CARD)
             _replace_dir(staging, target)
         finally:
             if staging.exists():
