@@ -160,7 +160,7 @@ script_help() {
             echo "Variables (set them in the environment, e.g. SEED=7 bash $script):"
             list_variables "$script"
             echo
-            echo "The rounds' data (data_rounds.sh, shared by the three scripts):"
+            echo "Shared by the three scripts (data_rounds.sh): the rounds' data, the model, device, processes and seed:"
             list_variables "$(dirname "${BASH_SOURCE[0]}")/data_rounds.sh"
             echo
             echo "PRESET=paper: the original toolkit's settings (see presets.sh); DRY_RUN=true: print the commands only."
