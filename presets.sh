@@ -61,7 +61,7 @@ apply_preset() {
             : "${RENORM_ACTIVE_TOOLS=true}" "${RENORM_ROWS=output}" "${RENORM_FROM_ROUND=3}"
             : "${DECOUPLE_EMBEDDINGS=false}" "${CURRICULUM_LEARNING=false}" "${EVAL_ALL_PREVIOUS=false}"
             : "${SAVE_CHECKPOINTS=true}"
-            # The original's behaviour where this toolkit departs from it (README: Departures from the original).
+            # The original's behaviour where this toolkit departs from it (docs/paper.md: Departures from the original).
             : "${MAX_GRAD_NORM=0}" "${TOOL_INIT_NORM=unit}" "${MEMORY_DTYPE=model}" "${OFFER_ALL_TOOLS=true}"
             : "${UNCONSTRAINED_DECODING=true}" "${GROUND_TRUTH_STYLE=replace}" "${PROTOTYPE_WEIGHT=0}"
             : "${STOP_TOKENS=generation_config}" "${QUERY_CUT=none}" "${RNG=original}"

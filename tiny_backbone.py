@@ -160,7 +160,7 @@ class BuildSettings:
     # in-context format, up to reading_max_length tokens, in batches of reading_batch_tokens, with the name tokens
     # weighted by reading_name_loss_weight. Copying has to come first: in-context samples mixed in from the start took
     # most steps and stopped TokMem learning, and at weight 1 the backbone copied arguments right but picked a listed
-    # name nearly at random (README, "The embedded backbone").
+    # name nearly at random (its model card, models/tiny-llama-fc/README.md).
     reading_steps: int = 4000
     reading_icl_fraction: float = 0.5
     reading_learning_rate: float = 2e-3
@@ -1044,7 +1044,7 @@ def probe_build(path: str | os.PathLike) -> dict:
 # CLI
 
 
-# The build choices the CLI exposes (each measured in the README's table of backbone recipes), in the order
+# The build choices the CLI exposes (each measured in the model card's table of recipes), in the order
 # `build_command` spells them, with their argparse type (or choices) and help.
 CHOICE_FLAGS: dict[str, dict[str, Any]] = {
     "split": {"choices": sorted(SPLIT_PATTERNS), "help": "pre-tokenizer split"},
