@@ -1,5 +1,6 @@
-# The rounds' data, shared by run_n_rounds_main.sh, run_n_rounds_lora.sh and icl_baseline.sh (sourced, not run): its
-# variables, so that TokMem, the LoRA baseline and the in-context baselines read the same files, and the data step.
+# The rounds' data, the model, device, processes and seed, shared by run_n_rounds_main.sh, run_n_rounds_lora.sh and
+# icl_baseline.sh (sourced, not run): their variables, so that TokMem, the LoRA baseline and the in-context baselines
+# read the same files with the same model, and the data step.
 #
 # plan_round_data sets the three lists below without running anything; generate_round_data (which plans too) reads
 # the variables below and the script's NUM_ROUNDS, TOOLS_PER_ROUND, START_TOOL,
@@ -28,6 +29,19 @@ XLAM_PATH=${XLAM_PATH:-}                           # local copy of xlam_function
 DATA_DIR=${DATA_DIR:-data}
 
 int_var SAMPLES_PER_TOOL TRAIN_SIZE TEST_SIZE TRAIN_MAX_CALLS TEST_MAX_CALLS
+
+# ---- model, device, processes and seed (the same for all three scripts) ----------------------------------------
+MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
+DTYPE=${DTYPE:-auto}                               # auto: bfloat16 on CUDA, float32 on CPU
+DEVICE=${DEVICE:-auto}
+GPU=${GPU:-}                                       # CUDA_VISIBLE_DEVICES when not already set; empty: 0, or 0,...,NPROC-1
+NPROC=${NPROC:-1}                                  # processes: one per GPU, or per core on CPU; more than 1 runs under torchrun
+SHARD_BACKBONE=${SHARD_BACKBONE:-false}            # with NPROC > 1: shard the frozen backbone over them (FSDP2)
+SEED=${SEED:-42}
+
+int_var NPROC
+bool_var SHARD_BACKBONE
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-${GPU:-$(seq -s, 0 $((NPROC - 1)))}}
 
 # per_round_list NAME VALUE_OR_LIST DEFAULT: print a comma list of NUM_ROUNDS values; a shorter list is padded with
 # its last value (as the original's scripts do), a longer one is an error.

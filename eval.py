@@ -6,8 +6,8 @@ predicted calls with the multiset of gold calls (a call made twice counts twice;
 whitespace do not matter).
 
 Beside these, `score_predictions` reports the original toolkit's way of scoring under the same names prefixed
-`paper_` (README, "Scores" and the departures table): sets instead of multisets, calls compared as argument JSON without the tool and
-without number canonicalisation, parse errors counted over samples. Those are the numbers the paper's tables hold.
+`paper_` (docs/reference.md, "Scores", and docs/paper.md's departures): sets instead of multisets, calls compared as
+argument JSON without the tool and without number canonicalisation, parse errors counted over samples. Those are the numbers the paper's tables hold.
 
 Run as a script to score a JSON list of predictions, or a run's prediction file (JSON Lines, one sample a line:
 `predictions/round_R_test_C.jsonl` in a run directory), to the numbers the run reported:
@@ -276,7 +276,7 @@ def _gold_key(call: Any, where: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # The original toolkit's scores (the paper_ metrics)
 
-# The original toolkit reads a call in two steps, reproduced here from its behaviour (README, "Scores"):
+# The original toolkit reads a call in two steps, reproduced here from its behaviour (docs/reference.md, "Scores"):
 # parse the text into a Python value, then turn that value into the string that sets, sorts and exact match compare.
 # Strings from different routes (JSON, a call through `ast`, collapsed raw text) are compared as plain strings, as the
 # original compares them, so they can meet.

@@ -321,7 +321,8 @@ class RunLock:
 
 def backbone_fingerprint(model_name: str) -> dict[str, str]:
     """What --resume compares of the backbone: each file of its directory (a hub id: its cached snapshot) by SHA-256,
-    files over 64 MiB by their size; {"hub id": name} when no local copy is found."""
+    files over 64 MiB by their size; {"hub id": name} when no local copy is found. A model card (Markdown) is
+    documentation, not the backbone, and is left out."""
     directory = Path(model_name).expanduser()
     if not directory.is_dir():
         try:
@@ -334,7 +335,8 @@ def backbone_fingerprint(model_name: str) -> dict[str, str]:
             return {"hub id": model_name}
         directory = Path(cached).parent
     found = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")
+                        and p.suffix.lower() != ".md"):
         size = path.stat().st_size
         found[path.relative_to(directory).as_posix()] = (
             f"sha256 {round_files.file_sha256(path)}" if size <= HASHED_BACKBONE_BYTES else f"{size} bytes")

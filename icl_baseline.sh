@@ -24,18 +24,10 @@ RETRIEVAL_K=${RETRIEVAL_K:-5}
 RETRIEVAL_TEXT=${RETRIEVAL_TEXT:-toolkit}          # toolkit | original: the text each tool is embedded from
 ICL_PROMPT=${ICL_PROMPT:-toolkit}                  # toolkit | original: the original's hand-written prompt
 ICL_ANSWER=${ICL_ANSWER:-toolkit}                  # toolkit | original: how an answer is read into calls
-# ---- model, device (the data's variables: data_rounds.sh) ------------------------------------------------------
-MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
-DTYPE=${DTYPE:-auto}                               # auto: bfloat16 on CUDA, float32 on CPU
-DEVICE=${DEVICE:-auto}
-GPU=${GPU:-}                                       # CUDA_VISIBLE_DEVICES when not already set; empty: 0, or 0,...,NPROC-1
-NPROC=${NPROC:-1}                                  # processes: one per GPU, or per core on CPU; more than 1 runs under torchrun
-SHARD_BACKBONE=${SHARD_BACKBONE:-false}            # with NPROC > 1: shard the frozen backbone over them (FSDP2)
-SEED=${SEED:-42}
+# ---- model, device, processes, SEED: data_rounds.sh, shared by the three scripts --------------------------------
 
-int_var BATCH_SIZE MAX_NEW_TOKENS RETRIEVAL_K NPROC
-bool_var RUN_ALL_TOOLS USE_RAG SHARD_BACKBONE
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-${GPU:-$(seq -s, 0 $((NPROC - 1)))}}
+int_var BATCH_SIZE MAX_NEW_TOKENS RETRIEVAL_K
+bool_var RUN_ALL_TOOLS USE_RAG
 PYTHON=${PYTHON:-python3}
 
 if ! [[ $TOOLS =~ ^([1-9][0-9]*)-([1-9][0-9]*)$ ]] || (( BASH_REMATCH[2] < BASH_REMATCH[1] )); then

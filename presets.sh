@@ -61,7 +61,7 @@ apply_preset() {
             : "${RENORM_ACTIVE_TOOLS=true}" "${RENORM_ROWS=output}" "${RENORM_FROM_ROUND=3}"
             : "${DECOUPLE_EMBEDDINGS=false}" "${CURRICULUM_LEARNING=false}" "${EVAL_ALL_PREVIOUS=false}"
             : "${SAVE_CHECKPOINTS=true}"
-            # The original's behaviour where this toolkit departs from it (README: Departures from the original).
+            # The original's behaviour where this toolkit departs from it (docs/paper.md: Departures from the original).
             : "${MAX_GRAD_NORM=0}" "${TOOL_INIT_NORM=unit}" "${MEMORY_DTYPE=model}" "${OFFER_ALL_TOOLS=true}"
             : "${UNCONSTRAINED_DECODING=true}" "${GROUND_TRUTH_STYLE=replace}" "${PROTOTYPE_WEIGHT=0}"
             : "${STOP_TOKENS=generation_config}" "${QUERY_CUT=none}" "${RNG=original}"
@@ -160,7 +160,7 @@ script_help() {
             echo "Variables (set them in the environment, e.g. SEED=7 bash $script):"
             list_variables "$script"
             echo
-            echo "The rounds' data (data_rounds.sh, shared by the three scripts):"
+            echo "Shared by the three scripts (data_rounds.sh): the rounds' data, the model, device, processes and seed:"
             list_variables "$(dirname "${BASH_SOURCE[0]}")/data_rounds.sh"
             echo
             echo "PRESET=paper: the original toolkit's settings (see presets.sh); DRY_RUN=true: print the commands only."

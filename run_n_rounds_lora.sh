@@ -40,22 +40,14 @@ EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-16}
 SAVE_CHECKPOINTS=${SAVE_CHECKPOINTS:-false}
 VALIDATION_SPLIT=${VALIDATION_SPLIT:-0}                # share of each round's training samples held out and scored
 OUTPUT_DIR=${OUTPUT_DIR:-}                         # empty: runs/lora_<timestamp> or runs/lora_replay_<timestamp>
-# ---- model, device (the data's variables: data_rounds.sh) ------------------------------------------------------
-MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
-DTYPE=${DTYPE:-auto}                               # auto: bfloat16 on CUDA, float32 on CPU
-DEVICE=${DEVICE:-auto}
-GPU=${GPU:-}                                       # CUDA_VISIBLE_DEVICES when not already set; empty: 0, or 0,...,NPROC-1
-NPROC=${NPROC:-1}                                  # processes: one per GPU, or per core on CPU; more than 1 runs under torchrun
-SHARD_BACKBONE=${SHARD_BACKBONE:-false}            # with NPROC > 1: shard the frozen backbone over them (FSDP2)
-SEED=${SEED:-42}
+# ---- model, device, processes, SEED: data_rounds.sh, shared by the three scripts --------------------------------
 SEEDS=${SEEDS:-}                                    # 42,1,2: one run per seed in turn, into OUTPUT_DIR/seed_S
 
-int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH LORA_R LORA_ALPHA REPLAY_BUFFER_SIZE NPROC
+int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH LORA_R LORA_ALPHA REPLAY_BUFFER_SIZE
 seeds_var
 number_var MAX_GRAD_NORM LORA_DROPOUT REPLAY_RATIO VALIDATION_SPLIT
 [[ -z "$LR" ]] || number_var LR
-bool_var REINIT_LORA USE_REPLAY_BUFFER EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS SHARD_BACKBONE
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-${GPU:-$(seq -s, 0 $((NPROC - 1)))}}
+bool_var REINIT_LORA USE_REPLAY_BUFFER EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS
 # The tiny backbone (1.6M parameters) learns the markers in a few hundred steps only with a larger rate and adapters on
 # its MLPs too (round 1 tool F1: attention-only at 5e-4 0.000, every linear layer at 3e-3 0.901); a real LLM keeps the
 # usual LoRA settings.

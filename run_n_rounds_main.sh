@@ -47,23 +47,15 @@ EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-16}
 SAVE_CHECKPOINTS=${SAVE_CHECKPOINTS:-false}
 VALIDATION_SPLIT=${VALIDATION_SPLIT:-0}                # share of each round's training samples held out and scored
 OUTPUT_DIR=${OUTPUT_DIR:-}                             # empty: runs/tokmem_<timestamp>
-# ---- model, device (the data's variables: data_rounds.sh) ------------------------------------------------------
-MODEL=${MODEL:-}                                       # empty: the embedded tiny backbone (built on first use)
-DTYPE=${DTYPE:-auto}                                   # auto: bfloat16 on CUDA, float32 on CPU
-DEVICE=${DEVICE:-auto}
-GPU=${GPU:-}                                           # CUDA_VISIBLE_DEVICES when not already set; empty: 0, or 0,...,NPROC-1
-NPROC=${NPROC:-1}                                      # processes: one per GPU, or per core on CPU; more than 1 runs under torchrun
-SHARD_BACKBONE=${SHARD_BACKBONE:-false}                # with NPROC > 1: shard the frozen backbone over them (FSDP2)
-SEED=${SEED:-42}
+# ---- model, device, processes, SEED: data_rounds.sh, shared by the three scripts --------------------------------
 SEEDS=${SEEDS:-}                                        # 42,1,2: one run per seed in turn, into OUTPUT_DIR/seed_S
 RNG=${RNG:-toolkit}                                    # toolkit: draws seeded per round | original: the original's order
 
-int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH RENORM_FROM_ROUND LORA_R LORA_ALPHA NPROC
+int_var NUM_ROUNDS TOOLS_PER_ROUND START_TOOL BATCH_SIZE EVAL_BATCH_SIZE MAX_LENGTH RENORM_FROM_ROUND LORA_R LORA_ALPHA
 seeds_var
 number_var LR LORA_LR MAX_GRAD_NORM PROTOTYPE_WEIGHT LORA_DROPOUT VALIDATION_SPLIT
 bool_var CURRICULUM_LEARNING RENORM_ACTIVE_TOOLS DECOUPLE_EMBEDDINGS USE_LORA FREEZE_LORA_AFTER_FIRST OFFER_ALL_TOOLS \
-    UNCONSTRAINED_DECODING USE_GROUND_TRUTH_TOOLS EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS SHARD_BACKBONE
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-${GPU:-$(seq -s, 0 $((NPROC - 1)))}}
+    UNCONSTRAINED_DECODING USE_GROUND_TRUTH_TOOLS EVAL_ALL_PREVIOUS SAVE_CHECKPOINTS
 PYTHON=${PYTHON:-python3}
 
 

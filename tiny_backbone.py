@@ -50,6 +50,7 @@ DEFAULT_BACKBONE_DIR = REPO_ROOT / "models" / "tiny-llama-fc"
 DEFAULT_MODEL_NAME = str(DEFAULT_BACKBONE_DIR)
 
 REPORT_FILE = "backbone_report.json"
+MODEL_CARD = "README.md"  # the backbone's documentation, kept across rebuilds
 FINISHED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", REPORT_FILE)
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -159,7 +160,7 @@ class BuildSettings:
     # in-context format, up to reading_max_length tokens, in batches of reading_batch_tokens, with the name tokens
     # weighted by reading_name_loss_weight. Copying has to come first: in-context samples mixed in from the start took
     # most steps and stopped TokMem learning, and at weight 1 the backbone copied arguments right but picked a listed
-    # name nearly at random (README, "The embedded backbone").
+    # name nearly at random (its model card, models/tiny-llama-fc/README.md).
     reading_steps: int = 4000
     reading_icl_fraction: float = 0.5
     reading_learning_rate: float = 2e-3
@@ -986,6 +987,8 @@ def ensure_backbone(
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
         try:
             build_backbone(staging, settings)
+            if (target / MODEL_CARD).is_file():
+                shutil.copy2(target / MODEL_CARD, staging / MODEL_CARD)
             _replace_dir(staging, target)
         finally:
             if staging.exists():
@@ -1041,7 +1044,7 @@ def probe_build(path: str | os.PathLike) -> dict:
 # CLI
 
 
-# The build choices the CLI exposes (each measured in the README's table of backbone recipes), in the order
+# The build choices the CLI exposes (each measured in the model card's table of recipes), in the order
 # `build_command` spells them, with their argparse type (or choices) and help.
 CHOICE_FLAGS: dict[str, dict[str, Any]] = {
     "split": {"choices": sorted(SPLIT_PATTERNS), "help": "pre-tokenizer split"},

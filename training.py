@@ -155,6 +155,60 @@ def _optimizer_step(model, optimizer, scheduler, settings: TrainSettings, active
     return float(norm)
 
 
+class _PrototypeTerm:
+    """The prototype loss of one round: the (old, learned) tool masks and the generator of its draws."""
+
+    def __init__(self, masks: tuple[torch.Tensor, torch.Tensor], settings: TrainSettings):
+        self.old_tools, self.learned = masks
+        self.weight = settings.prototype_weight
+        self.samples = settings.prototype_samples
+        # Seeded by the round's seed (set_seed before the round), the same on every process: each process adds the
+        # same draws at 1/world_size weight, so any number of processes trains as one does.
+        self.generator = torch.Generator().manual_seed(torch.initial_seed())
+
+    @classmethod
+    def for_round(cls, model, active_tools: torch.Tensor | None, settings: TrainSettings) -> "_PrototypeTerm | None":
+        """The round's term, or None where the weight is 0 or no earlier tool has a prototype."""
+        masks = _prototype_masks(model, active_tools) if settings.prototype_weight else None
+        return cls(masks, settings) if masks is not None else None
+
+    def add(self, model, loss: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """`loss` plus the weighted prototype loss (this process's share), and the unweighted loss's value."""
+        prototype_loss = model.memory.prototype_loss(self.old_tools, self.learned, self.samples, self.generator)
+        return loss + self.weight * prototype_loss / distributed.world_size(), prototype_loss.item()
+
+
+def _batch_loss(model, batch: dict, several: bool) -> tuple[torch.Tensor, float, float]:
+    """A training batch's forward: its loss (normalised over the global batch with several processes), the loss's
+    value and the tool-position loss's value."""
+    labels = batch["labels"].to(model.device)
+    out = model(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), labels=labels)
+    # Only the losses are needed from here on: the output goes out of scope here, which frees its labelled rows'
+    # logits (a vocabulary-sized tensor that backward does not use) before backward runs.
+    if several:
+        return _global_batch_loss(out, labels, batch.get("dummy", False))
+    tool_value = out.tool_loss.item() if out.tool_loss is not None else float("nan")
+    return out.loss, out.loss.item(), tool_value
+
+
+def _inactive_snapshots(model, active_tools: torch.Tensor | None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """`active_tools` on the rows' device, and a copy of every other tool's rows (restored after each step)."""
+    if active_tools is None:
+        return None, []
+    active_tools = active_tools.to(model.row_parameters()[0].device)
+    return active_tools, [rows.detach()[~active_tools].clone() for rows in model.row_parameters()]
+
+
+def _round_stats(steps: int, losses: Sequence[float], tool_losses: Sequence[float],
+                 prototype_losses: Sequence[float], description: str) -> RoundStats:
+    """The round's RoundStats from its per-batch losses; an empty round is the training set's fault."""
+    if not losses:
+        raise UserError(f"{description}: the training set is empty")
+    return RoundStats(steps=steps, mean_loss=sum(losses) / len(losses), mean_tool_loss=_nanmean(tool_losses),
+                      final_loss=sum(losses[-10:]) / len(losses[-10:]),
+                      mean_prototype_loss=_nanmean(prototype_losses))
+
+
 def train_round(
     model,
     loader: DataLoader,
@@ -174,77 +228,44 @@ def train_round(
     # An epoch ends with a flush of its last, possibly partial, group: that is one optimizer step too.
     total_steps = max(1, math.ceil(len(loader) / accumulation) * settings.epochs)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
-    snapshots: list[torch.Tensor] = []
-    if active_tools is not None:
-        active_tools = active_tools.to(model.row_parameters()[0].device)
-        snapshots = [rows.detach()[~active_tools].clone() for rows in model.row_parameters()]
-
-    prototypes = _prototype_masks(model, active_tools) if settings.prototype_weight else None
-    if prototypes is not None:
-        # Seeded by the round's seed (set_seed before the round), the same on every process: each process adds the
-        # same draws at 1/world_size weight, so any number of processes trains as one does.
-        generator = torch.Generator().manual_seed(torch.initial_seed())
-
+    active_tools, snapshots = _inactive_snapshots(model, active_tools)
+    prototypes = _PrototypeTerm.for_round(model, active_tools, settings)
     model.train()
     losses: list[float] = []
     tool_losses: list[float] = []
     prototype_losses: list[float] = []
     step = 0
-    progress = tqdm(total=total_steps, desc=description, leave=False, dynamic_ncols=True,
-                    disable=not distributed.is_main())
     several = distributed.is_distributed()
-    for epoch in range(settings.epochs):
-        for batch_index, batch in enumerate(loader):
-            labels = batch["labels"].to(model.device)
-            out = model(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), labels=labels)
-            # Only the losses are needed from here on: dropping the output frees its labelled rows' logits (a
-            # vocabulary-sized tensor that backward does not use) before backward runs.
-            if several:
-                loss, loss_value, tool_value = _global_batch_loss(out, labels, batch.get("dummy", False))
-            else:
-                loss, tool_loss = out.loss, out.tool_loss
-                loss_value = loss.item()
-                tool_value = tool_loss.item() if tool_loss is not None else float("nan")
-            del out
-            step_value = loss_value
-            if prototypes is not None:
-                old_tools, learned = prototypes
-                prototype_loss = model.memory.prototype_loss(old_tools, learned, settings.prototype_samples, generator)
-                prototype_losses.append(prototype_loss.item())
-                loss = loss + settings.prototype_weight * prototype_loss / distributed.world_size()
-                step_value += settings.prototype_weight * prototype_losses[-1]
-            if not math.isfinite(step_value):
-                progress.close()
-                raise TrainingDiverged(
-                    f"{description}: the loss became {step_value} at epoch {epoch + 1}, batch {batch_index + 1}; "
-                    "this round is not saved (try a lower --lr / --lora_lr)"
-                )
-            (loss / accumulation_group_size(batch_index, len(loader), accumulation)).backward()
-            losses.append(loss_value)
-            tool_losses.append(tool_value)
-            last_of_epoch = batch_index + 1 == len(loader)
-            if (batch_index + 1) % accumulation and not last_of_epoch:
-                continue
-            lr = optimizer.param_groups[0]["lr"]
-            grad_norm = _optimizer_step(model, optimizer, scheduler, settings, active_tools, snapshots)
-            if on_step is not None:
+    with tqdm(total=total_steps, desc=description, leave=False, dynamic_ncols=True,
+              disable=not distributed.is_main()) as progress:
+        for epoch in range(settings.epochs):
+            for batch_index, batch in enumerate(loader):
+                loss, loss_value, tool_value = _batch_loss(model, batch, several)
+                step_value = loss_value
+                if prototypes is not None:
+                    loss, prototype_value = prototypes.add(model, loss)
+                    prototype_losses.append(prototype_value)
+                    step_value += settings.prototype_weight * prototype_value
+                if not math.isfinite(step_value):
+                    raise TrainingDiverged(
+                        f"{description}: the loss became {step_value} at epoch {epoch + 1}, batch {batch_index + 1}; "
+                        "this round is not saved (try a lower --lr / --lora_lr)")
                 group = accumulation_group_size(batch_index, len(loader), accumulation)
-                on_step(curve_point(step + 1, epoch + 1, losses[-group:], prototype_losses[-group:],
-                                    settings.prototype_weight, lr, grad_norm))
-            step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.3f}")
-    progress.close()
+                (loss / group).backward()
+                losses.append(loss_value)
+                tool_losses.append(tool_value)
+                if (batch_index + 1) % accumulation and batch_index + 1 != len(loader):
+                    continue
+                lr = optimizer.param_groups[0]["lr"]
+                grad_norm = _optimizer_step(model, optimizer, scheduler, settings, active_tools, snapshots)
+                if on_step is not None:
+                    on_step(curve_point(step + 1, epoch + 1, losses[-group:], prototype_losses[-group:],
+                                        settings.prototype_weight, lr, grad_norm))
+                step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
-    if not losses:
-        raise UserError(f"{description}: the training set is empty")
-    return RoundStats(
-        steps=step,
-        mean_loss=sum(losses) / len(losses),
-        mean_tool_loss=_nanmean(tool_losses),
-        final_loss=sum(losses[-10:]) / len(losses[-10:]),
-        mean_prototype_loss=_nanmean(prototype_losses),
-    )
+    return _round_stats(step, losses, tool_losses, prototype_losses, description)
 
 
 def _prototype_masks(model, active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -244,7 +244,7 @@ def test_format_metrics_table_shows_overall_and_breakdown():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# paper_ metrics: worked examples of the original scoring rules (README, "Scores"), values computed by hand
+# paper_ metrics: worked examples of the original scoring rules (docs/reference.md, "Scores"), values computed by hand
 
 
 def test_paper_tool_f1_counts_a_repeated_gold_tool_once():

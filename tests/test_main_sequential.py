@@ -90,10 +90,10 @@ class LaterRowsOutscoreLearnedOnes(TrainingRecorder):
     theirs), and stops the run at round 2: round 1's evaluation decodes with rows that would win wherever a learned
     tool is likely, unless decoding keeps them out."""
 
-    def __call__(self, model, loader, settings, active, train_lora, description, on_step=None):
+    def __call__(self, model, loader, settings, active, train_lora, description, **kwargs):
         import torch
 
-        stats = super().__call__(model, loader, settings, active, train_lora, description)
+        stats = super().__call__(model, loader, settings, active, train_lora, description, **kwargs)
         with torch.no_grad():
             rows = model.memory.input_rows
             rows[~active] = 10 * rows[active]

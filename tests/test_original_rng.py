@@ -5,7 +5,7 @@ backbone is wrapped, one orthogonal matrix over its tool slots (the last round's
 DataLoader's two draws at the start of every epoch (its iterator's base seed, its sampler's seed), one draw for each
 test loader's iterator (its base seed), and LoRA's dropout masks in every training forward (a frozen adapter's too,
 since the model stays in training mode). These tests recompute each draw independently in that order and compare bit
-for bit; the end-to-end comparison against the original's own code is in the README (Reproducing the paper).
+for bit; the end-to-end comparison against the original's own code is in docs/paper.md.
 """
 
 from __future__ import annotations

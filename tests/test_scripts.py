@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO_ROOT
 
-# The original toolkit's settings (its scripts and code; README: Departures from the original), as flags of the training step.
+# The original toolkit's settings (its scripts and code; docs/paper.md: Departures from the original), as flags of the training step.
 PAPER_MAIN = {
     "--training_rounds": "1-50:1,51-100:3", "--batch_size": "2", "--lr": "5e-3", "--lora_lr": "5e-5",
     "--max_grad_norm": "0", "--max_length": "512", "--dtype": "bfloat16", "--seed": "42", "--eval_batch_size": "16",

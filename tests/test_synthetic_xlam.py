@@ -63,14 +63,15 @@ def test_catalog_has_enough_realistic_typed_tools():
 
 
 def documented_last_rank() -> int:
-    """The highest tool rank the documented runs use: the round scripts' defaults and the README's examples."""
+    """The highest tool rank the documented runs use: the round scripts' defaults and the examples of
+    README.md and docs/."""
     ends = []
     for script in ("run_n_rounds_main.sh", "run_n_rounds_lora.sh"):
         text = (REPO / script).read_text()
         value = {name: int(re.search(rf"^{name}=\${{{name}:-(\d+)}}", text, re.M).group(1))
                  for name in ("NUM_ROUNDS", "TOOLS_PER_ROUND", "START_TOOL")}
         ends.append(value["START_TOOL"] + value["NUM_ROUNDS"] * value["TOOLS_PER_ROUND"] - 1)
-    for rounds in re.findall(r"--training_rounds ([0-9:,-]+)", (REPO / "README.md").read_text()):
+    for rounds in re.findall(r"--training_rounds ([0-9:,-]+)", "".join(p.read_text() for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")])):
         ends.extend(int(end) for end in re.findall(r"-(\d+):", rounds))
     return max(ends)
 

@@ -150,6 +150,27 @@ def test_ensure_backbone_returns_a_finished_build_without_building(tmp_path, mon
     assert tb.ensure_backbone(tmp_path) == tmp_path.resolve()
 
 
+def test_a_rebuild_keeps_the_model_card_and_the_fingerprint_leaves_it_out(tmp_path, monkeypatch):
+    from experiment import backbone_fingerprint
+
+    def build(output_dir, settings):
+        for name in tb.FINISHED_FILES:
+            (Path(output_dir) / name).write_text('{"new": 1}')
+
+    target = tmp_path / "backbone"
+    target.mkdir()
+    (target / "config.json").write_text('{"old": 1}')
+    (target / tb.MODEL_CARD).write_text("# the card\n")
+    monkeypatch.setattr(tb, "build_backbone", build)
+    tb.ensure_backbone(target, rebuild=True)
+    assert (target / tb.MODEL_CARD).read_text() == "# the card\n"
+    assert json.loads((target / "config.json").read_text()) == {"new": 1}
+    before = backbone_fingerprint(str(target))
+    (target / tb.MODEL_CARD).write_text("# the card, edited\n")
+    assert backbone_fingerprint(str(target)) == before and tb.MODEL_CARD not in before
+    assert "config.json" in before
+
+
 def test_failed_build_leaves_no_directory(tmp_path, monkeypatch):
     def broken(output_dir, settings):
         (Path(output_dir) / "config.json").write_text("{}")
