@@ -242,8 +242,8 @@ def add_output_flags(parser: CliParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output_dir after its last finished round (same configuration)")
     parser.add_argument("--preflight", action="store_true",
-                        help="check what needs no data (the flags, the output place, the backbone's tool slots and "
-                             "LoRA modules), write nothing and exit (the scripts run it before their data step)")
+                        help="check what needs no data (the flags, the output place, the backbone and its LoRA "
+                             "modules), write nothing and exit (the scripts run it before their data step)")
     parser.add_argument("--report_to", default=OutputSettings.report_to, choices=REPORT_TO,
                         help="also log the training curve and test scores as TensorBoard event files in "
                              "<output_dir>/tensorboard (needs `pip install tensorboard`); training_curve.jsonl and "
