@@ -168,12 +168,13 @@ def column_names(summaries: Sequence[dict]) -> list[str]:
 
 
 def comparison_rows(summary: dict, columns: Sequence[str]) -> dict[str, dict]:
-    """Per metric the summary has a number of (a run without --validation_split has none of val_): the last row of
-    the matrix by test-set name, the average after the last round, and BWT."""
+    """Per metric the summary has (an optional one only where it holds a number: a run without --validation_split
+    has no val_ number): the last row of the matrix by test-set name, the average after the last round, and BWT."""
     rows = {}
     for metric, _ in TABLE_METRICS:
         grid = summary["matrix"].get(metric)
-        if grid is None or all(value is None for row in grid for value in row):
+        optional = metric not in dict(METRICS)
+        if grid is None or optional and all(value is None for row in grid for value in row):
             continue
         last = dict(zip(summary["rounds"], grid[-1]))
         rows[metric] = {
