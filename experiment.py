@@ -185,10 +185,15 @@ def load_round_data(data_dir: str | Path, spec: RoundSpec, train_calls: int, tes
     return RoundData(spec, train, test, tools, provenance)
 
 
+def single_split_paths(train_data: str | None, test_data: str | None) -> tuple[Path, Path]:
+    """The single split's train and test files: the flags' or the original's names in the working directory."""
+    return Path(train_data or round_files.SINGLE_TRAIN_FILE), Path(test_data or round_files.SINGLE_TEST_FILE)
+
+
 def load_single_split(train_data: str | None, test_data: str | None, epochs: int) -> RoundData:
     """The original's single split as one round: the training file's tools in order of first appearance (the round
     `1-N`), its test file naming only those; the files default to the original's names in the working directory."""
-    paths = (Path(train_data or round_files.SINGLE_TRAIN_FILE), Path(test_data or round_files.SINGLE_TEST_FILE))
+    paths = single_split_paths(train_data, test_data)
     for flag, path in zip(("--train_data", "--test_data"), paths):
         if not path.is_file():
             raise UserError(f"{flag} {path} not found (give --train_data and --test_data, or --training_rounds with "

@@ -28,9 +28,8 @@ from dataset import (NativeFunctionCallingDataset, build_prompt_text, check_prom
 from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, RunLock, backbone_fingerprint,
                         claim_default_run_dir, data_fingerprint, descriptions_file, hold_out_validation,
                         load_round_data, load_single_split, parse_training_rounds, per_round_values,
-                        refuse_existing_run, test_file, train_file)
+                        refuse_existing_run, single_split_paths, test_file, train_file)
 from model import check_backbone, model_positions, resolve_device, resolve_dtype
-from round_files import SINGLE_TEST_FILE, SINGLE_TRAIN_FILE
 from settings import DataSettings, EvalSettings, OutputSettings, RunSettings, resolve_model_name
 from training import evaluate, format_demo, mean_loss, record_prototypes, train_round
 
@@ -68,7 +67,7 @@ def data_paths(data: DataSettings, rounds: Sequence[RoundSpec]) -> list[Path]:
     """Every file the rounds read: train, test and (where present) descriptions, round by round (the single split:
     its two files)."""
     if data.training_rounds is None:
-        return [Path(data.train_data or SINGLE_TRAIN_FILE), Path(data.test_data or SINGLE_TEST_FILE)]
+        return list(single_split_paths(data.train_data, data.test_data))
     paths = []
     for spec, train_calls, test_calls in zip(rounds, *round_caps(data, rounds)):
         paths += [train_file(data.data_dir, spec, train_calls), test_file(data.data_dir, spec, test_calls),
