@@ -13,6 +13,7 @@ import torch
 
 import gguf_backbone
 import main_sequential
+import predict
 from common import UserError
 from conftest import CHATML_TEMPLATE, TRAINING_TEXTS, TrainingRecorder, kept_logging, run_in_process, write_round_files
 from settings import resolve_model_name
@@ -152,7 +153,7 @@ def test_a_gguf_converts_once_into_a_folder_with_the_reference_logits(tiny_gguf,
 
 
 @pytest.mark.slow
-def test_a_tokmem_round_trains_on_a_gguf_backbone_and_resume_checks_its_file(tiny_gguf, cached, tmp_path):
+def test_a_tokmem_round_trains_on_a_gguf_backbone_and_resume_checks_its_file(tiny_gguf, cached, tmp_path, capsys):
     path, _ = tiny_gguf
     data = tmp_path / "data"
     write_round_files(data, 1, 3, ["get_weather", "convert_currency", "search_flights"], n_train=8, n_test=2)
@@ -173,10 +174,37 @@ def test_a_tokmem_round_trains_on_a_gguf_backbone_and_resume_checks_its_file(tin
     meta = json.loads((out / "checkpoints" / "round_1" / "tool_memory.json").read_text())
     assert len(meta["tool_token_ids"]) == 3 and min(meta["tool_token_ids"]) >= len(tiny_vocabulary()[0])
 
+    kept = json.loads((out / "predictions" / "round_1_test_1-3.jsonl").read_text().splitlines()[0])
+    for given in ([], ["--model_name", str(path)]):
+        capsys.readouterr()
+        with kept_logging():
+            assert predict.main([str(out), kept["user_input"], *given]) == 0
+        assert json.loads(capsys.readouterr().out)["text"] == kept["generated_text"]
+
     stored = {**config, "inputs": {**config["inputs"], "gguf": {"path": "elsewhere.gguf", "sha256": "0" * 64}}}
     (out / "config.json").write_text(json.dumps(stored))
     with kept_logging(), pytest.raises(UserError, match=f"backbone GGUF sha256: 0{{64}} then, {digest} now"):
         main_sequential.main([*args, "--resume"])
+
+
+@pytest.mark.slow
+def test_the_lora_baseline_trains_on_a_gguf_backbone(tiny_gguf, cached, tmp_path, capsys):
+    import lora_sequential
+
+    path, _ = tiny_gguf
+    data = tmp_path / "data"
+    write_round_files(data, 1, 3, ["get_weather", "convert_currency", "search_flights"], n_train=8, n_test=2)
+    out = tmp_path / "lora_run"
+    args = ["--model_name", str(path), "--training_rounds", "1-3:1", "--data_dir", str(data), "--output_dir",
+            str(out), "--batch_size", "4", "--max_new_tokens", "8", "--device", "cpu"]
+    summary = run_in_process(lora_sequential.main, args, TrainingRecorder())
+    assert summary["method"] == "lora" and summary["round_stats"][0]["steps"] == 2
+    assert json.loads((out / "config.json").read_text())["inputs"]["gguf"]["path"] == str(path.resolve())
+    kept = json.loads((out / "predictions" / "round_1_test_1-3.jsonl").read_text().splitlines()[0])
+    capsys.readouterr()
+    with kept_logging():
+        assert predict.main([str(out), kept["user_input"]]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == kept["generated_text"]
 
 
 def test_the_short_name_without_its_package_names_the_install_commands(monkeypatch):
