@@ -123,11 +123,11 @@ def is_converted(folder: Path) -> bool:
 def ensure_converted(name: str, cache_root: Path | None = None) -> Path:
     """The Hugging Face folder of the GGUF that `name` names, converted on first use (see the module docstring)."""
     path = gguf_path(name)
-    architecture = gguf_architecture(path)
     digest = gguf_sha256(path)
     target = (cache_root or CACHE_ROOT) / digest
     if is_converted(target):
         return target
+    architecture = gguf_architecture(path)  # read only to convert: parsing a large vocabulary takes seconds
     try:
         with build_lock(target):
             if is_converted(target):
