@@ -5,6 +5,9 @@ round; the short name without its package and a missing file are one-line errors
 from __future__ import annotations
 
 import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +110,7 @@ def write_tiny_gguf(path: Path, architecture: str = "llama", seed: int = 0):
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     """(the GGUF file, its reference model)."""
+    pytest.importorskip("gguf", reason="gguf is an optional requirement (pip install -r requirements-optional.txt)")
     path = tmp_path_factory.mktemp("gguf") / "tiny-llama.f32.gguf"
     return path, write_tiny_gguf(path)
 
@@ -207,6 +211,23 @@ def test_the_lora_baseline_trains_on_a_gguf_backbone(tiny_gguf, cached, tmp_path
     assert json.loads(capsys.readouterr().out)["text"] == kept["generated_text"]
 
 
+def test_two_resolves_at_once_convert_once(tiny_gguf, tmp_path, monkeypatch):
+    path, _ = tiny_gguf
+    calls = []
+
+    def slow_convert(source, output, digest, architecture):
+        calls.append(digest)
+        time.sleep(0.3)
+        for name in gguf_backbone.CONVERTED_FILES:
+            (output / name).write_text("{}")
+
+    monkeypatch.setattr(gguf_backbone, "convert", slow_convert)
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: gguf_backbone.ensure_converted(str(path), tmp_path), range(2)))
+    assert folders[0] == folders[1] == tmp_path / gguf_backbone.gguf_sha256(path) and len(calls) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [folders[0].name]
+
+
 def test_the_short_name_without_its_package_names_the_install_commands(monkeypatch):
     import importlib.metadata
 
@@ -222,10 +243,9 @@ def test_the_short_name_without_its_package_names_the_install_commands(monkeypat
 
 
 def test_a_missing_or_unsupported_gguf_is_a_one_line_error(tmp_path, cached):
-    import gguf
-
     with pytest.raises(UserError, match="the GGUF file does not exist"):
         resolve_model_name(str(tmp_path / "absent.gguf"))
+    gguf = pytest.importorskip("gguf", reason="gguf is an optional requirement")
     other = tmp_path / "other.gguf"
     writer = gguf.GGUFWriter(str(other), "not-an-architecture")
     writer.write_header_to_file()
@@ -238,4 +258,8 @@ def test_a_missing_or_unsupported_gguf_is_a_one_line_error(tmp_path, cached):
     garbage.write_bytes(b"not a gguf at all")
     with pytest.raises(UserError, match="not a readable GGUF file"):
         resolve_model_name(str(garbage))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "gguf", None)
+        with pytest.raises(UserError, match="needs the gguf package: pip install gguf$"):
+            resolve_model_name(str(garbage))
     assert list(cached.iterdir()) == [] or all(p.name != "other" for p in cached.iterdir())
