@@ -211,6 +211,27 @@ def test_the_lora_baseline_trains_on_a_gguf_backbone(tiny_gguf, cached, tmp_path
     assert json.loads(capsys.readouterr().out)["text"] == kept["generated_text"]
 
 
+@pytest.mark.slow
+def test_the_in_context_baseline_and_preflight_take_a_gguf(tiny_gguf, cached, tmp_path, capsys):
+    import icl_baseline
+    import lora_sequential
+
+    path, _ = tiny_gguf
+    write_round_files(tmp_path / "data", 1, 3, ["get_weather", "convert_currency", "search_flights"], n_test=2)
+    test = tmp_path / "data" / "test" / "function_calling_test_tools1-3_4calls.json"
+    run = tmp_path / "icl"
+    with kept_logging():
+        assert icl_baseline.main(["--test_data", str(test), "--model_name", str(path), "--device", "cpu",
+                                  "--max_new_tokens", "4", "--output", str(run)]) == 0
+        assert json.loads((run / "results.json").read_text())["metrics"]["total_examples"] == 2
+        assert lora_sequential.main(["--model_name", str(path), "--training_rounds", "1-3:1", "--preflight",
+                                     "--lora_target_modules", "q_proj,gate_proj", "--output_dir",
+                                     str(tmp_path / "lora")]) == 0
+        with pytest.raises(UserError, match="--lora_target_modules: c_attn not found in --model_name"):
+            lora_sequential.main(["--model_name", str(path), "--training_rounds", "1-3:1", "--preflight",
+                                  "--lora_target_modules", "c_attn", "--output_dir", str(tmp_path / "lora")])
+
+
 def test_two_resolves_at_once_convert_once(tiny_gguf, tmp_path, monkeypatch):
     path, _ = tiny_gguf
     calls = []
