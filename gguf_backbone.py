@@ -196,7 +196,8 @@ def converted_sha256(folder: str | os.PathLike) -> str | None:
     record = Path(folder) / SOURCE_FILE
     if not record.is_file():
         return None
-    return read_json(record, "GGUF source record").get("sha256")
+    recorded = read_json(record, "GGUF source record")
+    return recorded.get("sha256") if isinstance(recorded, dict) else None
 
 
 def _first_line(err: BaseException) -> str:

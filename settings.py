@@ -16,6 +16,7 @@ from common import (CliParser, UserError, non_negative_float, non_negative_int, 
 import round_files
 from dataset import PROMPT_FORMATS
 from experiment import REPORT_TO
+from gguf_backbone import ensure_converted, is_gguf_name
 from model import DTYPES, LoraSettings
 from training import TrainSettings
 
@@ -128,8 +129,6 @@ def resolve_model_name(name: str | None) -> str:
     cached: gguf_backbone.ensure_converted); the default is the embedded tiny backbone, built (once, cached) on first
     use; any other name is itself."""
     if name:
-        from gguf_backbone import ensure_converted, is_gguf_name
-
         return str(ensure_converted(name)) if is_gguf_name(name) else name
     from tiny_backbone import ensure_backbone
 
