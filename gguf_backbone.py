@@ -154,10 +154,10 @@ def convert(path: Path, output: Path, digest: str, architecture: str) -> None:
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
     except Exception as err:  # noqa: BLE001 - any loader failure is reported as one line naming the file
         raise UserError(f"--model_name {path}: transformers cannot load this GGUF ({_first_line(err)})") from None
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)

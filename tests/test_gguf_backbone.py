@@ -5,6 +5,7 @@ round; the short name without its package and a missing file are one-line errors
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,8 +48,9 @@ def tiny_vocabulary() -> tuple[list[str], list[str]]:
 
 
 def write_tiny_gguf(path: Path, architecture: str = "llama", seed: int = 0):
-    """A random tied-embedding Llama (2 layers, hidden 32) with a ChatML BPE tokenizer written as an f32 GGUF the way
-    llama.cpp's converter writes one; returns the reference model it was written from."""
+    """A random tied-embedding Llama (2 layers, hidden 32) with a ChatML byte-level BPE tokenizer without reserved
+    tokens, written as an f32 GGUF the way llama.cpp's converter writes one (SmolLM2-135M-Instruct's shape in small);
+    returns the reference model it was written from."""
     import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -58,7 +60,7 @@ def write_tiny_gguf(path: Path, architecture: str = "llama", seed: int = 0):
                          num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=512,
                          rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
                          bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"])
+                         pad_token_id=ids["<|im_end|>"])
     torch.manual_seed(seed)
     reference = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # norms away from 1, so a misplaced norm weight shows in the logits
@@ -86,7 +88,7 @@ def write_tiny_gguf(path: Path, architecture: str = "llama", seed: int = 0):
     writer.add_token_merges(merges)
     writer.add_bos_token_id(ids["<|im_start|>"])
     writer.add_eos_token_id(ids["<|im_end|>"])
-    writer.add_pad_token_id(ids["<|endoftext|>"])
+    writer.add_pad_token_id(ids["<|im_end|>"])  # as SmolLM2's: padding, EOS and end of turn are one token
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHATML_TEMPLATE)
     writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
@@ -137,7 +139,7 @@ def test_a_gguf_converts_once_into_a_folder_with_the_reference_logits(tiny_gguf,
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert model.config.tie_word_embeddings
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template == CHATML_TEMPLATE
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and tokenizer.chat_template == CHATML_TEMPLATE
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Convert 100 USD to EUR please."}],
                                            tokenize=False, add_generation_prompt=True)
     assert prompt.startswith("<|im_start|>user\n")
@@ -184,6 +186,11 @@ def test_a_tokmem_round_trains_on_a_gguf_backbone_and_resume_checks_its_file(tin
         with kept_logging():
             assert predict.main([str(out), kept["user_input"], *given]) == 0
         assert json.loads(capsys.readouterr().out)["text"] == kept["generated_text"]
+    shutil.rmtree(cached / digest)  # a run made in another clone: its recorded folder is not here
+    with kept_logging():
+        assert predict.main([str(out), kept["user_input"]]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == kept["generated_text"]
+    assert (cached / digest / "model.safetensors").is_file(), "converted again, to the files the run recorded"
 
     stored = {**config, "inputs": {**config["inputs"], "gguf": {"path": "elsewhere.gguf", "sha256": "0" * 64}}}
     (out / "config.json").write_text(json.dumps(stored))
