@@ -142,7 +142,7 @@ def check_before_data(settings: RunSettings) -> tuple[RunSettings, list[RoundSpe
     max_length = settings.data.max_length
     if positions and max_length > positions:
         raise UserError(f"--max_length {max_length} is beyond the {positions} positions of --model_name "
-                        f"{model_name}; use at most {positions}")
+                        f"{settings.model.model_name or model_name}; use at most {positions}")
     check_backbone(model_name, settings.lora)
     if settings.data.query_cut == "none":
         settings = replace(settings, data=replace(settings.data, max_length=positions or sys.maxsize))
