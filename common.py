@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -151,6 +153,29 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) -> None:
     """Atomically write a file produced by `writer(tmp_path)` (for savers that take a path, e.g. safetensors)."""
     _atomic_write(path, writer)
+
+
+@contextlib.contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """An exclusive file lock next to `target` (`.<name>.lock`), so that two processes never build it at once."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Move the finished `source` directory into place at `target` (same file system), discarding what was there."""
+    old = None
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(source, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

@@ -31,7 +31,7 @@ DATA_DIR=${DATA_DIR:-data}
 int_var SAMPLES_PER_TOOL TRAIN_SIZE TEST_SIZE TRAIN_MAX_CALLS TEST_MAX_CALLS
 
 # ---- model, device, processes and seed (the same for all three scripts) ----------------------------------------
-MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use)
+MODEL=${MODEL:-}                                   # empty: the embedded tiny backbone (built on first use); an HF id or directory, a .gguf file, smollm2-135m-instruct
 DTYPE=${DTYPE:-auto}                               # auto: bfloat16 on CUDA, float32 on CPU
 DEVICE=${DEVICE:-auto}
 GPU=${GPU:-}                                       # CUDA_VISIBLE_DEVICES when not already set; empty: 0, or 0,...,NPROC-1

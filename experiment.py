@@ -348,6 +348,13 @@ def backbone_fingerprint(model_name: str) -> dict[str, str]:
     return found
 
 
+def gguf_digest(inputs: Mapping[str, Any]) -> dict[str, str]:
+    """{"sha256": H} of the GGUF file a run's backbone was converted from ("inputs"."gguf"), {} for any other backbone.
+    Its path is recorded beside it but not compared: the same file may move."""
+    source = inputs.get("gguf")
+    return {"sha256": source["sha256"]} if isinstance(source, dict) and "sha256" in source else {}
+
+
 def data_fingerprint(paths: Sequence[Path]) -> dict[str, str]:
     """Each data file (normalised path) by its SHA-256 and size."""
     return {os.path.normpath(str(p)): f"sha256 {round_files.file_sha256(p)}, {p.stat().st_size} bytes"
@@ -487,6 +494,7 @@ class RunDirectory:
             return
         changes = fingerprint_changes("data file ", stored.get("data") or {}, inputs["data"])
         changes += fingerprint_changes("backbone file ", stored.get("backbone") or {}, inputs["backbone"])
+        changes += fingerprint_changes("backbone GGUF ", gguf_digest(stored), gguf_digest(inputs))
         if changes:
             more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
             raise UserError(f"--resume: {self.path} was run on other inputs: {changes[0]}{more}; restore them or "

@@ -23,7 +23,8 @@ from common import CliParser, UserError, positive_int, read_json, run_cli, setup
 from dataset import encode_sample
 from decoding import left_pad
 from eval import parse_function_call
-from experiment import backbone_fingerprint, fingerprint_changes
+from experiment import backbone_fingerprint, fingerprint_changes, gguf_digest
+from gguf_backbone import converted_sha256, is_gguf_name
 from model import DTYPES, LoraSettings
 from settings import resolve_model_name
 
@@ -44,7 +45,8 @@ def build_parser() -> CliParser:
                         help="comma list of the tools generation may emit (TokMem; default: the round's learned "
                              "tools, as the run offered them)")
     parser.add_argument("--model_name", default=None,
-                        help="the backbone, where it now lives (default: the one the run recorded); it must have the "
+                        help="the backbone, where it now lives, as main_sequential.py takes it (a .gguf file or "
+                             "smollm2-135m-instruct too; default: the one the run recorded); it must have the "
                              "recorded weights")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default=None, choices=["auto", *DTYPES],
@@ -85,20 +87,26 @@ def checkpoint_of(run_dir: Path, config: dict, round_number: int | None, finishe
 
 
 def backbone_of(config: dict, given: str | None) -> str:
-    """The backbone to load: --model_name or the recorded one, refused when its files differ from the fingerprint
-    the run recorded (config.json's inputs; where it recorded none, when it is another model name)."""
+    """The backbone to load: --model_name (resolved, so a GGUF gives its converted folder) or the recorded one, refused
+    when its files differ from the fingerprint the run recorded (config.json's inputs; where it recorded none, when
+    it is another model name) or, for a run on a GGUF, when it was converted from another file."""
     inputs = config.get("inputs") or {}
-    recorded_name = inputs.get("model_name") or resolve_model_name(config["args"].get("model_name"))
-    name = given or recorded_name
-    if not Path(name).is_dir() and not given and config["args"].get("model_name") is None:
-        name = resolve_model_name(None)  # the embedded backbone of a run made in another clone
+    flag = config["args"].get("model_name")
+    recorded_name = inputs.get("model_name") or resolve_model_name(flag)
+    name = resolve_model_name(given) if given else recorded_name
+    if not given and not Path(name).is_dir() and (flag is None or is_gguf_name(flag)):
+        name = resolve_model_name(flag)  # the embedded backbone, or the GGUF's conversion, of a run made elsewhere
+    recorded_gguf = gguf_digest(inputs).get("sha256")
+    if recorded_gguf and converted_sha256(name) != recorded_gguf:
+        raise UserError(f"backbone {name} is not the one the run trained on: the run's was converted from the GGUF "
+                        f"file with sha256 {recorded_gguf}, this one from {converted_sha256(name) or 'no GGUF'}")
     recorded = inputs.get("backbone")
     if isinstance(recorded, dict) and "hub id" not in recorded:
         changes = fingerprint_changes("file ", recorded, backbone_fingerprint(name))
         if changes:
             more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
             raise UserError(f"backbone {name} is not the one the run trained on: {changes[0]}{more}")
-    elif given and Path(given).resolve() != Path(recorded_name).resolve():
+    elif given and Path(name).resolve() != Path(recorded_name).resolve():
         raise UserError(f"--model_name {given} differs from the run's backbone {recorded_name} (the run recorded no "
                         "fingerprint of its files to compare)")
     return name

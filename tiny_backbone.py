@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -36,8 +35,8 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from common import (CliParser, UserError, atomic_write_json, non_negative_int, positive_float, positive_int, run_cli, set_seed,
-                    setup_logging, unit_interval)
+from common import (CliParser, UserError, atomic_write_json, build_lock, non_negative_int, positive_float, positive_int,
+                    replace_dir, run_cli, set_seed, setup_logging, unit_interval)
 from dataset import IGNORE_INDEX, build_answer_ids, build_prompt_ids, end_of_turn_id, icl_answer_text, tool_system_prompt
 from decoding import causal_lm_step, decode_prompts
 from eval import parse_function_call, score_predictions
@@ -949,29 +948,6 @@ def is_finished_build(path: str | os.PathLike) -> bool:
     return all((path / name).is_file() for name in FINISHED_FILES)
 
 
-@contextlib.contextmanager
-def _build_lock(target: Path) -> Iterator[None]:
-    """An exclusive file lock next to `target`, so that two processes never build it at once."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move the finished `source` directory into place at `target`, discarding what was there."""
-    old = None
-    if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(source, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def ensure_backbone(
     path: str | os.PathLike = DEFAULT_BACKBONE_DIR, *, rebuild: bool = False, settings: BuildSettings | None = None
 ) -> Path:
@@ -979,7 +955,7 @@ def ensure_backbone(
     target = Path(path).expanduser().resolve()
     if not rebuild and is_finished_build(target):
         return target
-    with _build_lock(target):
+    with build_lock(target):
         if not rebuild and is_finished_build(target):
             return target
         settings = settings or BuildSettings()
@@ -989,7 +965,7 @@ def ensure_backbone(
             build_backbone(staging, settings)
             if (target / MODEL_CARD).is_file():
                 shutil.copy2(target / MODEL_CARD, staging / MODEL_CARD)
-            _replace_dir(staging, target)
+            replace_dir(staging, target)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
