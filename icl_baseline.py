@@ -62,6 +62,7 @@ logger = logging.getLogger("icl_baseline")
 UNKNOWN_TOOL = "<unknown>"
 ARGUMENT_FIELDS = ("arguments", "parameters")
 _OPENING = re.compile(r"[\[{]")
+_OBJECT_START = re.compile(r"\{\s*[\"']")  # a `{` that opens a JSON object or dict literal, not a prose `{name}`
 _DECODER = json.JSONDecoder()
 ICL_PROMPTS = ("toolkit", "original")
 ICL_ANSWERS = ("toolkit", "original")
@@ -317,7 +318,9 @@ def parse_answer(text: str) -> list[dict | str]:
     Every JSON object in the text is a call: one per line as the prompt asks, several on one line, one object
     pretty-printed over several lines, or a JSON list of objects. A `{` that starts no JSON object is read up to the
     end of its line with eval.parse_function_call (a Python dict literal, say); failing that it is one unparseable
-    call (a truncated answer, for instance). Text outside objects (prose, code fences) is ignored.
+    call (a truncated answer, for instance). Text outside objects (prose, code fences) is ignored, and so is a `{`
+    that does not start like an object (a quote after it): placeholders such as `{city}` in prose are no calls. An
+    object that wraps its call as {"function": {"name", "arguments"}} (OpenAI's tool-call form) is that inner call.
     """
     calls: list[dict | str] = []
     position = 0
@@ -330,7 +333,7 @@ def parse_answer(text: str) -> list[dict | str]:
         if value is not None:
             calls.extend(_objects(value))
             continue
-        if text[start] == "[":
+        if text[start] == "[" or not _OBJECT_START.match(text, start):
             position = start + 1
             continue
         line_end = text.find("\n", start)
@@ -341,9 +344,11 @@ def parse_answer(text: str) -> list[dict | str]:
 
 
 def _objects(value: object) -> list[dict]:
-    """The call objects in a decoded JSON value: the object itself, or the objects of a list."""
+    """The call objects in a decoded JSON value: the object itself (its "function" when that is a named call object),
+    or the objects of a list."""
     if isinstance(value, dict):
-        return [value]
+        inner = value.get("function")
+        return [inner if isinstance(inner, dict) and isinstance(inner.get("name"), str) else value]
     if isinstance(value, list):
         return [item for item in value if isinstance(item, dict)]
     return []
