@@ -63,6 +63,7 @@ UNKNOWN_TOOL = "<unknown>"
 ARGUMENT_FIELDS = ("arguments", "parameters")
 _OPENING = re.compile(r"[\[{]")
 _OBJECT_START = re.compile(r"\{\s*[\"']")  # a `{` that opens a JSON object or dict literal, not a prose `{name}`
+_CALL_LINE = re.compile(r"\n[ \t]*\{")  # a line that starts with `{`: the next call of a one-per-line answer
 _DECODER = json.JSONDecoder()
 ICL_PROMPTS = ("toolkit", "original")
 ICL_ANSWERS = ("toolkit", "original")
@@ -316,9 +317,10 @@ def parse_answer(text: str) -> list[dict | str]:
     """The calls of a generated answer, in order: each parsed object, or the raw text of a call that does not parse.
 
     Every JSON object in the text is a call: one per line as the prompt asks, several on one line, one object
-    pretty-printed over several lines, or a JSON list of objects. A `{` that starts no JSON object is read up to the
-    end of its line with eval.parse_function_call (a Python dict literal, say); failing that it is one unparseable
-    call (a truncated answer, for instance). Text outside objects (prose, code fences) is ignored, and so is a `{`
+    pretty-printed over several lines, or a JSON list of objects. A `{` that starts no JSON object is read up to its
+    matching `}`, or else up to the next line that starts with `{`, or else the end (`_fragment_end`), with
+    eval.parse_function_call (a Python dict literal, say); failing that it is one unparseable call (a truncated
+    answer, for instance: a truncated pretty-printed object is one call, not one per nested line). Text outside objects (prose, code fences) is ignored, and so is a `{`
     that does not start like an object (a quote after it): placeholders such as `{city}` in prose are no calls. An
     object that wraps its call as {"function": {"name", "arguments"}} (OpenAI's tool-call form) is that inner call.
     """
@@ -336,11 +338,34 @@ def parse_answer(text: str) -> list[dict | str]:
         if text[start] == "[" or not _OBJECT_START.match(text, start):
             position = start + 1
             continue
-        line_end = text.find("\n", start)
-        position = len(text) if line_end < 0 else line_end
+        position = _fragment_end(text, start)
         parsed = parse_function_call(text[start:position])
         calls.append(parsed if parsed is not None else text[start:position].strip())
     return calls
+
+
+def _fragment_end(text: str, start: int) -> int:
+    """Where a `{` that starts no JSON object ends: after its matching `}` (quoted text skipped), else at the next line
+    that starts with `{`, else at the end of the text."""
+    next_line = _CALL_LINE.search(text, start + 1)
+    limit = next_line.start() if next_line else len(text)
+    depth, quote, escaped = 0, "", False
+    for index in range(start, limit):
+        char = text[index]
+        if escaped:
+            escaped = False
+        elif quote:
+            escaped = char == "\\"
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return limit
 
 
 def _objects(value: object) -> list[dict]:

@@ -167,3 +167,16 @@ def test_script_passes_icl_shots_to_both_runs(tmp_path):
     assert len(runs) == 2 and [flags["--icl_shots"] for flags in runs] == ["3", "3"]
     default = [flags for script, flags, _ in dry_run("icl_baseline.sh", tmp_path) if script == "icl_baseline.py"]
     assert [flags["--icl_shots"] for flags in default] == ["0", "0"]
+
+
+def test_a_truncated_pretty_printed_object_is_one_unparseable_call():
+    answer = ('Here is a sample:\n```json\n{\n    "name": "get_weather",\n    "data": {\n        "type": "json",\n'
+              '        "data": {\n            "type": "js')
+    calls = icl_baseline.parse_answer(answer)
+    assert len(calls) == 1 and isinstance(calls[0], str) and calls[0].startswith('{\n    "name"')
+    # One call per line, as the prompt asks: a broken line is one parse error and the next line is still read.
+    lines = '{"name": "get_weather", "arguments": {"city": "Paris"}\n{"name": "get_weather", "arguments": {}}'
+    calls = icl_baseline.parse_answer(lines)
+    assert isinstance(calls[0], str) and calls[1] == {"name": "get_weather", "arguments": {}}
+    literal = "I would call {'name': 'get_weather',\n 'arguments': {'city': 'Paris'}} now."
+    assert icl_baseline.parse_answer(literal) == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
