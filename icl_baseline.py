@@ -283,12 +283,7 @@ def pick_shots(pool: Sequence[dict], order: Sequence[int], offered: Sequence[str
         tools = set(pool[index]["tools"])
         return 0 if tools <= listed else 1 if tools & listed else 2
 
-    chosen: list[int] = []
-    for wanted in range(3):
-        chosen += [index for index in order if tier(index) == wanted][:shots - len(chosen)]
-        if len(chosen) == shots:
-            break
-    return [pool[index] for index in chosen]
+    return [pool[index] for index in sorted(order, key=tier)[:shots]]  # a stable sort: the seeded order within a tier
 
 
 def choose_shots(test_sets: Sequence[TestSet], offered: Sequence[Sequence[str]], shots: int,
