@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 
 import icl_baseline
 from common import UserError
-from conftest import TOOL_NAMES, make_sample, write_round_files
-from dataset import icl_answer_text
+from conftest import CHATML_TEMPLATE, TOOL_NAMES, make_sample, write_round_files
+from dataset import build_prompt_ids, icl_answer_text
 from test_icl_baseline import DESCRIPTIONS
 from test_scripts import dry_run
 
@@ -155,6 +155,11 @@ def test_chatml_prompt_keeps_the_tool_list_in_its_system_turn(tied_model_dir):
                                      "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n")
     assert "<|eot_id|>" not in tokenizer.decode(ids)
     assert icl_baseline._stop_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    # SmolLM2-style templates write a default system turn when the messages have none: the tool list replaces it.
+    tokenizer.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nDefault.<|im_end|>\n"
+                               "{% endif %}" + CHATML_TEMPLATE)
+    assert "Default." not in tokenizer.decode(icl_baseline.icl_prompt_ids(tokenizer, "q", listing, shots=SHOTS))
+    assert tokenizer.decode(build_prompt_ids(tokenizer, "q")).startswith("<|im_start|>system\nDefault.<|im_end|>")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
