@@ -60,15 +60,23 @@ def check_prompt_format(tokenizer, prompt_format: str) -> None:
             raise UserError(f"--prompt_format original needs a Llama-3 tokenizer; this one lacks {', '.join(missing)}")
 
 
-def build_prompt_text(tokenizer, user_input: str, system_prompt: str | None = None, prompt_format: str = "chat") -> str:
-    """The prompt as text: the chat template (fixed date) or the original's hand-written turns."""
+def build_prompt_text(tokenizer, user_input: str, system_prompt: str | None = None, prompt_format: str = "chat",
+                      history: Sequence[tuple[str, str]] = ()) -> str:
+    """The prompt as text: the chat template (fixed date) or the original's hand-written turns.
+
+    `history`: earlier (user, assistant) exchanges written as turns of the same template between the system turn and
+    the query (the in-context baselines' solved examples).
+    """
     if prompt_format == "original":
-        if system_prompt:
-            raise UserError("--prompt_format original has no system turn; use the chat format for tool lists")
+        if system_prompt or history:
+            raise UserError("--prompt_format original has no system turn or earlier turns; use the chat format for "
+                            "tool lists and examples")
         return ORIGINAL_PROMPT.format(query=user_input)
     messages = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
+    for question, answer in history:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": user_input})
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
@@ -78,9 +86,9 @@ def build_prompt_text(tokenizer, user_input: str, system_prompt: str | None = No
 
 
 def build_prompt_ids(tokenizer, user_input: str, system_prompt: str | None = None,
-                     prompt_format: str = "chat") -> list[int]:
-    """Token ids of the prompt: [system turn], the user turn, then the assistant header."""
-    return tokenizer(build_prompt_text(tokenizer, user_input, system_prompt, prompt_format),
+                     prompt_format: str = "chat", history: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """Token ids of the prompt: [system turn], [earlier exchanges], the user turn, then the assistant header."""
+    return tokenizer(build_prompt_text(tokenizer, user_input, system_prompt, prompt_format, history),
                      add_special_tokens=False)["input_ids"]
 
 

@@ -9,6 +9,14 @@ pretrained on). The answer is parsed into calls, each call's tool is inferred (`
 scored with eval.score_predictions, so the numbers sit beside TokMem's and LoRA's. The prompt length per query is
 reported for ICL, RAG and TokMem's description-free prompt: the context overhead that tool memory removes.
 
+`--icl_shots N` puts N solved examples from the round's training file (the one of the test file's tool range) before
+the query, as earlier user/assistant turns of the same chat template, each answer written as icl_answer_text writes it
+(the format the system turn asks for); their tokens count in the prompt length. Which examples (`pick_shots`): the
+training file's examples are shuffled once with --seed; each query takes the first N in that order whose tools are all
+among the tools its prompt lists, then, when too few are, those sharing a tool with it, then any. Under ICL every
+described tool is listed, so every query gets the same N; under RAG a query's examples call its retrieved tools where
+the file has such examples.
+
 The original toolkit's choices are flags: `--icl_prompt original` (its hand-written Llama-3 turns: the tools as
 indented JSON with a `type` field, arguments-only answers, examples), `--icl_answer original` (its line-by-line
 reading of the answer), `--retrieval_text original` (its RAG text). Its way of naming the tool of an in-context call
@@ -22,7 +30,7 @@ import logging
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -35,11 +43,12 @@ from common import (
     atomic_write_json,
     atomic_write_text,
     check_writable,
+    non_negative_int,
     positive_int,
     read_json,
     set_seed,
 )
-from dataset import build_prompt_ids, end_of_turn_id, load_samples, tool_system_prompt
+from dataset import build_prompt_ids, end_of_turn_id, icl_answer_text, load_samples, tool_system_prompt
 from decoding import causal_lm_step, decode_prompts
 from eval import format_metrics_table, parse_function_call, score_predictions
 from experiment import DEFAULT_RUNS_ROOT, RunDirectory, claim_default_run_dir
@@ -53,6 +62,8 @@ logger = logging.getLogger("icl_baseline")
 UNKNOWN_TOOL = "<unknown>"
 ARGUMENT_FIELDS = ("arguments", "parameters")
 _OPENING = re.compile(r"[\[{]")
+_OBJECT_START = re.compile(r"\{\s*[\"']")  # a `{` that opens a JSON object or dict literal, not a prose `{name}`
+_CALL_LINE = re.compile(r"\n[ \t]*\{")  # a line that starts with `{`: the next call of a one-per-line answer
 _DECODER = json.JSONDecoder()
 ICL_PROMPTS = ("toolkit", "original")
 ICL_ANSWERS = ("toolkit", "original")
@@ -70,11 +81,13 @@ class EvaluatedSet:
 
 @dataclass
 class TestSet:
-    """One --test_data file, scored as its own set."""
+    """One --test_data file, scored as its own set, and the training file its --icl_shots examples come from."""
 
     name: str
     path: Path
     samples: list[dict]
+    shot_path: Path | None = None
+    shot_pool: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,7 @@ class IclSettings:
     seed: int = 42
     icl_prompt: str = "toolkit"
     icl_answer: str = "toolkit"
+    icl_shots: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,6 +230,81 @@ def evaluated_set_name(paths: Sequence[Path]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Few-shot examples (--icl_shots)
+
+
+def shots_path_for(test_path: Path) -> Path:
+    """The training file of a round's test file: same data directory and tool range; of several (other call caps),
+    the one with the test file's cap. A test file of another name, or a range without one, is a UserError."""
+    parsed = round_files.parse_test_path(test_path)
+    if parsed is None:
+        raise UserError(f"--icl_shots: cannot tell which training file goes with {test_path}; the examples come from "
+                        "the training file of a round's test file (test/function_calling_test_tools<start>-<end>_"
+                        "<k>calls.json)")
+    data_dir, start, end, calls = parsed
+    found = round_files.train_paths_of_range(data_dir, start, end)
+    same_cap = round_files.train_path(data_dir, start, end, calls)
+    if not found:
+        raise UserError(f"--icl_shots: training file not found: {same_cap} (no training file of tools "
+                        f"{start}-{end}); make it with: {round_files.data_command(data_dir, start, end)}")
+    if len(found) == 1:
+        return found[0]
+    if same_cap in found:
+        return same_cap
+    raise UserError(f"--icl_shots: {len(found)} training files of tools {start}-{end} ({', '.join(map(str, found))}) "
+                    f"and none with the test file's {calls}-call cap; keep one")
+
+
+def load_shot_pools(test_sets: Sequence[TestSet], descriptions: Mapping[str, dict], shots: int) -> None:
+    """Give each test set its training file's examples whose tools are all described; a file with fewer than `shots`
+    of them is a UserError."""
+    for test_set in test_sets:
+        path = shots_path_for(test_set.path)
+        pool = [sample for sample in load_samples(path) if all(tool in descriptions for tool in sample["tools"])]
+        if len(pool) < shots:
+            raise UserError(f"--icl_shots {shots}: training file {path} has {len(pool)} examples whose tools are all "
+                            "described; lower --icl_shots")
+        test_set.shot_path, test_set.shot_pool = path, pool
+
+
+def shot_order(size: int, seed: int) -> list[int]:
+    """A seeded permutation of a pool's indices: the order examples are offered in."""
+    order = list(range(size))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def pick_shots(pool: Sequence[dict], order: Sequence[int], offered: Sequence[str], shots: int) -> list[dict]:
+    """`shots` examples of `pool` in the seeded `order`: first those whose tools are all `offered`, then those
+    sharing a tool with them, then any."""
+    listed = set(offered)
+
+    def tier(index: int) -> int:
+        tools = set(pool[index]["tools"])
+        return 0 if tools <= listed else 1 if tools & listed else 2
+
+    return [pool[index] for index in sorted(order, key=tier)[:shots]]  # a stable sort: the seeded order within a tier
+
+
+def choose_shots(test_sets: Sequence[TestSet], offered: Sequence[Sequence[str]], shots: int,
+                 seed: int) -> list[list[dict]]:
+    """Per query (test sets' samples in order), its examples from its set's pool (`pick_shots`); none when
+    `shots` is 0."""
+    chosen: list[list[dict]] = []
+    for test_set in test_sets:
+        order = shot_order(len(test_set.shot_pool), seed) if shots else []
+        for _ in test_set.samples:
+            index = len(chosen)
+            chosen.append(pick_shots(test_set.shot_pool, order, offered[index], shots) if shots else [])
+    return chosen
+
+
+def shot_turns(shots: Sequence[dict]) -> list[tuple[str, str]]:
+    """Examples as (user, assistant) exchanges, the answer written as the prompt asks (dataset.icl_answer_text)."""
+    return [(shot["user_input"], icl_answer_text(shot["tools"], shot["function_calls"])) for shot in shots]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Answers: calls and their tools
 
 
@@ -223,9 +312,12 @@ def parse_answer(text: str) -> list[dict | str]:
     """The calls of a generated answer, in order: each parsed object, or the raw text of a call that does not parse.
 
     Every JSON object in the text is a call: one per line as the prompt asks, several on one line, one object
-    pretty-printed over several lines, or a JSON list of objects. A `{` that starts no JSON object is read up to the
-    end of its line with eval.parse_function_call (a Python dict literal, say); failing that it is one unparseable
-    call (a truncated answer, for instance). Text outside objects (prose, code fences) is ignored.
+    pretty-printed over several lines, or a JSON list of objects. A `{` that starts no JSON object is read up to its
+    matching `}`, or else up to the next line that starts with `{`, or else the end (`_fragment_end`), with
+    eval.parse_function_call (a Python dict literal, say); failing that it is one unparseable call (a truncated
+    answer, for instance: a truncated pretty-printed object is one call, not one per nested line). Text outside objects (prose, code fences) is ignored, and so is a `{`
+    that does not start like an object (a quote after it): placeholders such as `{city}` in prose are no calls. An
+    object that wraps its call as {"function": {"name", "arguments"}} (OpenAI's tool-call form) is that inner call.
     """
     calls: list[dict | str] = []
     position = 0
@@ -238,20 +330,45 @@ def parse_answer(text: str) -> list[dict | str]:
         if value is not None:
             calls.extend(_objects(value))
             continue
-        if text[start] == "[":
+        if text[start] == "[" or not _OBJECT_START.match(text, start):
             position = start + 1
             continue
-        line_end = text.find("\n", start)
-        position = len(text) if line_end < 0 else line_end
+        position = _fragment_end(text, start)
         parsed = parse_function_call(text[start:position])
         calls.append(parsed if parsed is not None else text[start:position].strip())
     return calls
 
 
+def _fragment_end(text: str, start: int) -> int:
+    """Where a `{` that starts no JSON object ends: after its matching `}` (quoted text skipped), else at the next line
+    that starts with `{`, else at the end of the text."""
+    next_line = _CALL_LINE.search(text, start + 1)
+    limit = next_line.start() if next_line else len(text)
+    depth, quote, escaped = 0, "", False
+    for index in range(start, limit):
+        char = text[index]
+        if escaped:
+            escaped = False
+        elif quote:
+            escaped = char == "\\"
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return limit
+
+
 def _objects(value: object) -> list[dict]:
-    """The call objects in a decoded JSON value: the object itself, or the objects of a list."""
+    """The call objects in a decoded JSON value: the object itself (its "function" when that is a named call object),
+    or the objects of a list."""
     if isinstance(value, dict):
-        return [value]
+        inner = value.get("function")
+        return [inner if isinstance(inner, dict) and isinstance(inner.get("name"), str) else value]
     if isinstance(value, list):
         return [item for item in value if isinstance(item, dict)]
     return []
@@ -507,12 +624,22 @@ def check_icl_prompt(tokenizer, style: str) -> None:
                         "use --icl_prompt toolkit (its chat template)")
 
 
-def icl_prompt_ids(tokenizer, user_input: str, listing: Sequence[dict], style: str = "toolkit") -> list[int]:
-    """The prompt listing the tools: this toolkit's chat template with the descriptions as JSON in the system turn, or
-    the original's hand-written turns (`original_icl_prompt_text`, its own begin-of-text token and no other)."""
+def check_icl_shots(style: str, shots: int) -> None:
+    """Examples are chat turns of the toolkit prompt; the original's hand-written prompt has none."""
+    if shots and style == "original":
+        raise UserError("--icl_shots needs --icl_prompt toolkit: the original's hand-written prompt has no example "
+                        "turns")
+
+
+def icl_prompt_ids(tokenizer, user_input: str, listing: Sequence[dict], style: str = "toolkit",
+                   shots: Sequence[dict] = ()) -> list[int]:
+    """The prompt listing the tools: this toolkit's chat template with the descriptions as JSON in the system turn and
+    the `shots` examples as earlier turns, or the original's hand-written turns (`original_icl_prompt_text`, its own
+    begin-of-text token and no other; no examples)."""
     if style == "original":
+        check_icl_shots(style, len(shots))
         return tokenizer(original_icl_prompt_text(user_input, listing), add_special_tokens=False)["input_ids"]
-    return build_prompt_ids(tokenizer, user_input, tool_system_prompt(listing))
+    return build_prompt_ids(tokenizer, user_input, tool_system_prompt(listing), history=shot_turns(shots))
 
 
 def offered_tools(samples: Sequence[dict], descriptions: Mapping[str, dict], retriever: ToolRetriever | None,
@@ -530,16 +657,19 @@ def token_stats(lengths: Sequence[int]) -> dict[str, float | int]:
 
 
 def prompt_lengths(tokenizer, samples: Sequence[dict], descriptions: Mapping[str, dict],
-                   prompts: Sequence[list[int]], rag: bool, style: str = "toolkit") -> dict:
-    """Prompt tokens per query for ICL (every tool listed), RAG (when run) and TokMem (no descriptions at all).
+                   prompts: Sequence[list[int]], rag: bool, style: str = "toolkit",
+                   icl_shots: Sequence[Sequence[dict]] | None = None) -> dict:
+    """Prompt tokens per query for ICL (every tool listed), RAG (when run) and TokMem (no descriptions, no examples).
 
-    `prompts` are the run's own prompts: RAG's when `rag`, else ICL's (the ICL prompts are then built here too, in
-    the same `style`).
+    `prompts` are the run's own prompts, examples included: RAG's when `rag`, else ICL's (the ICL prompts are then
+    built here too, in the same `style`, with the examples ICL would take: `icl_shots` per query, default none).
     """
     icl_prompts = prompts
     if rag:
         listing = list(descriptions.values())
-        icl_prompts = [icl_prompt_ids(tokenizer, sample["user_input"], listing, style) for sample in samples]
+        shots = icl_shots if icl_shots is not None else [[] for _ in samples]
+        icl_prompts = [icl_prompt_ids(tokenizer, sample["user_input"], listing, style, own)
+                       for sample, own in zip(samples, shots)]
     stats = {"icl": token_stats([len(ids) for ids in icl_prompts])}
     if rag:
         stats["rag"] = token_stats([len(ids) for ids in prompts])
@@ -612,6 +742,10 @@ def build_parser() -> CliParser:
                         help="toolkit: the chat template, tools as compact JSON, one {name, arguments} object per "
                              "call; original: the original's hand-written Llama-3 turns, tools as indented JSON with a "
                              "type field, one arguments object per line, with examples")
+    parser.add_argument("--icl_shots", type=non_negative_int, default=IclSettings.icl_shots,
+                        help="solved examples before each query, from the training file of the test file's tool "
+                             "range, as earlier chat turns (picked with --seed; under RAG, examples of the retrieved "
+                             "tools first); --icl_prompt toolkit only")
     parser.add_argument("--icl_answer", choices=ICL_ANSWERS, default=IclSettings.icl_answer,
                         help="how an answer is read into calls: toolkit (every JSON object or dict literal in it) or "
                              "original (each line that is JSON by itself, else the whole answer)")
@@ -655,6 +789,8 @@ def read_inputs(icl: IclSettings) -> IclInputs:
         description_paths = split_paths([str(descriptions_path_for(path)) for path in test_paths])
     descriptions = load_descriptions(description_paths)
     test_sets = load_test_sets(test_paths, descriptions, icl.max_samples, icl.seed)
+    if icl.icl_shots:
+        load_shot_pools(test_sets, descriptions, icl.icl_shots)
     return IclInputs(test_paths, description_paths, descriptions, test_sets)
 
 
@@ -726,6 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     icl, retrieval = from_flags(IclSettings, args), from_flags(RetrievalSettings, args)
     model_settings = from_flags(ModelSettings, args)
     method = "icl_rag" if retrieval.use_rag else "icl"
+    check_icl_shots(icl.icl_prompt, icl.icl_shots)
     output = output_place(icl.output)
     set_seed(icl.seed)
     inputs = read_inputs(icl)
@@ -740,8 +877,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         retriever = ToolRetriever(descriptions, retrieval.retriever_model, device=device.type,
                                   text_style=retrieval.retrieval_text)
     offered = offered_tools(samples, descriptions, retriever, retrieval.retrieval_k)
-    prompts = [icl_prompt_ids(tokenizer, sample["user_input"], [descriptions[name] for name in names], icl.icl_prompt)
-               for sample, names in zip(samples, offered)]
+    shots = choose_shots(inputs.test_sets, offered, icl.icl_shots, icl.seed)
+    prompts = [icl_prompt_ids(tokenizer, sample["user_input"], [descriptions[name] for name in names], icl.icl_prompt,
+                              own) for sample, names, own in zip(samples, offered, shots)]
     refuse_if_too_long(positions, prompts, model_settings.max_new_tokens)
     model = load_base_model(model_name, device, resolve_dtype(model_settings.dtype, device))
     if model_settings.shard_backbone:
@@ -766,9 +904,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "num_tools": len(descriptions),
         "icl_prompt": icl.icl_prompt,
         "icl_answer": icl.icl_answer,
+        "icl_shots": icl.icl_shots,
+        "shots_data": [str(s.shot_path) for s in inputs.test_sets if s.shot_path is not None],
         "metrics": icl_metrics(predictions),
         "sets": per_set_results(inputs.test_sets, predictions),
-        "prompt_tokens": prompt_lengths(tokenizer, samples, descriptions, prompts, retrieval.use_rag, icl.icl_prompt),
+        "prompt_tokens": prompt_lengths(tokenizer, samples, descriptions, prompts, retrieval.use_rag, icl.icl_prompt,
+                                        choose_shots(inputs.test_sets, [list(descriptions)] * len(samples),
+                                                     icl.icl_shots, icl.seed)),
         "generation_seconds": round(generation_seconds, 1),
     }
     if retriever is not None:

@@ -24,10 +24,15 @@ RETRIEVAL_K=${RETRIEVAL_K:-5}
 RETRIEVAL_TEXT=${RETRIEVAL_TEXT:-toolkit}          # toolkit | original: the text each tool is embedded from
 ICL_PROMPT=${ICL_PROMPT:-toolkit}                  # toolkit | original: the original's hand-written prompt
 ICL_ANSWER=${ICL_ANSWER:-toolkit}                  # toolkit | original: how an answer is read into calls
+ICL_SHOTS=${ICL_SHOTS:-0}                          # solved examples from the range's training file before each query
 # ---- model, device, processes, SEED: data_rounds.sh, shared by the three scripts --------------------------------
 
 int_var BATCH_SIZE MAX_NEW_TOKENS RETRIEVAL_K
 bool_var RUN_ALL_TOOLS USE_RAG
+if ! [[ $ICL_SHOTS =~ ^[0-9]+$ ]]; then
+    echo "error: ICL_SHOTS must be an integer >= 0, got '$ICL_SHOTS'" >&2
+    exit 2
+fi
 PYTHON=${PYTHON:-python3}
 
 if ! [[ $TOOLS =~ ^([1-9][0-9]*)-([1-9][0-9]*)$ ]] || (( BASH_REMATCH[2] < BASH_REMATCH[1] )); then
@@ -47,7 +52,7 @@ test_file=$("$PYTHON" round_files.py --data_dir "$DATA_DIR" --start "$START_TOOL
             --test_max_function_calls "$TEST_CALLS_LIST")
 args=(--test_data "$test_file"
       --batch_size "$BATCH_SIZE" --max_new_tokens "$MAX_NEW_TOKENS" --device "$DEVICE" --dtype "$DTYPE" --seed "$SEED"
-      --icl_prompt "$ICL_PROMPT" --icl_answer "$ICL_ANSWER")
+      --icl_prompt "$ICL_PROMPT" --icl_answer "$ICL_ANSWER" --icl_shots "$ICL_SHOTS")
 [[ -n "$MODEL" ]] && args+=(--model_name "$MODEL")
 [[ -n "$MAX_SAMPLES" ]] && args+=(--max_samples "$MAX_SAMPLES")
 [[ "$SHARD_BACKBONE" == true ]] && args+=(--shard_backbone)

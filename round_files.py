@@ -55,6 +55,15 @@ def train_path(data_dir: str | Path, start: int, end: int, max_calls: int) -> Pa
     return Path(data_dir) / TRAIN_DIR / f"function_calling_train_tools{start}-{end}_{max_calls}calls.json"
 
 
+def train_paths_of_range(data_dir: str | Path, start: int, end: int) -> list[Path]:
+    """The training files of tools start-end under a data directory, whatever their call cap, by cap."""
+    pattern = re.compile(rf"^function_calling_train_tools{start}-{end}_(\d+)calls\.json$")
+    folder = Path(data_dir) / TRAIN_DIR
+    found = [(int(m[1]), path) for path in folder.glob("*.json") if (m := pattern.match(path.name))] \
+        if folder.is_dir() else []
+    return [path for _, path in sorted(found)]
+
+
 def test_path(data_dir: str | Path, start: int, end: int, max_calls: int) -> Path:
     return Path(data_dir) / TEST_DIR / f"function_calling_test_tools{start}-{end}_{max_calls}calls.json"
 

@@ -466,7 +466,7 @@ def test_tiny_rag_run_writes_a_results_file(tiny_model_dir, round_data, tmp_path
     assert icl_baseline.main(["--test_data", str(test), "--tool_descriptions", str(descriptions), "--use_rag",
                               "--retrieval_k", "2", "--model_name", str(tiny_model_dir), "--device", "cpu",
                               "--max_new_tokens", "6", "--max_samples", "4", "--retrieval_text", "original",
-                              "--output", str(results_file)]) == 0
+                              "--icl_shots", "2", "--output", str(results_file)]) == 0
     out = capsys.readouterr().out
     assert "RAG (top 2 tools)" in out and "retrieval recall@2" in out
     results = json.loads(results_file.read_text())
@@ -481,6 +481,10 @@ def test_tiny_rag_run_writes_a_results_file(tiny_model_dir, round_data, tmp_path
     assert results["retrieval"]["all_gold_retrieved"] == pytest.approx(sum(covered) / len(covered))
     tokens = results["prompt_tokens"]
     assert tokens["icl"]["mean"] > tokens["rag"]["mean"] > tokens["tool_memory"]["mean"]
+    # Two solved examples from the range's training file before each query, counted in its prompt.
+    assert results["icl_shots"] == 2 and results["shots_data"] == [
+        str(test.parent.parent / "training" / "function_calling_train_tools1-6_4calls.json")]
+    assert all(p["prompt_tokens"] > 2 * 20 + tokens["tool_memory"]["max"] for p in predictions)
 
 
 @pytest.mark.parametrize("flags, message", [
