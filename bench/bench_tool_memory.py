@@ -54,7 +54,7 @@ from common import (  # noqa: E402
     setup_logging,
 )
 from dataset import IGNORE_INDEX, left_pad_collate  # noqa: E402
-from decoding import left_pad, left_pad_positions  # noqa: E402
+from decoding import greedy_decode, left_pad, left_pad_positions  # noqa: E402
 from model import (  # noqa: E402
     CallingOutput,
     FunctionCallingModel,
@@ -754,16 +754,23 @@ def step_point(model: FunctionCallingModel, shape: ShapeSpec, batch: dict, devic
             "vocab_size": model.causal_lm.get_input_embeddings().weight.shape[0]}
 
 
+NEVER_STOP = (-1,)  # a stop id no token has: every decoding of the offered-tools curve runs all its steps
+
+
 def decode_point(model: FunctionCallingModel, shape: ShapeSpec, offered: int, device: torch.device) -> dict:
-    """Greedy decoding (the model picks its tools) of `shape.eval_examples` prompts with `offered` tools offered:
-    median time per decoding step (a random model stops at different steps under different offers)."""
+    """Greedy decoding (the model picks its tools, under the toolkit's processors) of `shape.eval_examples` prompts
+    with `offered` tools offered: median time per decoding step. No row stops early (NEVER_STOP), so every offer runs
+    the same `shape.new_tokens` steps over the same prompts: a random model would otherwise stop at different steps
+    under different offers, and the prompt's pass would be spread over a different number of steps."""
     prompts, _ = make_eval_prompts(model, shape.eval_examples, shape.prompt_len, seed=0)
     input_ids, attention_mask = left_pad(prompts, model.tokenizer.pad_token_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     model.set_generation_tools(model.tool_names[:offered])
     steps: list[int] = []
 
     def run() -> None:
-        ids = model.generate_ids(input_ids, attention_mask, shape.new_tokens)
+        processors = model.decoding_processors(input_ids.shape[0])
+        ids = greedy_decode(model.decoding_step, input_ids, attention_mask, shape.new_tokens, NEVER_STOP, processors)
         steps.append(max(len(row) for row in ids))
 
     (timing,) = time_interleaved([run], device, 1, shape.eval_repeats)
