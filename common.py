@@ -178,6 +178,12 @@ def replace_dir(source: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none), for one-line errors."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     """Read a JSON file; a missing or malformed file is a UserError naming the file."""
     path = Path(path)

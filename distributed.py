@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import common
-from common import JobFailed, UserError, is_main_process, setup_logging
+from common import JobFailed, UserError, first_line, is_main_process, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def init_from_env(device: torch.device) -> torch.device:
         dist.init_process_group(backend, timeout=timedelta(seconds=_state.timeout),
                                 device_id=device if device.type == "cuda" else None)
     except Exception as err:  # noqa: BLE001 - any rendezvous failure is one line
-        raise JobFailed(f"cannot join the job of {env_world_size()} processes ({backend}): {_first_line(err)}") \
+        raise JobFailed(f"cannot join the job of {env_world_size()} processes ({backend}): {_backend_error_gist(err)}") \
             from None
     _state.device = device if device.type == "cuda" else torch.device("cpu")
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -188,11 +188,9 @@ def recorded_device(device: torch.device) -> str:
     return str(device)
 
 
-def _first_line(err: BaseException) -> str:
+def _backend_error_gist(err: BaseException) -> str:
     """The gist of a backend error: its first line, without gloo's source location and its advice."""
-    lines = str(err).strip().splitlines()
-    text = lines[0] if lines else type(err).__name__
-    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first_line(err))
     return text.split(" This is typically caused", 1)[0].strip()
 
 
@@ -203,7 +201,7 @@ def _collective(name: str, call: Callable[[], T]) -> T:
     except Exception as err:  # noqa: BLE001 - whatever the backend raises, the job cannot go on
         _state.failing = True
         raise JobFailed(f"process {rank()} of {world_size()}: {name} failed, so another process of the job stopped "
-                        f"or did not answer within {_state.timeout:g} s ({TIMEOUT_ENV}): {_first_line(err)}") \
+                        f"or did not answer within {_state.timeout:g} s ({TIMEOUT_ENV}): {_backend_error_gist(err)}") \
             from None
 
 

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from common import UserError, atomic_write_json, build_lock, read_json, replace_dir, write_failure
+from common import UserError, atomic_write_json, build_lock, first_line, read_json, replace_dir, write_failure
 from round_files import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def gguf_architecture(path: Path) -> str:
         field = GGUFReader(str(path)).fields.get("general.architecture")
         architecture = field.contents() if field is not None else None
     except Exception as err:  # noqa: BLE001 - any reader failure means the file is not a GGUF it can read
-        raise UserError(f"--model_name {path}: not a readable GGUF file ({_first_line(err)})") from None
+        raise UserError(f"--model_name {path}: not a readable GGUF file ({first_line(err)})") from None
     if not isinstance(architecture, str):
         raise UserError(f"--model_name {path}: the GGUF file names no general.architecture")
     if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
@@ -157,7 +157,7 @@ def convert(path: Path, output: Path, digest: str, architecture: str) -> None:
         model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
     except Exception as err:  # noqa: BLE001 - any loader failure is reported as one line naming the file
-        raise UserError(f"--model_name {path}: transformers cannot load this GGUF ({_first_line(err)})") from None
+        raise UserError(f"--model_name {path}: transformers cannot load this GGUF ({first_line(err)})") from None
     model.generation_config = loaded.generation_config
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
@@ -199,7 +199,3 @@ def converted_sha256(folder: str | os.PathLike) -> str | None:
     recorded = read_json(record, "GGUF source record")
     return recorded.get("sha256") if isinstance(recorded, dict) else None
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

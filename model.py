@@ -26,7 +26,8 @@ from torch.autograd.function import once_differentiable
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from common import UserError, atomic_write_json, atomic_write_text, atomic_write_with, read_json, read_safetensors
+from common import (UserError, atomic_write_json, atomic_write_text, atomic_write_with, first_line, read_json,
+                    read_safetensors)
 from dataset import IGNORE_INDEX, end_of_turn_id
 from decoding import (CallBoundaryTracker, OfferedTools, ScoreProcessor, ToolForcingProcessor, greedy_decode,
                       left_pad_positions)
@@ -132,7 +133,7 @@ def model_positions(model_name: str) -> int | None:
     try:
         config = AutoConfig.from_pretrained(model_name)
     except Exception as err:  # noqa: BLE001 - any loader failure is reported as one line naming the model
-        raise UserError(f"cannot load --model_name {model_name!r}: {_first_line(err)}") from None
+        raise UserError(f"cannot load --model_name {model_name!r}: {first_line(err)}") from None
     return getattr(config, "max_position_embeddings", None)
 
 
@@ -141,15 +142,11 @@ def load_tokenizer(model_name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
     except Exception as err:  # noqa: BLE001 - any loader failure is reported as one line naming the model
-        raise UserError(f"cannot load the tokenizer of --model_name {model_name!r}: {_first_line(err)}") from None
+        raise UserError(f"cannot load the tokenizer of --model_name {model_name!r}: {first_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def reserved_token_ids(tokenizer) -> list[int]:
@@ -189,7 +186,7 @@ def check_backbone(model_name: str, lora: LoraSettings | None) -> None:
         with torch.device("meta"), _quiet_loading():
             skeleton = AutoModelForCausalLM.from_config(config)
     except Exception as err:  # noqa: BLE001 - any loader failure is reported as one line naming the model
-        raise UserError(f"cannot load --model_name {model_name!r}: {_first_line(err)}") from None
+        raise UserError(f"cannot load --model_name {model_name!r}: {first_line(err)}") from None
     names = [name for name, _ in skeleton.named_modules()]
     unknown = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if unknown:
@@ -220,7 +217,7 @@ def load_base_model(model_name: str, device: torch.device, dtype: torch.dtype):
         with _quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     except Exception as err:  # noqa: BLE001 - any loader failure is reported as one line naming the model
-        raise UserError(f"cannot load --model_name {model_name!r}: {_first_line(err)}") from None
+        raise UserError(f"cannot load --model_name {model_name!r}: {first_line(err)}") from None
     model.to(device)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -280,7 +277,7 @@ def attach_lora(base, settings: LoraSettings):
         with _quiet_loading():
             peft_model = get_peft_model(base, config)
     except ValueError as err:
-        raise UserError(f"--lora_target_modules: {_first_line(err).rstrip('.')}; the model's modules LoRA can adapt: "
+        raise UserError(f"--lora_target_modules: {first_line(err).rstrip('.')}; the model's modules LoRA can adapt: "
                         f"{', '.join(lora_capable_modules(base))}") from None
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
