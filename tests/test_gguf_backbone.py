@@ -158,14 +158,19 @@ def test_a_gguf_converts_once_into_a_folder_with_the_reference_logits(tiny_gguf,
     assert not [p for p in cached.iterdir() if p.name.startswith(".") and p.is_dir()], "no staging left"
 
 
+def one_round_args(path: Path, tmp_path: Path, out: Path) -> list[str]:
+    """Flags of one 1-epoch round over three tools on the GGUF at `path`, its round files written under tmp_path."""
+    data = tmp_path / "data"
+    write_round_files(data, 1, 3, ["get_weather", "convert_currency", "search_flights"], n_train=8, n_test=2)
+    return ["--model_name", str(path), "--training_rounds", "1-3:1", "--data_dir", str(data), "--output_dir",
+            str(out), "--batch_size", "4", "--max_new_tokens", "8", "--device", "cpu"]
+
+
 @pytest.mark.slow
 def test_a_tokmem_round_trains_on_a_gguf_backbone_and_resume_checks_its_file(tiny_gguf, cached, tmp_path, capsys):
     path, _ = tiny_gguf
-    data = tmp_path / "data"
-    write_round_files(data, 1, 3, ["get_weather", "convert_currency", "search_flights"], n_train=8, n_test=2)
     out = tmp_path / "run"
-    args = ["--model_name", str(path), "--training_rounds", "1-3:1", "--data_dir", str(data), "--output_dir",
-            str(out), "--batch_size", "4", "--max_new_tokens", "8", "--use_lora", "--device", "cpu"]
+    args = [*one_round_args(path, tmp_path, out), "--use_lora"]
     recorder = TrainingRecorder()
     summary = run_in_process(main_sequential.main, args, recorder)
     assert summary["rounds"] == ["1-3"] and summary["matrix"]["avg_tool_f1_score"][0][0] is not None
@@ -203,11 +208,8 @@ def test_the_lora_baseline_trains_on_a_gguf_backbone(tiny_gguf, cached, tmp_path
     import lora_sequential
 
     path, _ = tiny_gguf
-    data = tmp_path / "data"
-    write_round_files(data, 1, 3, ["get_weather", "convert_currency", "search_flights"], n_train=8, n_test=2)
     out = tmp_path / "lora_run"
-    args = ["--model_name", str(path), "--training_rounds", "1-3:1", "--data_dir", str(data), "--output_dir",
-            str(out), "--batch_size", "4", "--max_new_tokens", "8", "--device", "cpu"]
+    args = one_round_args(path, tmp_path, out)
     summary = run_in_process(lora_sequential.main, args, TrainingRecorder())
     assert summary["method"] == "lora" and summary["round_stats"][0]["steps"] == 2
     assert json.loads((out / "config.json").read_text())["inputs"]["gguf"]["path"] == str(path.resolve())
