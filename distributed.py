@@ -103,8 +103,8 @@ def init_from_env(device: torch.device) -> torch.device:
         dist.init_process_group(backend, timeout=timedelta(seconds=_state.timeout),
                                 device_id=device if device.type == "cuda" else None)
     except Exception as err:  # noqa: BLE001 - any rendezvous failure is one line
-        raise JobFailed(f"cannot join the job of {env_world_size()} processes ({backend}): {_backend_error_gist(err)}") \
-            from None
+        raise JobFailed(f"cannot join the job of {env_world_size()} processes ({backend}): "
+                        f"{_backend_error_gist(err)}") from None
     _state.device = device if device.type == "cuda" else torch.device("cpu")
     signal.signal(signal.SIGTERM, _on_sigterm)
     logger.info("process %d of %d (%s, %s)", rank(), world_size(), backend, device)

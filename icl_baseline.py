@@ -315,9 +315,10 @@ def parse_answer(text: str) -> list[dict | str]:
     pretty-printed over several lines, or a JSON list of objects. A `{` that starts no JSON object is read up to its
     matching `}`, or else up to the next line that starts with `{`, or else the end (`_fragment_end`), with
     eval.parse_function_call (a Python dict literal, say); failing that it is one unparseable call (a truncated
-    answer, for instance: a truncated pretty-printed object is one call, not one per nested line). Text outside objects (prose, code fences) is ignored, and so is a `{`
-    that does not start like an object (a quote after it): placeholders such as `{city}` in prose are no calls. An
-    object that wraps its call as {"function": {"name", "arguments"}} (OpenAI's tool-call form) is that inner call.
+    answer, for instance: a truncated pretty-printed object is one call, not one per nested line). Text outside
+    objects (prose, code fences) is ignored, and so is a `{` that does not start like an object (a quote after it):
+    placeholders such as `{city}` in prose are no calls. An object that wraps its call as
+    {"function": {"name", "arguments"}} (OpenAI's tool-call form) is that inner call.
     """
     calls: list[dict | str] = []
     position = 0

@@ -932,7 +932,8 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (about 30 s on CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
-    parser.add_argument("--num_tools", type=positive_int, help="tools in the rows (default 200; past the 248 reserved tokens the vocabulary grows)")
+    parser.add_argument("--num_tools", type=positive_int,
+                        help="tools in the rows (default 200; past the 248 reserved tokens the vocabulary grows)")
     parser.add_argument("--batch_size", type=positive_int, help="training batch (default: tiny 8, 1b-like 1)")
     parser.add_argument("--seq_len", type=positive_int, help="training sequence length (default 128)")
     parser.add_argument("--eval_examples", type=positive_int, help="prompts decoded (default: tiny 16, 1b-like 4)")
